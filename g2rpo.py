@@ -1,0 +1,630 @@
+"""G²RPO — Granular GRPO for flow-matching models, in one file.
+
+Paper: "G²RPO: Granular GRPO for Precise Reward in Flow Models" (arXiv 2510.01982).
+This file holds the whole algorithm and knows nothing about any particular model: the caller hands
+the trainer a velocity function, a reward function and prompts (see toy_flow.py, flux_flow.py).
+It imports torch and the standard library only (tqdm is imported lazily, if present, for a bar).
+
+Notation (shape letters used in the comments)
+    P  prompts in an iteration        G  group size (members per prompt)
+    K  branch steps |M|               L  granularities |Λ| (times reward models R)
+    T  sampling steps                 D  data dims of one sample (any shape, written *D)
+    N  rows in one model call
+
+Conventions (rectified flow, as FLUX / SD3 / diffusers)
+    x_σ = (1 − σ)·x0 + σ·ε, σ = 1 is noise, σ = 0 is data; sampling runs σ: 1 → 0.
+    The model predicts the velocity v ≈ ε − x0; step i goes σ_i → σ_{i+1}, Δ = σ_{i+1} − σ_i < 0.
+    SDE noise scale σ_t = η·sqrt(σ / (1 − σ)); at σ = 1 the denominator uses 1 − σ_next.
+    log π is the Gaussian log-density AVERAGED over the D elements of a sample (float32).
+    Group advantages use the unbiased (n − 1) std plus 1e-8; equal rewards give exactly 0.
+
+Equation map (paper → function)
+    §3 / Eq. 1, flow sigma schedule with shift ............ sigma_schedule
+    Euler ODE step ......................................... ode_step
+    Eqs. 2–3, SDE step and its Gaussian policy .............. sde_step, gaussian_log_prob
+    Alg. 1, Singular Stochastic Sampling .................... singular_stochastic_sampling
+    Eqs. 8–11, Multi-Granularity Advantage Integration ...... granularity_schedule,
+                                                              group_advantages,
+                                                              multi_granularity_advantages
+    Eq. 12, clipped GRPO objective .......................... clipped_grpo_loss
+    Alg. 1 outer loop ...................................... train (train_iteration, policy_update)
+    Baseline (DanceGRPO / Flow-GRPO style) .................. full_sde_sampling
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: defaults are the official FLUX recipe (bcmi/Granular-GRPO, HPS script).
+
+
+@dataclass
+class Config:
+    """Everything the trainer needs to know; defaults reproduce the official FLUX.1-dev run."""
+
+    num_steps: int = 16
+    """T, sampling steps from σ = 1 to σ = 0."""
+    shift: float = 3.0
+    """Static time shift of the σ grid (SPEC §1). 1.0 is the plain linear grid."""
+    eta: float = 0.7
+    """η, the SDE noise level in σ_t = η·sqrt(σ / (1 − σ))."""
+    branch_steps: tuple = (0, 1, 2, 3, 4, 5, 6, 7)
+    """M, the grid indices k where a branch takes its one SDE step (official: 8 noisiest of 16)."""
+    group_size: int = 12
+    """G, members per prompt; all share one initial noise."""
+    granularities: tuple = (1, 2, 3)
+    """Λ, ODE strides used to finish a branch; (1,) is "G²RPO w/o MGAI"."""
+    clip_range: float = 1e-4
+    """ε of the clipped ratio. 1e-4 fits FLUX (log-prob averaged over ~1e5 latent elements)."""
+    adv_clip: float = 5.0
+    """Summed advantages are clipped to [−adv_clip, adv_clip]."""
+    lr: float = 2e-6
+    """AdamW learning rate (used only when the trainer builds the optimizer)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay (used only when the trainer builds the optimizer)."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip before every optimizer step."""
+    step_per_branch: bool = True
+    """True: one optimizer step per branch step k (official HPS script; the clip acts).
+    False: one step per iteration, loss averaged over k (paper Alg. 1; ratio is exactly 1)."""
+    method: str = "g2rpo"
+    """"g2rpo" (singular sampling + MGAI) or "full_sde" (SDE at every step of M, terminal reward
+    broadcast to every step: the DanceGRPO / Flow-GRPO baseline)."""
+    prompts_per_iteration: int = 1
+    """P, prompts sampled (with replacement) per iteration (official: 1 per GPU)."""
+    num_iterations: int = 300
+    """Outer iterations (official: ~300)."""
+    batch_size: int = 1024
+    """Largest number of rows in one model call or reward call during sampling (memory knob)."""
+    seed: int = 0
+    """Seeds the trainer's generator (prompt choice, initial noise, SDE noise)."""
+
+    def __post_init__(self):
+        self.branch_steps = tuple(self.branch_steps)
+        self.granularities = tuple(self.granularities)
+        check_config(self)
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_config(cfg):
+    """Raise ValueError naming the first bad value of a Config."""
+    if not _is_int(cfg.num_steps) or cfg.num_steps < 2:
+        raise ValueError(f"num_steps must be an integer >= 2, got {cfg.num_steps!r}")
+    if not cfg.shift > 0:
+        raise ValueError(f"shift must be > 0, got {cfg.shift!r}")
+    if not (_is_int(cfg.group_size) and cfg.group_size >= 2):
+        raise ValueError(f"group_size must be an integer >= 2 (advantages need a group), "
+                         f"got {cfg.group_size!r}")
+    check_granularities(cfg.granularities)
+    check_branch_steps(cfg.branch_steps, cfg.num_steps)
+    if not cfg.eta > 0:
+        raise ValueError(f"eta must be > 0 (an SDE step is needed), got {cfg.eta!r}")
+    if not cfg.clip_range > 0:
+        raise ValueError(f"clip_range must be > 0, got {cfg.clip_range!r}")
+    if not cfg.adv_clip > 0:
+        raise ValueError(f"adv_clip must be > 0, got {cfg.adv_clip!r}")
+    if cfg.method not in ("g2rpo", "full_sde"):
+        raise ValueError(f"method must be 'g2rpo' or 'full_sde', got {cfg.method!r}")
+    for name in ("prompts_per_iteration", "batch_size"):
+        if not (_is_int(getattr(cfg, name)) and getattr(cfg, name) >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {getattr(cfg, name)!r}")
+    if not (_is_int(cfg.num_iterations) and cfg.num_iterations >= 0):
+        raise ValueError(f"num_iterations must be an integer >= 0, got {cfg.num_iterations!r}")
+
+
+def check_granularities(granularities):
+    if len(granularities) == 0:
+        raise ValueError("granularities must not be empty")
+    for g in granularities:
+        if not _is_int(g) or g < 1:
+            raise ValueError(f"every granularity must be an integer >= 1, got {g!r}")
+    if len(set(granularities)) != len(granularities):
+        raise ValueError(f"granularities must be distinct, got {tuple(granularities)!r}")
+
+
+def check_branch_steps(branch_steps, num_steps):
+    if len(branch_steps) == 0:
+        raise ValueError("branch_steps must not be empty")
+    for k in branch_steps:
+        if not _is_int(k) or not 0 <= k < num_steps - 1:
+            raise ValueError(
+                f"branch step {k!r} is outside 0..{num_steps - 2}: a branch needs a step on the "
+                f"grid of {num_steps} steps and at least one ODE step after it")
+    if len(set(branch_steps)) != len(branch_steps):
+        raise ValueError(f"branch_steps must be distinct, got {tuple(branch_steps)!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The flow: σ grid, ODE step, SDE step and its log-probability (SPEC §1–§2).
+
+
+def sigma_schedule(num_steps, shift=3.0):
+    """σ grid from 1 to 0 with the static shift σ = s·u / (1 + (s − 1)·u), u = linspace(1, 0, T+1).
+
+    >>> sigma_schedule(4, shift=1.0)
+    tensor([1.0000, 0.7500, 0.5000, 0.2500, 0.0000])
+    """
+    if not _is_int(num_steps) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift!r}")
+    u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return (shift * u / (1 + (shift - 1) * u)).float()  # (T+1,)
+
+
+def _per_sample(s, x):
+    """A float, 0-d or (N,) σ as a float32 tensor that broadcasts against x (N, *D)."""
+    s = torch.as_tensor(s, dtype=torch.float32, device=x.device)
+    if s.dim() == 0:
+        return s
+    if s.dim() != 1 or s.shape[0] != x.shape[0]:
+        raise ValueError(f"sigma must be a float or a ({x.shape[0]},) tensor, got shape "
+                         f"{tuple(s.shape)}")
+    return s.view(-1, *([1] * (x.dim() - 1)))  # (N, 1, ..., 1)
+
+
+def ode_step(x, v, sigma, sigma_next):
+    """Euler step of dx = v dσ: x' = x + (σ' − σ)·v (diffusers' FlowMatchEulerDiscreteScheduler)."""
+    return x + (_per_sample(sigma_next, x) - _per_sample(sigma, x)) * v
+
+
+def gaussian_log_prob(x, mean, std):
+    """log N(x; mean, std²) per element, averaged over all non-batch elements → (N,) float32.
+
+    >>> gaussian_log_prob(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor(1.0))
+    tensor([-0.9189])
+    """
+    x, mean = x.float(), mean.float()
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    lp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.flatten(1).mean(dim=1)  # (N,)
+
+
+def sde_step(x, v, sigma, sigma_next, eta, generator=None, prev_sample=None):
+    """One Euler–Maruyama step of the marginal-preserving reverse SDE (paper Eqs. 2–3).
+
+    x, v: (N, *D); sigma, sigma_next: floats or (N,) tensors; eta > 0.
+    With prev_sample, that sample is scored instead of drawing a new one (training pass).
+    Returns (x_next (N, *D), log_prob (N,) float32, mean (N, *D) float32, std broadcastable to x).
+    """
+    if not eta > 0:
+        raise ValueError(f"eta must be > 0 for an SDE step (eta = 0 is ode_step), got {eta!r}")
+    xf, vf = x.float(), v.float()
+    s, s_next = _per_sample(sigma, xf), _per_sample(sigma_next, xf)
+    delta = s_next - s  # Δ < 0
+    # σ = 1 guard (official / Flow-GRPO): 1 − σ is 0 there, so use 1 − σ_next instead.
+    one_minus = torch.where(s >= 1, 1 - s_next, 1 - s)
+    sigma_t = eta * torch.sqrt(s / one_minus)
+    # μ = x·(1 + σ_t²Δ/(2σ)) + v·(1 + σ_t²(1 − σ)/(2σ))·Δ  (Flow-GRPO form, SPEC §2)
+    mean = xf * (1 + sigma_t**2 * delta / (2 * s)) + vf * (1 + sigma_t**2 * (1 - s) / (2 * s)) * delta
+    std = sigma_t * torch.sqrt(-delta)
+    if prev_sample is None:
+        noise = torch.randn(xf.shape, generator=generator, device=xf.device, dtype=torch.float32)
+        prev_sample = mean + std * noise
+    prev_sample = prev_sample.detach()  # x' is data, not a function of θ
+    log_prob = gaussian_log_prob(prev_sample, mean, std)
+    return prev_sample.to(x.dtype), log_prob, mean, std
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-Granularity Advantage Integration (SPEC §4).
+
+
+def granularity_schedule(num_steps, branch_step, granularity):
+    """Grid indices an ODE completion visits after the SDE step taken at branch_step.
+
+    Starts at k+1 (where the branch sample lives), one ordinary step to k+2, then a stride of λ,
+    and always ends at T (σ = 0).
+    >>> granularity_schedule(16, 7, 3)
+    [8, 9, 12, 15, 16]
+    """
+    check_granularities([granularity])
+    check_branch_steps([branch_step], num_steps)
+    k, lam, T = branch_step, granularity, num_steps
+    # Differs from the official code: sigmas[:k+2] + sigmas[k+2::λ] may stop short of T and then
+    # takes x̂0 from the evaluation before the last point; we always finish with a step to σ = 0.
+    return [k + 1] + list(range(k + 2, T, lam)) + [T]
+
+
+def group_advantages(rewards, eps=1e-8):
+    """(r − mean) / (std + eps) along the last (group) dim, unbiased std; equal rewards give 0.
+
+    >>> group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    tensor([ 0.8660, -0.8660, -0.8660,  0.8660])
+    """
+    if rewards.shape[-1] < 2:
+        raise ValueError(f"a group needs >= 2 rewards, got group dim {rewards.shape[-1]}")
+    rewards = rewards.float()
+    mean = rewards.mean(dim=-1, keepdim=True)
+    std = rewards.std(dim=-1, keepdim=True)  # unbiased, as torch.std and the official code
+    adv = (rewards - mean) / (std + eps)
+    # Equal rewards carry no preference; guard against rounding in the mean giving ±0.1 here.
+    tied = (rewards == rewards[..., :1]).all(dim=-1, keepdim=True)
+    return torch.where(tied, torch.zeros_like(adv), adv)
+
+
+def multi_granularity_advantages(rewards, adv_clip=5.0, eps=1e-8):
+    """rewards (..., L, G) → advantages (..., G): sum over L of group advantages, then clip (Eq. 11).
+
+    L runs over granularities (and over reward models in the multi-reward setting).
+    """
+    if rewards.dim() < 2:
+        raise ValueError(f"rewards must be (..., L, G), got shape {tuple(rewards.shape)}")
+    return group_advantages(rewards, eps).sum(dim=-2).clamp(-adv_clip, adv_clip)  # (..., G)
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective (SPEC §5).
+
+
+def clipped_grpo_loss(log_prob, old_log_prob, advantages, clip_range):
+    """Loss = −mean( min(r·A, clip(r, 1 − ε, 1 + ε)·A) ), r = exp(log π − log π_old) (Eq. 12).
+
+    Returns (loss, stats) with stats: clip_frac = mean(|r − 1| > ε), approx_kl = ½·mean(Δ log π²),
+    ratio_max_dev = max |r − 1|.
+    """
+    if not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range!r}")
+    log_ratio = log_prob - old_log_prob.detach()
+    ratio = torch.exp(log_ratio)
+    adv = advantages.detach()
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = {
+            "clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+            "approx_kl": (0.5 * log_ratio**2).mean().item(),
+            "ratio_max_dev": (ratio - 1).abs().max().item(),
+        }
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts. velocity_fn(x (N, *D), sigma (N,), cond) → v (N, *D), where cond holds N rows.
+
+
+def take_rows(cond, index):
+    """Select rows `index` (N,) of every tensor in cond (a tensor, or a tuple/list/dict of them)."""
+    if torch.is_tensor(cond):
+        return cond.index_select(0, index.to(cond.device))
+    if isinstance(cond, (tuple, list)):
+        return type(cond)(take_rows(c, index) for c in cond)
+    if isinstance(cond, dict):
+        return {key: take_rows(c, index) for key, c in cond.items()}
+    raise TypeError(f"cond must be a tensor or a tuple/list/dict of tensors, got {type(cond)}")
+
+
+class CountingVelocity:
+    """Wraps velocity_fn: splits calls into chunks of batch_size rows and counts evaluated rows."""
+
+    def __init__(self, velocity_fn, batch_size):
+        self.velocity_fn, self.batch_size, self.evals = velocity_fn, batch_size, 0
+
+    def __call__(self, x, sigma, cond, prompt_index):
+        """x (N, *D), sigma (N,), prompt_index (N,) rows of cond → v (N, *D)."""
+        out = []
+        for i in range(0, x.shape[0], self.batch_size):
+            j = slice(i, i + self.batch_size)
+            out.append(self.velocity_fn(x[j], sigma[j], take_rows(cond, prompt_index[j])))
+        self.evals += x.shape[0]
+        return torch.cat(out)
+
+
+def _ode_completions(velocity, cond, starts, prompt_index, schedules, sigmas):
+    """Finish many branches with the ODE, batched, evaluating each shared state once.
+
+    starts: {k: (N, *D) samples at grid index k+1}; schedules: {(k, λ): index list};
+    prompt_index: (N,). All tracks advance one step per round in ONE model call; tracks whose paths
+    coincide so far (every λ goes k+1 → k+2 first) share the state and its evaluation.
+    Returns {(k, λ): (N, *D) samples at σ = 0}.
+    """
+    state = {(k, (sched[0],)): starts[k] for (k, _), sched in schedules.items()}
+    for r in range(max(len(s) for s in schedules.values()) - 1):
+        nodes = []  # unique (k, path) still to be stepped this round
+        for (k, _), sched in schedules.items():
+            node = (k, tuple(sched[: r + 1]))
+            if r < len(sched) - 1 and node not in nodes:
+                nodes.append(node)
+        x = torch.cat([state[n] for n in nodes])  # (len(nodes)·N, *D)
+        sigma = torch.cat([sigmas[n[1][-1]].expand(len(prompt_index)) for n in nodes])
+        v = velocity(x, sigma, cond, prompt_index.repeat(len(nodes)))
+        for n, x_n, v_n in zip(nodes, x.chunk(len(nodes)), v.chunk(len(nodes))):
+            for (k, _), sched in schedules.items():
+                if k == n[0] and tuple(sched[: r + 1]) == n[1] and r < len(sched) - 1:
+                    nxt = (k, tuple(sched[: r + 2]))
+                    if nxt not in state:
+                        state[nxt] = ode_step(x_n, v_n, sigmas[sched[r]], sigmas[sched[r + 1]])
+    return {key: state[(key[0], tuple(sched))] for key, sched in schedules.items()}
+
+
+@torch.no_grad()
+def singular_stochastic_sampling(velocity, cond, x_T, sigmas, branch_steps, granularities,
+                                 group_size, eta, generator=None):
+    """Alg. 1: ODE anchor, ONE SDE step per branch step for G members, ODE completions per λ.
+
+    velocity: a CountingVelocity; x_T: (P, *D), one shared initial noise per prompt.
+    Returns a dict with
+      x (K, P, 1, *D) anchor states x_k; x_next (K, P, G, *D) branch samples at σ_{k+1};
+      old_log_prob (K, P, G); samples (K, L, P, G, *D) final samples per granularity;
+      anchor (P, *D) the anchor's final sample.
+    """
+    P, D, G, T = x_T.shape[0], x_T.shape[1:], group_size, len(sigmas) - 1
+    rows = torch.arange(P, device=x_T.device)
+    # Alg. 1 lines 2–4: deterministic anchor, keeping every state and velocity.
+    xs, vs, x = [x_T], [], x_T
+    for i in range(T):
+        v = velocity(x, sigmas[i].expand(P), cond, rows)
+        x = ode_step(x, v, sigmas[i], sigmas[i + 1])
+        xs.append(x)
+        vs.append(v)
+    ks = list(branch_steps)
+    K = len(ks)
+    # Alg. 1 line 6: one SDE step from x_k per member; v(x_k) comes from the anchor (shared by G).
+    x_k = torch.stack([xs[k] for k in ks])  # (K, P, *D)
+    v_k = torch.stack([vs[k] for k in ks])  # (K, P, *D)
+    expand = lambda t: t.unsqueeze(2).expand(K, P, G, *D).reshape(K * P * G, *D)
+    s = sigmas[ks].repeat_interleave(P * G)  # (K·P·G,)
+    s_next = sigmas[[k + 1 for k in ks]].repeat_interleave(P * G)
+    x_next, log_prob, _, _ = sde_step(expand(x_k), expand(v_k), s, s_next, eta, generator)
+    x_next = x_next.view(K, P, G, *D)
+    # Alg. 1 lines 7–9: finish every branch at every granularity (SPEC §4).
+    schedules = {(k, lam): granularity_schedule(T, k, lam) for k in ks for lam in granularities}
+    member_rows = rows.repeat_interleave(G)  # (P·G,)
+    starts = {k: x_next[j].reshape(P * G, *D) for j, k in enumerate(ks)}
+    finals = _ode_completions(velocity, cond, starts, member_rows, schedules, sigmas)
+    samples = torch.stack([torch.stack([finals[(k, lam)] for lam in granularities]) for k in ks])
+    return {
+        "x": x_k.unsqueeze(2),
+        "x_next": x_next,
+        "old_log_prob": log_prob.view(K, P, G),
+        "samples": samples.view(K, len(granularities), P, G, *D),
+        "anchor": xs[-1],
+    }
+
+
+@torch.no_grad()
+def full_sde_sampling(velocity, cond, x_T, sigmas, sde_steps, group_size, eta, generator=None):
+    """Baseline: every member follows its own trajectory with an SDE step at every k in sde_steps.
+
+    Returns x (K, P, G, *D), x_next (K, P, G, *D), old_log_prob (K, P, G), samples (P, G, *D).
+    """
+    P, D, G, T = x_T.shape[0], x_T.shape[1:], group_size, len(sigmas) - 1
+    member_rows = torch.arange(P, device=x_T.device).repeat_interleave(G)
+    x = x_T.repeat_interleave(G, dim=0)  # (P·G, *D)
+    starts, nexts, log_probs = [], [], []
+    for i in range(T):
+        v = velocity(x, sigmas[i].expand(P * G), cond, member_rows)
+        if i in sde_steps:
+            x_new, lp, _, _ = sde_step(x, v, sigmas[i], sigmas[i + 1], eta, generator)
+            starts.append(x)
+            nexts.append(x_new)
+            log_probs.append(lp)
+            x = x_new
+        else:
+            x = ode_step(x, v, sigmas[i], sigmas[i + 1])
+    K = len(starts)
+    return {
+        "x": torch.stack(starts).view(K, P, G, *D),
+        "x_next": torch.stack(nexts).view(K, P, G, *D),
+        "old_log_prob": torch.stack(log_probs).view(K, P, G),
+        "samples": x.view(P, G, *D),
+    }
+
+
+def count_model_evals(num_steps, branch_steps, granularities, group_size, method="g2rpo"):
+    """Model evaluations (rows) per prompt in one rollout, from the schedules alone.
+
+    g2rpo: T for the anchor (its states also give v at every x_k), plus per member the distinct
+    states visited by the ODE completions (all λ share the evaluations at k+1 and k+2).
+    full_sde: T per member.
+    """
+    if method == "full_sde":
+        return num_steps * group_size
+    per_member = 0
+    for k in branch_steps:
+        nodes = set()
+        for lam in granularities:
+            sched = granularity_schedule(num_steps, k, lam)
+            nodes.update(tuple(sched[: j + 1]) for j in range(len(sched) - 1))
+        per_member += len(nodes)
+    return num_steps + group_size * per_member
+
+
+def score(reward_fn, samples, prompts, batch_size):
+    """Call reward_fn(samples (n, *D), prompts (list of n)) in chunks; check shape and finiteness.
+
+    Returns (N, R) float32 (R reward models; a (N,) reward gives R = 1).
+    """
+    out = []
+    for i in range(0, samples.shape[0], batch_size):
+        x, p = samples[i : i + batch_size], prompts[i : i + batch_size]
+        r = torch.as_tensor(reward_fn(x, p)).float()
+        if r.dim() == 1:
+            r = r[:, None]
+        if r.dim() != 2 or r.shape[0] != x.shape[0]:
+            raise ValueError(f"reward_fn must return shape ({x.shape[0]},) or ({x.shape[0]}, R) "
+                             f"for {x.shape[0]} samples, got {tuple(r.shape)}")
+        if not torch.isfinite(r).all():
+            bad = r[~torch.isfinite(r)][:4].tolist()
+            raise ValueError(f"reward_fn returned non-finite rewards {bad} (samples {i}..); "
+                             f"refusing to train on them")
+        out.append(r.to(samples.device))
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy update (SPEC §5) and the trainer.
+
+
+def policy_log_prob(velocity_fn, cond, x, x_next, sigma, sigma_next, eta):
+    """log π_θ(x_next | x) with gradient: x (P, S, *D), S = 1 (shared) or G; x_next (P, G, *D).
+
+    The model is evaluated on the P·S distinct states only (once per prompt for G²RPO).
+    cond holds P rows. Returns (P, G).
+    """
+    P, S, G, D = x.shape[0], x.shape[1], x_next.shape[1], x.shape[2:]
+    rows = torch.arange(P, device=x.device).repeat_interleave(S)
+    v = velocity_fn(x.flatten(0, 1), sigma.expand(P * S), take_rows(cond, rows)).view(P, S, *D)
+    _, log_prob, _, _ = sde_step(
+        x.expand(P, G, *D).reshape(P * G, *D), v.expand(P, G, *D).reshape(P * G, *D),
+        sigma, sigma_next, eta, prev_sample=x_next.reshape(P * G, *D))
+    return log_prob.view(P, G)
+
+
+def _clip_and_step(params, optimizer, max_grad_norm, where):
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"non-finite gradient norm {grad_norm.item()} at {where}; "
+                                 f"the optimizer step was skipped and the weights are unchanged")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item()
+
+
+def policy_update(params, optimizer, velocity_fn, rollout, sigmas, cfg):
+    """Eq. 12 on one rollout: one optimizer step per branch step k, or one for all of them."""
+    ks = list(cfg.branch_steps)
+    stats = {"loss": [], "clip_frac": [], "approx_kl": [], "grad_norm": []}
+    optimizer.zero_grad(set_to_none=True)
+    for j, k in enumerate(ks):
+        log_prob = policy_log_prob(velocity_fn, rollout["cond"], rollout["x"][j],
+                                   rollout["x_next"][j], sigmas[k], sigmas[k + 1], cfg.eta)
+        loss, s = clipped_grpo_loss(log_prob, rollout["old_log_prob"][j], rollout["adv"][j],
+                                    cfg.clip_range)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at branch step {k}; "
+                                     f"no optimizer step was taken")
+        if j == 0:
+            stats["ratio_dev_first"] = s["ratio_max_dev"]  # must be ~0: same weights made x'
+        for name in ("clip_frac", "approx_kl"):
+            stats[name].append(s[name])
+        stats["loss"].append(loss.item())
+        if cfg.step_per_branch:
+            loss.backward()
+            stats["grad_norm"].append(_clip_and_step(params, optimizer, cfg.max_grad_norm,
+                                                     f"branch step {k}"))
+        else:
+            (loss / len(ks)).backward()
+    if not cfg.step_per_branch:
+        stats["grad_norm"].append(_clip_and_step(params, optimizer, cfg.max_grad_norm,
+                                                 "the iteration's update"))
+    return {name: (sum(v) / len(v) if isinstance(v, list) else v) for name, v in stats.items()}
+
+
+def rollout(velocity_fn, reward_fn, prompts, cond, cfg, sigmas, latent_shape, generator):
+    """Sample one iteration's groups and turn rewards into per-step advantages (K, P, G).
+
+    prompts: list of P prompts (passed to reward_fn); cond: P rows for velocity_fn.
+    """
+    P, G, ks = len(prompts), cfg.group_size, list(cfg.branch_steps)
+    device = sigmas.device
+    velocity = CountingVelocity(velocity_fn, cfg.batch_size)
+    x_T = torch.randn((P, *latent_shape), generator=generator, device=device)  # shared by G
+    member_prompts = [p for p in prompts for _ in range(G)]
+    if cfg.method == "g2rpo":
+        out = singular_stochastic_sampling(velocity, cond, x_T, sigmas, ks, cfg.granularities,
+                                           G, cfg.eta, generator)
+        K, L = len(ks), len(cfg.granularities)
+        r = score(reward_fn, out["samples"].flatten(0, 3), member_prompts * (K * L),
+                  cfg.batch_size)  # (K·L·P·G, R)
+        R = r.shape[1]
+        rewards = r.view(K, L, P, G, R).permute(0, 2, 1, 4, 3)  # (K, P, L, R, G)
+        adv = multi_granularity_advantages(rewards.reshape(K, P, L * R, G), cfg.adv_clip)
+        per_lam = group_advantages(rewards).abs().mean(dim=(1, 3, 4))  # (K, L)
+        anchor_r = score(reward_fn, out["anchor"], list(prompts), cfg.batch_size).sum(1)
+        metrics = {"reward": rewards[:, :, 0].sum(2).mean().item(),  # λ = 1 completions
+                   "reward_std": rewards[:, :, 0].sum(2).std().item(),
+                   "reward_anchor": anchor_r.mean().item(),
+                   "adv_abs_lambda": per_lam.mean(0).tolist()}
+    else:
+        out = full_sde_sampling(velocity, cond, x_T, sigmas, ks, G, cfg.eta, generator)
+        r = score(reward_fn, out["samples"].flatten(0, 1), member_prompts, cfg.batch_size)
+        rewards = r.view(P, G, -1).transpose(1, 2)  # (P, R, G)
+        adv = multi_granularity_advantages(rewards, cfg.adv_clip).expand(len(ks), P, G)
+        metrics = {"reward": rewards.sum(1).mean().item(),
+                   "reward_std": rewards.sum(1).std().item()}
+    zero_std = (rewards == rewards[..., :1]).all(dim=-1).float().mean().item()
+    metrics.update(zero_std_frac=zero_std, adv_abs_k=adv.abs().mean(dim=(1, 2)).tolist(),
+                   nfe=velocity.evals)
+    out.update(cond=cond, adv=adv, rewards=rewards)
+    return out, metrics
+
+
+def train_iteration(params, optimizer, velocity_fn, reward_fn, prompts, cond, cfg, sigmas,
+                    latent_shape, generator):
+    """One G²RPO iteration: sample groups (no grad), then the clipped policy update."""
+    out, metrics = rollout(velocity_fn, reward_fn, prompts, cond, cfg, sigmas, latent_shape,
+                           generator)
+    metrics.update(policy_update(params, optimizer, velocity_fn, out, sigmas, cfg))
+    return metrics
+
+
+def format_metrics(it, m):
+    """One log line per iteration (glossary in the README)."""
+    line = (f"it {it:4d} | reward {m['reward']:.4f} ± {m['reward_std']:.4f}"
+            + (f" | anchor {m['reward_anchor']:.4f}" if "reward_anchor" in m else "")
+            + f" | clip {m['clip_frac']:.3f} | kl {m['approx_kl']:.2e}"
+            f" | zero-std {m['zero_std_frac']:.2f} | |A|_k "
+            + " ".join(f"{a:.2f}" for a in m["adv_abs_k"]))
+    if "adv_abs_lambda" in m:
+        line += " | |A|_λ " + " ".join(f"{a:.2f}" for a in m["adv_abs_lambda"])
+    return line + f" | nfe {m['nfe']}"
+
+
+def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prompts=None,
+          optimizer=None, generator=None, start_iteration=0, callback=None, log=print,
+          progress=True):
+    """G²RPO training loop (Alg. 1), model-agnostic.
+
+    model: the nn.Module whose trainable parameters are optimised (velocity_fn closes over it).
+    velocity_fn(x (N, *D), sigma (N,), cond rows) → v; reward_fn(samples, prompts) → (N,) or (N, R).
+    prompts: a sequence; each iteration draws cfg.prompts_per_iteration of them with replacement.
+    encode_prompts(list) → cond with one row per prompt (default: torch.as_tensor).
+    callback(iteration, metrics) runs after every iteration (evaluation, checkpoints).
+    Returns the list of per-iteration metrics dicts.
+    """
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: the trainer needs at least one prompt")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (requires_grad=True)")
+    device = params[0].device
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if generator is None:
+        generator = torch.Generator(device).manual_seed(cfg.seed)
+    encode_prompts = encode_prompts or (lambda ps: torch.as_tensor(ps, device=device))
+    sigmas = sigma_schedule(cfg.num_steps, cfg.shift).to(device)
+    iterations = range(start_iteration, cfg.num_iterations)
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+            iterations = bar = tqdm(iterations, desc=f"{cfg.method}", dynamic_ncols=True)
+            log = bar.write if log is print else log
+        except ImportError:
+            pass
+    history = []
+    for it in iterations:
+        pick = torch.randint(len(prompts), (cfg.prompts_per_iteration,), generator=generator,
+                             device=generator.device).tolist()
+        batch = [prompts[i] for i in pick]
+        metrics = train_iteration(params, optimizer, velocity_fn, reward_fn, batch,
+                                  encode_prompts(batch), cfg, sigmas, latent_shape, generator)
+        metrics["iteration"] = it
+        history.append(metrics)
+        if log is not None:
+            log(format_metrics(it, metrics))
+        if bar is not None:
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}")
+        if callback is not None:
+            callback(it, metrics)
+    return history

@@ -1,0 +1,290 @@
+"""A 2-D world where G²RPO runs on a CPU in seconds.
+
+Conditions play the role of prompts: class c ∈ {0..3} owns three Gaussian sub-modes on a ring.
+A small conditional MLP flow is pretrained by flow matching (cached on disk), then g2rpo.train
+fine-tunes it against a reward that cares about two decisions:
+  * which sub-mode a sample lands in (decided at high noise): mode weights 1.0 / 0.5 / 0.0;
+  * where inside the mode (decided at low noise): each mode's reward peaks at a point pushed
+    outward from the mode centre by REWARD_OFFSET, beyond where the data lives.
+Fidelity (not the reward) is the fraction of samples within 3 std of one of their class's modes;
+chasing the offset peak too hard pulls samples off the modes, so reward hacking shows as a drop.
+
+    python toy_flow.py                         # G²RPO, one seed, PNG in toy_g2rpo.png
+    python toy_flow.py --method full_sde       # the DanceGRPO / Flow-GRPO style baseline
+    python toy_flow.py --seeds 3 --method all  # comparison table, mean ± std over seeds
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import g2rpo
+
+NUM_CLASSES = 4
+MODES_PER_CLASS = 3
+RING_RADIUS = 3.0
+MODE_STD = 0.15
+MODE_WEIGHTS = (1.0, 0.5, 0.0)  # reward for landing in sub-mode 0 / 1 / 2 of the class
+REWARD_OFFSET = 0.3  # the in-mode reward peak sits 2 std outward of the mode centre
+REWARD_WIDTH = 0.3
+ON_MODE_STDS = 3.0
+
+# Toy hyper-parameters. They differ from FLUX's on purpose: the log-prob is averaged over D = 2
+# elements here, not ~1e5, so one update moves the ratio by orders of magnitude more.
+TOY = dict(
+    shift=1.0,  # with shift 3 the 8 noisiest of 16 steps cover only σ ∈ [1, 0.75]
+    clip_range=1e-2,  # 1e-4 clips ~all samples after the first k with D = 2
+    lr=3e-4,
+    weight_decay=1e-4,
+    prompts_per_iteration=16,
+    num_iterations=60,
+    batch_size=1 << 16,
+)
+METHODS = {
+    "full_sde": dict(method="full_sde"),
+    "g2rpo_wo_mgai": dict(method="g2rpo", granularities=(1,)),
+    "g2rpo": dict(method="g2rpo", granularities=(1, 2, 3)),
+}
+
+
+def toy_config(method="g2rpo", seed=0, **overrides):
+    """g2rpo.Config for the toy: the official recipe with the toy's own clip, lr and batch."""
+    return g2rpo.Config(**{**TOY, **METHODS[method], "seed": seed, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# Data, reward, fidelity.
+
+
+def mode_centres():
+    """(C, 3, 2): class c's sub-modes sit at angles c·30° + {0°, 120°, 240°} on the ring."""
+    c = torch.arange(NUM_CLASSES, dtype=torch.float32)[:, None]
+    j = torch.arange(MODES_PER_CLASS, dtype=torch.float32)[None, :]
+    angle = math.radians(30) * c + 2 * math.pi / MODES_PER_CLASS * j  # (C, 3)
+    return RING_RADIUS * torch.stack([angle.cos(), angle.sin()], dim=-1)
+
+
+def sample_data(n, generator=None):
+    """n data points and their classes: a uniform class, a uniform sub-mode, Gaussian noise."""
+    c = torch.randint(NUM_CLASSES, (n,), generator=generator)
+    j = torch.randint(MODES_PER_CLASS, (n,), generator=generator)
+    return mode_centres()[c, j] + MODE_STD * torch.randn(n, 2, generator=generator), c
+
+
+def reward(x, c):
+    """(N, 2), (N,) → (N,): Σ_j w_j · exp(−|x − peak_j|² / (2·width²)) over the class's modes."""
+    centres = mode_centres().to(x.device)[c]  # (N, 3, 2)
+    peaks = centres * (1 + REWARD_OFFSET / RING_RADIUS)  # pushed radially outward
+    w = torch.tensor(MODE_WEIGHTS, device=x.device)
+    d2 = ((x[:, None, :] - peaks) ** 2).sum(-1)  # (N, 3)
+    return (w * torch.exp(-d2 / (2 * REWARD_WIDTH**2))).sum(-1)
+
+
+def reward_fn(x, prompts):
+    """The g2rpo reward interface: samples (N, 2), prompts (list of N class ids) → (N,)."""
+    return reward(x, torch.as_tensor(prompts, device=x.device))
+
+
+def on_mode(x, c):
+    """(N,) bool: within ON_MODE_STDS std of one of class c's sub-modes (the fidelity metric)."""
+    d = (x[:, None, :] - mode_centres().to(x.device)[c]).norm(dim=-1)  # (N, 3)
+    return d.min(dim=-1).values < ON_MODE_STDS * MODE_STD
+
+
+# ----------------------------------------------------------------------------------------------
+# The flow model and its pretraining.
+
+
+class ToyFlow(nn.Module):
+    """v_θ(x, σ, c): an MLP on [x, Fourier(σ), class embedding] (3 hidden layers of 128)."""
+
+    def __init__(self, hidden=128, num_freqs=8, class_dim=32):
+        super().__init__()
+        self.register_buffer("freqs", 2.0 ** torch.arange(num_freqs) * math.pi)
+        self.embed = nn.Embedding(NUM_CLASSES, class_dim)
+        self.net = nn.Sequential(
+            nn.Linear(2 + 2 * num_freqs + class_dim, hidden), nn.SiLU(),
+            nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.Linear(hidden, 2),
+        )
+
+    def forward(self, x, sigma, c):
+        s = sigma[:, None] * self.freqs  # (N, F)
+        h = torch.cat([x, s.sin(), s.cos(), self.embed(c)], dim=-1)
+        return self.net(h)  # (N, 2)
+
+
+def pretrain(steps=10000, batch=256, lr=1e-3, seed=0, progress=True):
+    """Flow matching: x_σ = (1 − σ)·x0 + σ·ε, regress v on ε − x0, σ ~ U(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = ToyFlow()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    it = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc="pretrain flow", dynamic_ncols=True)
+    for _ in it:
+        x0, c = sample_data(batch, g)
+        eps = torch.randn(batch, 2, generator=g)
+        sigma = torch.rand(batch, generator=g)
+        x = (1 - sigma[:, None]) * x0 + sigma[:, None] * eps
+        loss = ((model(x, sigma, c) - (eps - x0)) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def load_or_pretrain(cache_dir=".cache", steps=10000, seed=0, retrain=False, progress=True):
+    """The pretrained toy flow, from cache_dir if a matching file exists, else trained and saved."""
+    spec = json.dumps(dict(steps=steps, seed=seed, modes=mode_centres().tolist(), std=MODE_STD,
+                           torch=torch.__version__.split("+")[0]), sort_keys=True)
+    path = Path(cache_dir) / f"toy_flow_{hashlib.sha1(spec.encode()).hexdigest()[:10]}.pt"
+    if path.exists() and not retrain:
+        model = ToyFlow()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+    model = pretrain(steps=steps, seed=seed, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)  # never leave a half-written cache file
+    return model
+
+
+def velocity_fn(model):
+    """The g2rpo velocity interface for a ToyFlow: (x (N, 2), sigma (N,), classes (N,)) → v."""
+    return lambda x, sigma, c: model(x, sigma, c)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and runs.
+
+
+@torch.no_grad()
+def ode_samples(model, classes, num_steps=16, shift=1.0, seed=1234):
+    """Deterministic samples (η = 0) for the given classes from fixed noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(classes), 2, generator=g)
+    sigmas = g2rpo.sigma_schedule(num_steps, shift)
+    for i in range(num_steps):
+        x = g2rpo.ode_step(x, model(x, sigmas[i].expand(len(x)), classes), sigmas[i], sigmas[i + 1])
+    return x
+
+
+def evaluate(model, n_per_class=512, num_steps=16, shift=1.0, seed=1234):
+    """Mean reward and fidelity (on-mode fraction) of ODE samples on fixed eval noise."""
+    c = torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
+    x = ode_samples(model, c, num_steps, shift, seed)
+    return {"reward": reward(x, c).mean().item(), "fidelity": on_mode(x, c).float().mean().item()}
+
+
+def run(base_model, method="g2rpo", seed=0, eval_every=10, progress=True, log=None, **overrides):
+    """Fine-tune a copy of base_model with one method; returns (model, result dict)."""
+    cfg = toy_config(method, seed, **overrides)
+    torch.manual_seed(seed)
+    model = ToyFlow()
+    model.load_state_dict(base_model.state_dict())
+    curve = [dict(iteration=0, nfe=0, **evaluate(model, shift=cfg.shift))]
+    nfe = [0]
+
+    def callback(it, m):
+        nfe[0] += m["nfe"]
+        if (it + 1) % eval_every == 0 or it + 1 == cfg.num_iterations:
+            curve.append(dict(iteration=it + 1, nfe=nfe[0], **evaluate(model, shift=cfg.shift)))
+
+    history = g2rpo.train(model, velocity_fn(model), reward_fn, list(range(NUM_CLASSES)), cfg,
+                          latent_shape=(2,), callback=callback, log=log, progress=progress)
+    return model, {"method": method, "seed": seed, "config": dataclasses.asdict(cfg),
+                   "curve": curve, "history": history, "nfe": nfe[0]}
+
+
+def plot(base_model, results, path, shift=1.0):
+    """Samples before / after for each run, and the eval reward and fidelity curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = torch.arange(NUM_CLASSES).repeat_interleave(256)
+    panels = [("pretrained", base_model)] + [(r["method"], m) for m, r in results]
+    fig, axes = plt.subplots(1, len(panels) + 2, figsize=(4 * (len(panels) + 2), 4))
+    centres = mode_centres().view(-1, 2)
+    for ax, (title, model) in zip(axes, panels):
+        x = ode_samples(model, c, shift=shift, seed=7)
+        ax.scatter(x[:, 0], x[:, 1], c=c, cmap="tab10", vmin=0, vmax=9, s=3, alpha=0.6)
+        ax.scatter(centres[:, 0], centres[:, 1], marker="x", c="k", s=20)
+        ax.set(title=title, xlim=(-4.5, 4.5), ylim=(-4.5, 4.5), aspect="equal")
+    for _, r in results:
+        it = [p["iteration"] for p in r["curve"]]
+        axes[-2].plot(it, [p["reward"] for p in r["curve"]], label=r["method"])
+        axes[-1].plot(it, [p["fidelity"] for p in r["curve"]], label=r["method"])
+    axes[-2].set(title="eval reward (ODE samples)", xlabel="iteration")
+    axes[-1].set(title="fidelity (on-mode fraction)", xlabel="iteration")
+    axes[-2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def mean_std(values):
+    t = torch.tensor(values, dtype=torch.float64)
+    return f"{t.mean():.4f} ± {t.std() if len(t) > 1 else 0.0:.4f}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--method", default="g2rpo", choices=[*METHODS, "all"])
+    p.add_argument("--seeds", type=int, default=1, help="runs per method (table: mean ± std)")
+    p.add_argument("--iterations", type=int, default=TOY["num_iterations"])
+    p.add_argument("--out", default="toy_g2rpo.png", help="PNG: samples before/after, curves")
+    p.add_argument("--cache-dir", default=".cache", help="where the pretrained flow is cached")
+    p.add_argument("--pretrain-steps", type=int, default=10000)
+    p.add_argument("--retrain", action="store_true", help="ignore the cached pretrained flow")
+    p.add_argument("--verbose", action="store_true", help="print one metrics line per iteration")
+    args = p.parse_args()
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {args.seeds}")
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+    start = time.time()
+    base = load_or_pretrain(args.cache_dir, args.pretrain_steps, retrain=args.retrain)
+    before = evaluate(base, shift=TOY["shift"])
+    print(f"pretrained flow: reward {before['reward']:.4f}  fidelity {before['fidelity']:.3f}"
+          f"  ({time.time() - start:.1f} s)")
+    methods = list(METHODS) if args.method == "all" else [args.method]
+    results, table = [], {}
+    for method in methods:
+        for seed in range(args.seeds):
+            model, r = run(base, method, seed, num_iterations=args.iterations,
+                           log=print if args.verbose else None)
+            end = r["curve"][-1]
+            print(f"{method:14s} seed {seed}: reward {before['reward']:.4f} -> {end['reward']:.4f}"
+                  f"  fidelity {before['fidelity']:.3f} -> {end['fidelity']:.3f}"
+                  f"  model evals {r['nfe']:,}")
+            table.setdefault(method, []).append(r)
+            if seed == 0:
+                results.append((model, r))
+    if args.seeds > 1 or len(methods) > 1:
+        print(f"\n| method | final reward | fidelity | model evals | ({args.seeds} seeds, "
+              f"{args.iterations} iterations)\n|---|---|---|---|")
+        for method, rs in table.items():
+            print(f"| {method} | {mean_std([r['curve'][-1]['reward'] for r in rs])} | "
+                  f"{mean_std([r['curve'][-1]['fidelity'] for r in rs])} | {rs[0]['nfe']:,} |")
+    plot(base, results, args.out, shift=TOY["shift"])
+    print(f"saved {args.out}  (total {time.time() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
