@@ -1,0 +1,429 @@
+"""The specification of g2rpo.py: closed forms and oracles first, smoke tests last."""
+
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+import g2rpo
+from bench_rollout import rollout_per_member
+
+torch.set_num_threads(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# σ schedule and ODE step against diffusers' FlowMatchEulerDiscreteScheduler.
+
+
+def test_sigma_schedule_closed_form():
+    s = g2rpo.sigma_schedule(16, shift=3.0)
+    u = torch.linspace(1, 0, 17, dtype=torch.float64)
+    assert s.dtype == torch.float32 and s.shape == (17,)
+    torch.testing.assert_close(s, (3 * u / (1 + 2 * u)).float())
+    assert s[0] == 1.0 and s[-1] == 0.0 and (s[1:] < s[:-1]).all()
+
+
+@pytest.mark.parametrize("num_steps,shift", [(16, 3.0), (10, 1.0), (28, 3.0)])
+def test_schedule_and_ode_step_match_diffusers(num_steps, shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched.set_timesteps(sigmas=torch.linspace(1, 0, num_steps + 1)[:-1].numpy())
+    ours = g2rpo.sigma_schedule(num_steps, shift)
+    torch.testing.assert_close(sched.sigmas, ours, atol=1e-6, rtol=0)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, generator=g)
+    for i, t in enumerate(sched.timesteps):
+        v = torch.randn(x.shape, generator=g)
+        expected = sched.step(v, t, x).prev_sample
+        x = g2rpo.ode_step(x, v, ours[i], ours[i + 1])
+        torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# SDE step and log-probability.
+
+
+def test_gaussian_log_prob_matches_torch_distributions():
+    g = torch.Generator().manual_seed(1)
+    x, mean = torch.randn(5, 3, 4, generator=g), torch.randn(5, 3, 4, generator=g)
+    std = torch.rand(5, 1, 1, generator=g) + 0.1
+    expected = torch.distributions.Normal(mean, std).log_prob(x).flatten(1).mean(1)
+    torch.testing.assert_close(g2rpo.gaussian_log_prob(x, mean, std), expected)
+
+
+def test_sde_step_mean_is_euler_maruyama_of_the_sde():
+    g = torch.Generator().manual_seed(2)
+    x, v = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
+    sigma, sigma_next, eta = 0.6, 0.5, 0.7
+    _, _, mean, std = g2rpo.sde_step(x, v, sigma, sigma_next, eta, generator=g)
+    sigma_t = eta * math.sqrt(sigma / (1 - sigma))
+    drift = v + sigma_t**2 / (2 * sigma) * (x + (1 - sigma) * v)  # SPEC §2 SDE, dσ form
+    torch.testing.assert_close(mean, x + drift * (sigma_next - sigma))
+    torch.testing.assert_close(std, torch.tensor(sigma_t * math.sqrt(sigma - sigma_next)))
+
+
+def test_sde_log_prob_is_normal_log_prob_of_the_sample():
+    g = torch.Generator().manual_seed(3)
+    x, v = torch.randn(4, 2, 3, generator=g), torch.randn(4, 2, 3, generator=g)
+    x_next, log_prob, mean, std = g2rpo.sde_step(x, v, 0.8, 0.7, 0.7, generator=g)
+    expected = torch.distributions.Normal(mean, std).log_prob(x_next).flatten(1).mean(1)
+    assert log_prob.shape == (4,) and log_prob.dtype == torch.float32
+    torch.testing.assert_close(log_prob, expected)
+    # Scoring the same sample again (the training pass) gives the same number.
+    _, again, _, _ = g2rpo.sde_step(x, v, 0.8, 0.7, 0.7, prev_sample=x_next)
+    torch.testing.assert_close(again, log_prob)
+
+
+def test_sde_step_empirical_moments_match_mean_and_std():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 3, generator=g).expand(200_000, 3)
+    v = torch.randn(1, 3, generator=g).expand(200_000, 3)
+    x_next, _, mean, std = g2rpo.sde_step(x, v, 0.5, 0.4375, 0.7, generator=g)
+    torch.testing.assert_close(x_next.mean(0), mean[0], atol=4 * std.item() / 400, rtol=0)
+    torch.testing.assert_close(x_next.std(0), std.expand(3), atol=0.01 * std.item(), rtol=0)
+
+
+def test_small_eta_gives_the_euler_step():
+    g = torch.Generator().manual_seed(5)
+    x, v = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    euler = g2rpo.ode_step(x, v, 0.7, 0.6)
+    for eta in (1e-2, 1e-4, 1e-9):
+        x_next, _, mean, std = g2rpo.sde_step(x, v, 0.7, 0.6, eta, generator=g)
+        assert (mean - euler).abs().max() < 10 * eta + 1e-6
+        assert (x_next - euler).abs().max() < 6 * std + 10 * eta + 1e-6
+    assert std < 1e-9
+
+
+def test_first_step_at_sigma_one_is_finite_and_uses_the_guard():
+    sigmas = g2rpo.sigma_schedule(16, 3.0)
+    x, v = torch.randn(2, 5), torch.randn(2, 5)
+    x_next, log_prob, mean, std = g2rpo.sde_step(x, v, sigmas[0], sigmas[1], 0.7)
+    assert torch.isfinite(x_next).all() and torch.isfinite(log_prob).all()
+    s1 = sigmas[1].item()
+    expected_std = 0.7 * math.sqrt(1.0 / (1 - s1)) * math.sqrt(1 - s1)
+    torch.testing.assert_close(std, torch.tensor(expected_std))
+
+
+def test_per_sample_sigmas_equal_scalar_calls():
+    g = torch.Generator().manual_seed(6)
+    x, v = torch.randn(3, 2, 2, generator=g), torch.randn(3, 2, 2, generator=g)
+    s, s_next = torch.tensor([1.0, 0.6, 0.3]), torch.tensor([0.9, 0.5, 0.2])
+    x_next, lp, _, _ = g2rpo.sde_step(x, v, s, s_next, 0.7, generator=g)
+    for i in range(3):
+        xi, lpi, _, _ = g2rpo.sde_step(x[i : i + 1], v[i : i + 1], s[i].item(), s_next[i].item(),
+                                       0.7, prev_sample=x_next[i : i + 1])
+        torch.testing.assert_close(lpi, lp[i : i + 1])
+    torch.testing.assert_close(g2rpo.ode_step(x, v, s, s_next)[1],
+                               g2rpo.ode_step(x[1], v[1], 0.6, 0.5))
+
+
+def test_sde_sampling_preserves_the_marginals_of_gaussian_data():
+    # For x0 ~ N(m, c²) the exact velocity is known: E[ε − x0 | x_σ] in closed form.
+    m, c = 1.5, 0.5
+
+    def v_exact(x, sigma):
+        a, b = 1 - sigma, sigma
+        var = a**2 * c**2 + b**2
+        e_x0 = m + a * c**2 / var * (x - a * m)
+        e_eps = b / var * (x - a * m)
+        return e_eps - e_x0
+
+    g = torch.Generator().manual_seed(7)
+    sigmas = g2rpo.sigma_schedule(400, 1.0)
+    x_sde = x_ode = torch.randn(100_000, 1, generator=g)
+    for i in range(400):
+        s, s_next = sigmas[i].item(), sigmas[i + 1].item()
+        x_ode = g2rpo.ode_step(x_ode, v_exact(x_ode, s), s, s_next)
+        if s_next > 0:
+            x_sde = g2rpo.sde_step(x_sde, v_exact(x_sde, s), s, s_next, 0.7, generator=g)[0]
+        else:  # the last step has σ_t ~ 0 / 0 at σ = 0: finish with the ODE
+            x_sde = g2rpo.ode_step(x_sde, v_exact(x_sde, s), s, s_next)
+    for x in (x_ode, x_sde):
+        assert abs(x.mean().item() - m) < 0.02
+        assert abs(x.std().item() - c) < 0.02
+
+
+# ----------------------------------------------------------------------------------------------
+# Granularities and advantages.
+
+
+def test_granularity_schedule_examples():
+    assert g2rpo.granularity_schedule(16, 0, 1) == list(range(1, 17))
+    assert g2rpo.granularity_schedule(16, 0, 2) == [1, 2, 4, 6, 8, 10, 12, 14, 16]
+    assert g2rpo.granularity_schedule(16, 1, 2) == [2, 3, 5, 7, 9, 11, 13, 15, 16]
+    assert g2rpo.granularity_schedule(16, 7, 3) == [8, 9, 12, 15, 16]
+    assert g2rpo.granularity_schedule(16, 14, 3) == [15, 16]
+    # Every schedule starts at k+1, ends at T, never steps further than λ.
+    for k in range(15):
+        for lam in (1, 2, 3, 5):
+            s = g2rpo.granularity_schedule(16, k, lam)
+            steps = [b - a for a, b in zip(s[:-1], s[1:])]
+            assert s[0] == k + 1 and s[-1] == 16 and 1 <= min(steps) and max(steps) <= lam
+
+
+def test_group_advantages_hand_example():
+    adv = g2rpo.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    torch.testing.assert_close(adv, torch.tensor([1, -1, -1, 1.0]) * math.sqrt(3) / 2)
+
+
+def test_group_advantages_equal_rewards_give_zeros_not_nan():
+    r = torch.full((3, 5), 0.1)
+    r[1] = 7.3
+    adv = g2rpo.group_advantages(r)
+    assert torch.equal(adv, torch.zeros(3, 5))
+
+
+def test_group_advantages_standardise_along_last_dim_with_unbiased_std():
+    r = torch.randn(4, 3, 12, generator=torch.Generator().manual_seed(8))
+    adv = g2rpo.group_advantages(r)
+    expected = (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True, unbiased=True) + 1e-8)
+    torch.testing.assert_close(adv, expected)
+
+
+def test_multi_granularity_sums_over_granularities_then_clips():
+    r = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(9))  # (P, L, G)
+    expected = sum(g2rpo.group_advantages(r[:, i]) for i in range(3))
+    torch.testing.assert_close(g2rpo.multi_granularity_advantages(r, adv_clip=100.0), expected)
+    # Ten granularities that agree: the sum reaches ±2.6·… beyond 5 and is clipped.
+    agree = torch.tensor([0.0, 0, 0, 0, 1]).expand(10, 5)
+    adv = g2rpo.multi_granularity_advantages(agree, adv_clip=5.0)
+    assert adv.max() == 5.0 and adv.min() == pytest.approx(10 * -0.4472, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# The clipped objective.
+
+
+def test_loss_is_minus_advantage_at_ratio_one_and_stats():
+    lp = torch.zeros(2, 4)
+    adv = torch.tensor([[1.0, -1, 2, -2], [0.5, 0.5, -0.5, -0.5]])
+    loss, stats = g2rpo.clipped_grpo_loss(lp, lp, adv, 0.1)
+    assert loss.item() == pytest.approx(-adv.mean().item())
+    assert stats["clip_frac"] == 0 and stats["approx_kl"] == 0 and stats["ratio_max_dev"] == 0
+
+
+def test_gradient_vanishes_once_ratio_is_clipped_in_the_advantage_direction():
+    eps = 0.1
+    old = torch.zeros(4)
+    # r > 1 + ε with A > 0, and r < 1 − ε with A < 0: clipped, zero gradient.
+    lp = torch.tensor([0.2, -0.2, 0.2, -0.2], requires_grad=True)
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    loss, stats = g2rpo.clipped_grpo_loss(lp, old, adv, eps)
+    loss.backward()
+    assert lp.grad[0] == 0 and lp.grad[1] == 0
+    # Against the advantage the unclipped term is kept: the gradient pulls back.
+    r = torch.exp(torch.tensor(0.2))
+    assert lp.grad[2].item() == pytest.approx(r.item() / 4)
+    assert lp.grad[3].item() == pytest.approx(-(1 / r).item() / 4)
+    assert stats["clip_frac"] == 1.0
+    assert stats["approx_kl"] == pytest.approx(0.5 * 0.04, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts: batched vs per-member loop, model-evaluation counts, ratio = 1.
+
+
+class LinearVelocity(torch.nn.Module):
+    """v = W x + b_c + σ·u: a cheap differentiable, conditional stand-in for a flow model."""
+
+    def __init__(self, dim=3, classes=5):
+        super().__init__()
+        g = torch.Generator().manual_seed(10)
+        self.w = torch.nn.Parameter(0.3 * torch.randn(dim, dim, generator=g))
+        self.b = torch.nn.Parameter(torch.randn(classes, dim, generator=g))
+        self.u = torch.nn.Parameter(torch.randn(dim, generator=g))
+
+    def forward(self, x, sigma, c):
+        return x @ self.w.T + self.b[c] + sigma[:, None] * self.u
+
+
+def quadratic_reward(x, prompts):
+    target = torch.as_tensor(prompts, dtype=torch.float32)[:, None]
+    return -((x - target) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("P,ks", [(3, (0, 2, 5, 7)), (2, (1, 4))])
+def test_batched_rollout_equals_per_member_loop(P, ks):
+    model = LinearVelocity()
+    T, G, lams, eta = 10, 4, (1, 2, 3), 0.7
+    sigmas = g2rpo.sigma_schedule(T, 3.0)
+    cond = torch.arange(P) + 1
+    x_T = torch.randn(P, 3, generator=torch.Generator().manual_seed(11))
+    velocity = g2rpo.CountingVelocity(model, batch_size=7)  # odd chunks on purpose
+    out = g2rpo.singular_stochastic_sampling(velocity, cond, x_T, sigmas, ks, lams, G, eta,
+                                             torch.Generator().manual_seed(12))
+    noise = torch.randn(len(ks) * P * G, 3, generator=torch.Generator().manual_seed(12))
+    x_next, lp, samples, _ = rollout_per_member(model, cond, x_T, sigmas, ks, lams, G, eta,
+                                                noise=noise.view(len(ks), P, G, 3))
+    torch.testing.assert_close(out["x_next"], x_next)
+    torch.testing.assert_close(out["old_log_prob"], lp)
+    torch.testing.assert_close(out["samples"], samples)
+    assert out["x"].shape == (len(ks), P, 1, 3)
+
+
+def test_model_evaluations_match_the_formula():
+    # Official T = 16, M = 8 noisiest, Λ = {1, 2, 3}: per member 92 + 52 + 39 ODE evaluations,
+    # minus 2 shared (at k+1, k+2) for each of λ = 2, 3 and each k: 151; plus T for the anchor.
+    assert g2rpo.count_model_evals(16, range(8), (1,), 12) == 16 + 12 * 92
+    assert g2rpo.count_model_evals(16, range(8), (1, 2, 3), 12) == 16 + 12 * 151
+    assert g2rpo.count_model_evals(16, range(8), (1,), 12, "full_sde") == 16 * 12
+    model = LinearVelocity()
+    for lams in [(1,), (1, 2), (1, 2, 3), (3,)]:
+        velocity = g2rpo.CountingVelocity(model, batch_size=1000)
+        g2rpo.singular_stochastic_sampling(velocity, torch.arange(2), torch.randn(2, 3),
+                                           g2rpo.sigma_schedule(16), range(8), lams, 12, 0.7)
+        assert velocity.evals == 2 * g2rpo.count_model_evals(16, range(8), lams, 12)
+    velocity = g2rpo.CountingVelocity(model, batch_size=1000)
+    g2rpo.full_sde_sampling(velocity, torch.arange(2), torch.randn(2, 3),
+                            g2rpo.sigma_schedule(16), range(8), 12, 0.7)
+    assert velocity.evals == 2 * g2rpo.count_model_evals(16, range(8), (1,), 12, "full_sde")
+
+
+def small_config(**kw):
+    base = dict(num_steps=8, shift=1.0, branch_steps=(0, 1, 3, 5), group_size=4,
+                granularities=(1, 2), clip_range=0.05, lr=1e-2, prompts_per_iteration=3,
+                num_iterations=1, batch_size=64)
+    return g2rpo.Config(**{**base, **kw})
+
+
+@pytest.mark.parametrize("method", ["g2rpo", "full_sde"])
+@pytest.mark.parametrize("step_per_branch", [True, False])
+def test_ratio_is_one_before_the_first_step_and_the_step_changes_parameters(method,
+                                                                             step_per_branch):
+    model = LinearVelocity()
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = small_config(method=method, step_per_branch=step_per_branch)
+    history = g2rpo.train(model, model, quadratic_reward, [1, 2, 3, 4], cfg, latent_shape=(3,),
+                          log=None, progress=False)
+    m = history[0]
+    assert m["ratio_dev_first"] < 1e-5
+    assert all(math.isfinite(m[k]) for k in ("loss", "clip_frac", "approx_kl", "grad_norm"))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    if step_per_branch:
+        assert m["approx_kl"] > 0  # later branch steps see updated weights
+    else:
+        assert m["approx_kl"] < 1e-10 and m["clip_frac"] == 0  # plain policy gradient
+
+
+def test_batched_policy_log_prob_matches_per_step_reference():
+    # K ≠ P ≠ G so that a broadcasting slip cannot hide (SPEC §9).
+    model = LinearVelocity()
+    cfg = small_config()
+    sigmas = g2rpo.sigma_schedule(cfg.num_steps, cfg.shift)
+    prompts = [1, 2, 3]
+    out, _ = g2rpo.rollout(model, quadratic_reward, prompts, torch.tensor(prompts), cfg, sigmas,
+                           (3,), torch.Generator().manual_seed(13))
+    K, P, G = out["old_log_prob"].shape
+    assert (K, P, G) == (4, 3, 4)
+    for j, k in enumerate(cfg.branch_steps):
+        lp = g2rpo.policy_log_prob(model, out["cond"], out["x"][j], out["x_next"][j], sigmas[k],
+                                   sigmas[k + 1], cfg.eta)
+        for p in range(P):
+            x = out["x"][j, p, 0]
+            v = model(x[None], sigmas[k].view(1), torch.tensor([prompts[p]]))
+            for i in range(G):
+                _, ref, _, _ = g2rpo.sde_step(x[None], v, sigmas[k].item(), sigmas[k + 1].item(),
+                                              cfg.eta, prev_sample=out["x_next"][j, p, i][None])
+                torch.testing.assert_close(lp[p, i], ref[0])
+                torch.testing.assert_close(out["old_log_prob"][j, p, i], ref[0])
+
+
+def test_rollout_advantages_are_per_step_and_summed_over_granularities():
+    model = LinearVelocity()
+    cfg = small_config(adv_clip=50.0)
+    sigmas = g2rpo.sigma_schedule(cfg.num_steps, cfg.shift)
+    out, m = g2rpo.rollout(model, quadratic_reward, [1, 2, 3], torch.tensor([1, 2, 3]), cfg,
+                           sigmas, (3,), torch.Generator().manual_seed(14))
+    r = out["rewards"]  # (K, P, L, R, G)
+    expected = g2rpo.group_advantages(r[:, :, 0, 0]) + g2rpo.group_advantages(r[:, :, 1, 0])
+    torch.testing.assert_close(out["adv"], expected)
+    assert m["nfe"] == 3 * g2rpo.count_model_evals(8, cfg.branch_steps, (1, 2), 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: clear errors that name the value; nothing NaN reaches the optimizer.
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(group_size=1), "group_size .* got 1"),
+    (dict(granularities=(1, 0)), "granularity .* got 0"),
+    (dict(granularities=(1, 1.5)), "granularity .* got 1.5"),
+    (dict(branch_steps=(0, 16)), "branch step 16"),
+    (dict(branch_steps=(15,)), "branch step 15"),
+    (dict(branch_steps=(-1,)), "branch step -1"),
+    (dict(eta=0.0), "eta .* got 0.0"),
+    (dict(clip_range=0.0), "clip_range .* got 0.0"),
+    (dict(clip_range=-1e-4), "clip_range .* got -0.0001"),
+    (dict(method="ppo"), "method .* 'ppo'"),
+])
+def test_bad_config_values_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        g2rpo.Config(**kw)
+
+
+def test_bad_function_arguments_are_named():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="eta .* got -0.1"):
+        g2rpo.sde_step(x, x, 0.5, 0.4, -0.1)
+    with pytest.raises(ValueError, match="clip_range .* got 0"):
+        g2rpo.clipped_grpo_loss(x, x, x, 0)
+    with pytest.raises(ValueError, match="granularity .* got 0"):
+        g2rpo.granularity_schedule(16, 3, 0)
+    with pytest.raises(ValueError, match="branch step 15"):
+        g2rpo.granularity_schedule(16, 15, 1)
+    with pytest.raises(ValueError, match="group dim 1"):
+        g2rpo.group_advantages(torch.zeros(4, 1))
+
+
+@pytest.mark.parametrize("bad_reward,match", [
+    (lambda x, p: torch.zeros(len(p) + 1), r"shape \(\d+,\) or \(\d+, R\)"),
+    (lambda x, p: torch.full((len(p),), float("nan")), "non-finite rewards"),
+    (lambda x, p: torch.full((len(p), 2), float("inf")), "non-finite rewards"),
+])
+def test_bad_rewards_are_refused_before_any_update(bad_reward, match):
+    model = LinearVelocity()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        g2rpo.train(model, model, bad_reward, [1, 2], small_config(), latent_shape=(3,),
+                    log=None, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_nan_gradients_never_reach_the_optimizer():
+    model = LinearVelocity()
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def nan_velocity(x, sigma, c):  # finite in sampling (no grad), NaN gradient in training
+        v = model(x, sigma, c)
+        return v + 0 * torch.sqrt(-torch.ones_like(v)) if torch.is_grad_enabled() else v
+
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        g2rpo.train(model, nan_velocity, quadratic_reward, [1, 2], small_config(),
+                    latent_shape=(3,), log=None, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_empty_prompts_are_refused():
+    model = LinearVelocity()
+    with pytest.raises(ValueError, match="prompts is empty"):
+        g2rpo.train(model, model, quadratic_reward, [], small_config(), latent_shape=(3,))
+
+
+# ----------------------------------------------------------------------------------------------
+# Smoke: the trainer improves the reward of a toy flow.
+
+
+def test_short_toy_run_raises_the_reward():
+    import toy_flow
+
+    base = toy_flow.pretrain(steps=1500, seed=0, progress=False)
+    before = toy_flow.evaluate(base, n_per_class=256)
+    _, result = toy_flow.run(base, "g2rpo", seed=0, num_iterations=15, eval_every=15,
+                             progress=False)
+    after = result["curve"][-1]
+    assert after["reward"] > before["reward"] + 0.1, (before, after)
