@@ -581,7 +581,7 @@ def format_metrics(it, m):
 
 def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prompts=None,
           optimizer=None, generator=None, start_iteration=0, callback=None, log=print,
-          progress=True):
+          progress=True, sigmas=None):
     """G²RPO training loop (Alg. 1), model-agnostic.
 
     model: the nn.Module whose trainable parameters are optimised (velocity_fn closes over it).
@@ -589,6 +589,8 @@ def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prom
     prompts: a sequence; each iteration draws cfg.prompts_per_iteration of them with replacement.
     encode_prompts(list) → cond with one row per prompt (default: torch.as_tensor).
     callback(iteration, metrics) runs after every iteration (evaluation, checkpoints).
+    sigmas: an explicit (T+1,) grid from 1 to 0 (e.g. a pipeline's dynamic shift); default
+    sigma_schedule(cfg.num_steps, cfg.shift).
     Returns the list of per-iteration metrics dicts.
     """
     if len(prompts) == 0:
@@ -602,7 +604,13 @@ def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prom
     if generator is None:
         generator = torch.Generator(device).manual_seed(cfg.seed)
     encode_prompts = encode_prompts or (lambda ps: torch.as_tensor(ps, device=device))
-    sigmas = sigma_schedule(cfg.num_steps, cfg.shift).to(device)
+    if sigmas is None:
+        sigmas = sigma_schedule(cfg.num_steps, cfg.shift)
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).to(device)
+    if (sigmas.shape != (cfg.num_steps + 1,) or sigmas[0] != 1 or sigmas[-1] != 0
+            or not (sigmas[1:] < sigmas[:-1]).all()):
+        raise ValueError(f"sigmas must decrease from 1 to 0 in {cfg.num_steps + 1} values, got "
+                         f"{[round(s, 4) for s in sigmas.tolist()]}")
     iterations = range(start_iteration, cfg.num_iterations)
     bar = None
     if progress:

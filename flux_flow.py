@@ -1,0 +1,636 @@
+"""G²RPO on FLUX.1 through diffusers: the same g2rpo.py trainer, a FLUX velocity and image rewards.
+
+    # one GPU, LoRA
+    python flux_flow.py --model black-forest-labs/FLUX.1-dev --lora-rank 64 --rewards clip,pickscore
+    # the official recipe: full fine-tune, FSDP2, one prompt per GPU
+    torchrun --nproc_per_node 8 flux_flow.py --model /path/FLUX.1-dev --lora-rank 0 --height 720 --width 720
+    # evaluation only: ODE samples for the held-out prompts, mean rewards, an image grid
+    python flux_flow.py --model ... --eval --iterations 0
+
+Everything FLUX-specific lives here; g2rpo.py stays model-agnostic. Latents are kept in FLUX's
+packed layout (N, S, 64) in float32 between steps; the transformer runs in --dtype (bf16 autocast
+on GPU) and log-probabilities are computed in float32.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import g2rpo
+
+BUILTIN_PROMPTS = [
+    "a red fox sitting in fresh snow, golden hour",
+    "a lighthouse on a cliff during a storm, dramatic clouds",
+    "a bowl of ramen with a soft-boiled egg, studio lighting",
+    "an astronaut riding a horse on the moon, photorealistic",
+    "a cozy reading nook with a cat asleep on a pile of books",
+    "a watercolor painting of a venetian canal at dawn",
+    "a futuristic city skyline at night with flying cars",
+    "a close-up portrait of an old fisherman, film grain",
+    "a hummingbird drinking from a purple flower, macro photo",
+    "a medieval castle on a hill surrounded by autumn forest",
+    "a glass of iced coffee on a wooden table, morning light",
+    "an origami crane made of newspaper, soft shadows",
+    "a snowy mountain lake reflecting the milky way",
+    "a vintage red bicycle leaning against a blue door",
+    "a steampunk owl made of brass gears",
+    "a field of sunflowers under a thunderstorm sky",
+]
+BUILTIN_EVAL_PROMPTS = [
+    "a corgi wearing a tiny wizard hat, digital art",
+    "a tranquil japanese garden with a red bridge",
+    "a plate of colorful macarons on a marble counter",
+    "a polar bear walking across an ice floe at sunset",
+]
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                "to_add_out"]
+REWARD_NAMES = ("clip", "pickscore", "hps")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading the pipeline and prompts.
+
+
+def load_pipeline(path, device="cpu", dtype=torch.float32):
+    """FluxPipeline.from_pretrained(path) with VAE and text encoders frozen and in eval mode."""
+    from diffusers import FluxPipeline
+
+    try:
+        with warnings.catch_warnings():  # newer diffusers renames torch_dtype to dtype
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise OSError(f"could not load a FLUX pipeline from {path!r}: {e}. Pass a local folder "
+                      f"(save_pretrained layout) or a Hub id that is already downloaded.") from e
+    pipe.to(device)
+    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
+        m.requires_grad_(False).eval()  # the trainer never switches modes: sampling == training
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def read_prompts(path=None, builtin=BUILTIN_PROMPTS):
+    """Prompts from a text file (one per line, blank lines skipped), or the built-in list."""
+    if path is None:
+        return list(builtin)
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {str(path)!r} holds no prompts (one per line expected)")
+    return prompts
+
+
+class PromptEncoder:
+    """Encodes prompts once under no_grad (CLIP pooled + T5 sequence) and caches them on the CPU."""
+
+    def __init__(self, pipe, max_sequence_length=512):
+        self.pipe, self.max_len, self.cache = pipe, max_sequence_length, {}
+
+    @torch.no_grad()
+    def __call__(self, prompts):
+        """list of P prompts → (prompt_embeds (P, S_txt, D_txt), pooled (P, D_pool)) on device."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if new:
+            embeds, pooled, _ = self.pipe.encode_prompt(
+                prompt=new, prompt_2=None, device=self.pipe._execution_device,
+                max_sequence_length=self.max_len)
+            for p, e, q in zip(new, embeds, pooled):
+                self.cache[p] = (e.cpu(), q.cpu())
+        device = self.pipe.transformer.device
+        return (torch.stack([self.cache[p][0] for p in prompts]).to(device),
+                torch.stack([self.cache[p][1] for p in prompts]).to(device))
+
+
+# ----------------------------------------------------------------------------------------------
+# The FLUX flow: σ grid, velocity, noise, decoding.
+
+
+def check_image_size(pipe, height, width):
+    multiple = pipe.vae_scale_factor * 2  # VAE downsampling, then 2×2 packing (16 for FLUX.1)
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value}")
+
+
+def latent_shape(pipe, height, width):
+    """(S, C) of one packed latent: S = (H/16)·(W/16) tokens of C = 4·latent_channels."""
+    check_image_size(pipe, height, width)
+    f = pipe.vae_scale_factor * 2
+    return ((height // f) * (width // f), pipe.transformer.config.in_channels)
+
+
+def flux_sigmas(pipe, num_steps, height, width, schedule="static", shift=3.0):
+    """(T+1,) σ grid: "static" is the official recipe (SPEC §1), "pipeline" is FluxPipeline's own.
+
+    "pipeline" asks a copy of the pipeline's scheduler exactly as FluxPipeline.__call__ does:
+    sigmas = linspace(1, 1/T, T) with the resolution-dependent shift mu (dynamic configs).
+    """
+    if schedule == "static":
+        return g2rpo.sigma_schedule(num_steps, shift)
+    if schedule != "pipeline":
+        raise ValueError(f"schedule must be 'static' or 'pipeline', got {schedule!r}")
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    c = sched.config
+    mu = calculate_shift(latent_shape(pipe, height, width)[0], c.get("base_image_seq_len", 256),
+                         c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
+                         c.get("max_shift", 1.15))
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+    return sched.sigmas.float().cpu()
+
+
+class FluxVelocity:
+    """g2rpo's velocity_fn for FLUX: (x (N, S, C), sigma (N,), (embeds, pooled)) → v (N, S, C)."""
+
+    def __init__(self, transformer, pipe, height, width, guidance=3.5, dtype=torch.float32):
+        self.transformer, self.dtype = transformer, dtype
+        config = pipe.transformer.config
+        device = pipe.transformer.device
+        f = pipe.vae_scale_factor * 2
+        self.img_ids = pipe._prepare_latent_image_ids(1, height // f, width // f, device, dtype)
+        self.guidance = guidance if config.guidance_embeds else None  # distilled guidance, no CFG
+        self.device_type = device.type
+        self.autocast = device.type == "cuda" and dtype != torch.float32
+
+    def __call__(self, x, sigma, cond):
+        embeds, pooled = cond
+        n = x.shape[0]
+        # FluxPipeline passes t/1000 with t = 1000·σ cast to the latents' dtype: do the same.
+        timestep = (sigma * 1000).to(self.dtype) / 1000
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=self.dtype)
+        guidance = (None if self.guidance is None
+                    else torch.full((n,), self.guidance, device=x.device, dtype=torch.float32))
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast):
+            v = self.transformer(
+                hidden_states=x.to(self.dtype), timestep=timestep, guidance=guidance,
+                pooled_projections=pooled.to(self.dtype), encoder_hidden_states=embeds.to(self.dtype),
+                txt_ids=txt_ids, img_ids=self.img_ids, return_dict=False)[0]
+        return v.float()
+
+
+@torch.no_grad()
+def decode(pipe, latents, height, width):
+    """Packed latents (B, S, C) → images in [0, 1], (B, 3, H, W) float32 (FluxPipeline's decode)."""
+    x = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    x = x / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    image = pipe.vae.decode(x.to(pipe.vae.dtype), return_dict=False)[0]
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def sample(pipe, velocity, encoder, prompts, height, width, sigmas, generator):
+    """Deterministic sampling (η = 0) with g2rpo.ode_step: FluxPipeline's loop, our steps.
+
+    Initial noise comes from pipe.prepare_latents with the caller's generator, so for the same
+    generator the result equals FluxPipeline(...) on the same σ grid.
+    Returns (latents (B, S, C) float32, images (B, 3, H, W) in [0, 1]).
+    """
+    check_image_size(pipe, height, width)
+    cond = encoder(list(prompts))
+    x, _ = pipe.prepare_latents(len(prompts), pipe.transformer.config.in_channels // 4, height,
+                                width, cond[0].dtype, pipe.transformer.device, generator)
+    x = x.float()
+    sigmas = sigmas.to(x.device)
+    for i in range(len(sigmas) - 1):
+        v = velocity(x, sigmas[i].expand(len(x)), cond)
+        x = g2rpo.ode_step(x, v, sigmas[i], sigmas[i + 1])
+    return x, decode(pipe, x, height, width)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewards: images in [0, 1] (B, 3, H, W) and prompts → (B,).
+
+
+class ClipReward:
+    """Cosine similarity of CLIP image and text embeddings (CLIP score; PickScore with scale).
+
+    PickScore is the same computation on the PickScore_v1 CLIP with its learned logit scale:
+    exp(logit_scale)·cos / 100 (so values sit near the paper's ~0.22).
+    """
+
+    def __init__(self, model_id, processor_id=None, device="cpu", pickscore=False):
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+        try:
+            self.model = CLIPModel.from_pretrained(model_id).to(device).eval().requires_grad_(False)
+            proc_id = processor_id or model_id
+            self.tokenizer = AutoTokenizer.from_pretrained(proc_id)
+            ip = CLIPImageProcessor.from_pretrained(proc_id)
+        except OSError as e:
+            raise OSError(f"could not load reward model {model_id!r} (processor "
+                          f"{processor_id or model_id!r}): {e}. Download it first (there is no "
+                          f"network here at run time) or pass a local folder.") from e
+        crop = ip.crop_size
+        self.size = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
+        self.mean = torch.tensor(ip.image_mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(ip.image_std, device=device).view(1, 3, 1, 1)
+        self.pickscore, self.device = pickscore, device
+
+    def preprocess(self, images):
+        """Resize the shorter side to the crop size (bicubic), centre-crop, normalise."""
+        h, w = images.shape[-2:]
+        scale = max(self.size[0] / h, self.size[1] / w)
+        size = (max(self.size[0], round(h * scale)), max(self.size[1], round(w * scale)))
+        x = torch.nn.functional.interpolate(images, size=size, mode="bicubic", antialias=True,
+                                            align_corners=False)
+        top, left = (size[0] - self.size[0]) // 2, (size[1] - self.size[1]) // 2
+        x = x[..., top : top + self.size[0], left : left + self.size[1]]
+        return (x.clamp(0, 1) - self.mean) / self.std
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=self.model.config.text_config.max_position_embeddings,
+                             return_tensors="pt").to(self.device)
+        feats = lambda out: out if torch.is_tensor(out) else out.pooler_output
+        t = feats(self.model.get_text_features(**tok)).float()
+        i = feats(self.model.get_image_features(
+            pixel_values=self.preprocess(images.to(self.device).float()))).float()
+        cos = torch.nn.functional.cosine_similarity(i, t, dim=-1)
+        return cos * self.model.logit_scale.exp().float() / 100 if self.pickscore else cos
+
+
+class HPSReward:
+    """HPS-v2.1 through the `hpsv2` package, if the user installed it (never a dependency)."""
+
+    def __init__(self, version="v2.1"):
+        try:
+            import hpsv2
+        except ImportError as e:
+            raise ImportError("the 'hps' reward needs the hpsv2 package and its HPS-v2.1 "
+                              "checkpoint: pip install hpsv2 (see README, 'Reward models')") from e
+        self.hpsv2, self.version = hpsv2, version
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        from PIL import Image
+
+        out = []
+        for img, p in zip(images, prompts):
+            arr = (img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+            out.append(float(self.hpsv2.score([Image.fromarray(arr)], p,
+                                              hps_version=self.version)[0]))
+        return torch.tensor(out)
+
+
+def load_rewards(names, device, clip_model, pickscore_model, pickscore_processor):
+    """Reward objects for a comma-separated list of names (clip, pickscore, hps)."""
+    names = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else names
+    if not names:
+        raise ValueError("at least one reward is needed (--rewards clip,pickscore,hps)")
+    rewards = {}
+    for n in names:
+        if n == "clip":
+            rewards[n] = ClipReward(clip_model, device=device)
+        elif n == "pickscore":
+            rewards[n] = ClipReward(pickscore_model, pickscore_processor, device, pickscore=True)
+        elif n == "hps":
+            rewards[n] = HPSReward()
+        else:
+            raise ValueError(f"unknown reward {n!r}; choose from {', '.join(REWARD_NAMES)}")
+    return rewards
+
+
+def make_reward_fn(pipe, rewards, height, width, decode_batch=4):
+    """g2rpo's reward_fn: packed latents (n, S, C), prompts → (n, R), decoding in small chunks."""
+
+    def reward_fn(latents, prompts):
+        out = []
+        for i in range(0, len(latents), decode_batch):
+            images = decode(pipe, latents[i : i + decode_batch], height, width)
+            p = prompts[i : i + decode_batch]
+            out.append(torch.stack([r(images, p).float().cpu() for r in rewards.values()], -1))
+        return torch.cat(out)
+
+    return reward_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainable weights, devices and processes.
+
+
+def init_distributed():
+    """(rank, world_size, device); one process without torchrun works unchanged."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def setup_trainable(transformer, lora_rank, lora_alpha, gradient_checkpointing=False):
+    """LoRA adapters (float32) on the attention projections, or the whole transformer (float32)."""
+    transformer.requires_grad_(False)
+    if lora_rank > 0:
+        from peft import LoraConfig
+
+        transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha,
+                                           target_modules=LORA_TARGETS, init_lora_weights=True))
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # fp32 adapters under bf16 autocast
+    else:
+        transformer.float().requires_grad_(True)  # fp32 master weights, bf16 autocast compute
+    if gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def wrap_distributed(transformer, lora_rank, device):
+    """DDP for LoRA; FSDP2 (fully_shard per block, then the root) for a full fine-tune."""
+    if not dist.is_initialized():
+        return transformer
+    if lora_rank > 0:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(transformer, device_ids=[device.index] if device.type == "cuda" else None,
+                   broadcast_buffers=False)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        fully_shard(block)
+    fully_shard(transformer)
+    return transformer
+
+
+def all_reduce_metrics(metrics, world_size):
+    """Average every number (and list of numbers) in a metrics dict over the ranks."""
+    if world_size == 1:
+        return metrics
+    keys = [k for k, v in metrics.items() if isinstance(v, (int, float, list))]
+    flat = [torch.tensor(metrics[k], dtype=torch.float64).flatten() for k in keys]
+    t = torch.cat(flat)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    t = (t / world_size).cpu()
+    out, i = dict(metrics), 0
+    for k, f in zip(keys, flat):
+        v = t[i : i + len(f)].tolist()
+        out[k] = v if isinstance(metrics[k], list) else v[0]
+        i += len(f)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: trainable weights, optimizer, every rank's RNG, iteration; written atomically.
+
+
+def fingerprint(args, transformer):
+    """What a checkpoint must match to be resumed: the model, the adapter and the algorithm."""
+    cfg = dict(transformer.config)
+    return {"transformer_config": json.loads(json.dumps(cfg, default=str)),
+            "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "method": args.method,
+            "granularities": list(args.granularities), "branch_steps": list(args.branch_steps),
+            "group_size": args.group_size, "num_steps": args.steps, "height": args.height,
+            "width": args.width}
+
+
+def _rng_state(generator):
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(path, transformer, optimizer, generator, iteration, fp, world_size):
+    """All ranks call; rank 0 writes path via a temporary file and a rename (never half-written)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(transformer, optimizer, options=opts)
+    rng = [_rng_state(generator)]
+    if world_size > 1:
+        rng = [None] * world_size
+        dist.all_gather_object(rng, _rng_state(generator))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"model": model_sd, "optimizer": optim_sd, "rng": rng, "iteration": iteration,
+                    "world_size": world_size, "fingerprint": fp}, tmp)
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(path, transformer, optimizer, generator, fp, world_size):
+    """Restore what save_checkpoint wrote; refuse a checkpoint of another model or config."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    diff = sorted(k for k in set(fp) | set(ckpt["fingerprint"]) if fp.get(k) != ckpt["fingerprint"].get(k))
+    if diff:
+        raise ValueError(f"checkpoint {str(path)!r} was made for another model or config; it "
+                         f"differs in: {', '.join(diff)}")
+    if ckpt["world_size"] != world_size:
+        raise ValueError(f"checkpoint {str(path)!r} was written by {ckpt['world_size']} processes, "
+                         f"this run has {world_size}: per-rank RNG states would not match")
+    opts = StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False)
+    set_state_dict(transformer, optimizer, model_state_dict=ckpt["model"],
+                   optim_state_dict=ckpt["optimizer"], options=opts)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng = ckpt["rng"][rank]
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return ckpt["iteration"] + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and the command line.
+
+
+def evaluate(pipe, velocity, encoder, rewards, prompts, height, width, sigmas, seeds, grid_path=None):
+    """ODE samples (η = 0) for each prompt at fixed seeds → mean reward per reward model."""
+    scores, images = {n: [] for n in rewards}, []
+    for seed in seeds:
+        g = torch.Generator(pipe.transformer.device).manual_seed(seed)
+        _, img = sample(pipe, velocity, encoder, prompts, height, width, sigmas, g)
+        images.append(img.cpu())
+        for n, r in rewards.items():
+            scores[n].append(r(img, prompts).float().cpu())
+    if grid_path is not None:
+        save_grid(torch.stack(images), grid_path)  # rows: seeds, columns: prompts
+    return {n: torch.cat(s).mean().item() for n, s in scores.items()}
+
+
+def save_grid(images, path):
+    """(rows, cols, 3, H, W) in [0, 1] → one PNG."""
+    from PIL import Image
+
+    r, c, _, h, w = images.shape
+    grid = images.permute(0, 3, 1, 4, 2).reshape(r * h, c * w, 3)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid.numpy() * 255).round().astype("uint8")).save(path)
+
+
+def int_list(s):
+    return tuple(int(x) for x in s.split(",") if x.strip())
+
+
+def parse_args(argv=None):
+    d = g2rpo.Config()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    a = p.add_argument
+    a("--model", default="black-forest-labs/FLUX.1-dev", help="FluxPipeline folder or Hub id")
+    a("--prompts", help="training prompts, one per line (default: a small built-in list)")
+    a("--eval-prompts", help="held-out prompts, one per line (default: built-in)")
+    a("--height", type=int, default=512)
+    a("--width", type=int, default=512)
+    a("--steps", type=int, default=d.num_steps, help="T sampling steps")
+    a("--schedule", choices=["static", "pipeline"], default="static",
+      help="static shift (official recipe) or the pipeline's dynamic-shift grid")
+    a("--shift", type=float, default=d.shift)
+    a("--guidance", type=float, default=3.5, help="FLUX-dev distilled guidance embedding")
+    a("--max-sequence-length", type=int, default=512)
+    a("--method", choices=["g2rpo", "full_sde"], default=d.method)
+    a("--eta", type=float, default=d.eta)
+    a("--group-size", type=int, default=d.group_size)
+    a("--branch-steps", type=int_list, default=d.branch_steps, help="comma-separated k")
+    a("--granularities", type=int_list, default=d.granularities, help="comma-separated λ")
+    a("--rewards", default="clip", help="comma-separated: clip, pickscore, hps (advantages summed)")
+    a("--clip-model", default="openai/clip-vit-large-patch14")
+    a("--pickscore-model", default="yuvalkirstain/PickScore_v1")
+    a("--pickscore-processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    a("--lora-rank", type=int, default=64, help="0 = full fine-tune of the transformer")
+    a("--lora-alpha", type=float, default=None, help="default: = rank")
+    a("--lr", type=float, default=None, help=f"default {d.lr} full, 1e-4 LoRA")
+    a("--weight-decay", type=float, default=d.weight_decay)
+    a("--clip-range", type=float, default=d.clip_range)
+    a("--adv-clip", type=float, default=d.adv_clip)
+    a("--max-grad-norm", type=float, default=d.max_grad_norm)
+    a("--step-per-iteration", action="store_true", help="one optimizer step per iteration")
+    a("--iterations", type=int, default=d.num_iterations)
+    a("--prompts-per-gpu", type=int, default=d.prompts_per_iteration)
+    a("--batch-size", type=int, default=8, help="rows per transformer call while sampling")
+    a("--decode-batch", type=int, default=4, help="images per VAE decode while scoring")
+    a("--gradient-checkpointing", action="store_true")
+    a("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    a("--output-dir", default="runs/flux")
+    a("--save-every", type=int, default=50, help="checkpoint every N iterations (and at the end)")
+    a("--resume", help="checkpoint to continue from (exactly)")
+    a("--eval", action="store_true", help="evaluate on the held-out prompts before and after")
+    a("--eval-seeds", type=int_list, default=(0, 1))
+    a("--seed", type=int, default=d.seed)
+    args = p.parse_args(argv)
+    args.lora_alpha = args.lora_alpha or max(args.lora_rank, 1)
+    args.lr = args.lr or (1e-4 if args.lora_rank > 0 else d.lr)
+    if args.lora_rank < 0:
+        p.error(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = init_distributed()
+    is_main = rank == 0
+    say = print if is_main else (lambda *a, **k: None)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    cfg = g2rpo.Config(num_steps=args.steps, shift=args.shift, eta=args.eta,
+                       branch_steps=args.branch_steps, group_size=args.group_size,
+                       granularities=args.granularities, clip_range=args.clip_range,
+                       adv_clip=args.adv_clip, lr=args.lr, weight_decay=args.weight_decay,
+                       max_grad_norm=args.max_grad_norm, step_per_branch=not args.step_per_iteration,
+                       method=args.method, prompts_per_iteration=args.prompts_per_gpu,
+                       num_iterations=args.iterations, batch_size=args.batch_size,
+                       seed=args.seed + rank)  # each rank draws its own prompts and noise
+    prompts = read_prompts(args.prompts)
+    eval_prompts = read_prompts(args.eval_prompts, BUILTIN_EVAL_PROMPTS)
+    pipe = load_pipeline(args.model, device, dtype)
+    check_image_size(pipe, args.height, args.width)
+    rewards = load_rewards(args.rewards, device, args.clip_model, args.pickscore_model,
+                           args.pickscore_processor)
+    encoder = PromptEncoder(pipe, args.max_sequence_length)
+    sigmas = flux_sigmas(pipe, args.steps, args.height, args.width, args.schedule, args.shift)
+    raw = pipe.transformer
+    params = setup_trainable(raw, args.lora_rank, args.lora_alpha, args.gradient_checkpointing)
+    model = wrap_distributed(raw, args.lora_rank, device)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 swaps in DTensors
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    velocity = FluxVelocity(model, pipe, args.height, args.width, args.guidance, dtype)
+    # Evaluation bypasses DDP (no gradient, no collectives); FSDP2 needs every rank's forward.
+    eval_velocity = FluxVelocity(getattr(model, "module", model), pipe, args.height, args.width,
+                                 args.guidance, dtype)
+    fp = fingerprint(args, raw)
+    out = Path(args.output_dir)
+    start = 0
+    if args.resume:
+        start = load_checkpoint(args.resume, model, optimizer, generator, fp, world)
+        say(f"resumed from {args.resume} at iteration {start}")
+    n_train = sum(p.numel() for p in params)
+    say(f"{world} process(es) on {device}, {dtype}; {'LoRA r=%d' % args.lora_rank if args.lora_rank else 'full fine-tune'}"
+        f" ({n_train / 1e6:.2f} M trainable); {len(prompts)} prompts; σ grid "
+        f"{[round(s, 3) for s in sigmas.tolist()]}")
+
+    def run_eval(tag):
+        scores = evaluate(pipe, eval_velocity, encoder, rewards, eval_prompts, args.height,
+                          args.width, sigmas, args.eval_seeds,
+                          out / f"eval_{tag}.png" if is_main else None)
+        say(f"eval {tag}: " + "  ".join(f"{n} {v:.4f}" for n, v in scores.items()))
+        return scores
+
+    results = {"before": run_eval("before")} if args.eval else {}
+    history = []
+
+    def callback(it, metrics):
+        m = all_reduce_metrics(metrics, world)
+        history.append(m)
+        say(g2rpo.format_metrics(it, m))
+        last = it + 1 == cfg.num_iterations
+        if (it + 1) % args.save_every == 0 or last:
+            save_checkpoint(out / "checkpoint.pt", model, optimizer, generator, it, fp, world)
+
+    t0 = time.time()
+    g2rpo.train(model, velocity, make_reward_fn(pipe, rewards, args.height, args.width,
+                                                args.decode_batch),
+                prompts, cfg, latent_shape(pipe, args.height, args.width), encode_prompts=encoder,
+                optimizer=optimizer, generator=generator, start_iteration=start,
+                callback=callback, log=None, progress=is_main, sigmas=sigmas)
+    if args.eval:
+        results["after"] = run_eval("after")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"history": history, "eval": results,
+                                                      "seconds": time.time() - t0}, indent=1))
+    if world > 1:
+        check_ranks_in_sync(params, out, is_main)
+        dist.destroy_process_group()
+    return history, results
+
+
+def check_ranks_in_sync(params, out, is_main):
+    """Every rank must hold the same weights after training; record the checksums, fail loudly."""
+    local = torch.stack([p.detach().double().sum() if not hasattr(p, "full_tensor")
+                         else p.full_tensor().detach().double().sum() for p in params]).sum()
+    sums = [None] * dist.get_world_size()
+    dist.all_gather_object(sums, local.item())
+    if is_main:
+        (out / "rank_checksums.json").write_text(json.dumps(sums))
+    if len(set(sums)) != 1:
+        raise RuntimeError(f"trainable weights differ across ranks after training: {sums}")
+
+
+if __name__ == "__main__":
+    main()
