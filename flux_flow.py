@@ -233,8 +233,8 @@ class ClipReward:
             raise OSError(f"could not load reward model {model_id!r} (processor "
                           f"{processor_id or model_id!r}): {e}. Download it first (there is no "
                           f"network here at run time) or pass a local folder.") from e
-        crop = ip.crop_size
-        self.size = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
+        crop = ip.crop_size  # a dict, or transformers 5's SizeDict, or an int in old configs
+        self.size = (crop, crop) if isinstance(crop, int) else (crop["height"], crop["width"])
         self.mean = torch.tensor(ip.image_mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(ip.image_std, device=device).view(1, 3, 1, 1)
         self.pickscore, self.device = pickscore, device

@@ -1,0 +1,290 @@
+"""flux_flow.py on a tiny random FLUX, offline: FluxPipeline as the oracle, then training and resume.
+
+Every model is built from a config with random weights, saved with save_pretrained into a temporary
+folder and loaded back through flux_flow.py's real loading path (FluxPipeline.from_pretrained).
+"""
+
+import json
+import os
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+import flux_flow
+import g2rpo
+
+torch.set_num_threads(2)
+H = W = 32  # tiny VAE with the real 8× downsampling: 32×32 images, 2×2 = 4 packed tokens
+HERE = Path(__file__).resolve().parent
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def make_tiny_flux(path, guidance_embeds=True, dynamic_shift=True):
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                           FluxTransformer2DModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8], guidance_embeds=guidance_embeds).eval()
+    clip = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=64, projection_dim=32,
+        max_position_embeddings=77)).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                 num_heads=4, decoder_start_token_id=0, pad_token_id=0,
+                                 eos_token_id=1)).eval()  # eval(): T5's dropout is on otherwise
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(4, 4, 4, 4),
+        layers_per_block=1, latent_channels=1, norm_num_groups=1, sample_size=32,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+        scaling_factor=1.5035).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=dynamic_shift, shift=1.0 if dynamic_shift else 3.0,
+        base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    t5_vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+                + [("▁" + c, -1.0) for c in string.ascii_lowercase]
+                + [(c, -2.0) for c in string.ascii_lowercase])
+    tokenizer_2 = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=512)
+    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tokenizer(),
+                 text_encoder_2=t5, tokenizer_2=tokenizer_2,
+                 transformer=transformer).save_pretrained(path)
+    return str(path)
+
+
+def make_tiny_clip(path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(1)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                         num_hidden_layers=2, vocab_size=64, max_position_embeddings=77,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                           num_hidden_layers=2, image_size=16, patch_size=4),
+        projection_dim=16)
+    CLIPModel(config).eval().save_pretrained(path)
+    clip_tokenizer().save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    return make_tiny_flux(tmp_path_factory.mktemp("flux"))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+def train_args(flux, clip, out, *extra):
+    return ["--model", flux, "--clip-model", clip, "--rewards", "clip", "--height", str(H),
+            "--width", str(W), "--steps", "4", "--group-size", "3", "--branch-steps", "0,1",
+            "--granularities", "1,2", "--max-sequence-length", "16", "--clip-range", "0.05",
+            "--output-dir", str(out), "--batch-size", "64", "--lr", "1e-3", *extra]
+
+
+# ----------------------------------------------------------------------------------------------
+# Our loop is FLUX's loop.
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False])
+@pytest.mark.parametrize("dynamic_shift", [True, False])
+def test_eta_zero_sampler_equals_flux_pipeline(tmp_path, guidance_embeds, dynamic_shift):
+    pipe = flux_flow.load_pipeline(make_tiny_flux(tmp_path, guidance_embeds, dynamic_shift))
+    prompts = ["a red fox", "a lighthouse"]
+    kw = dict(height=H, width=W, num_inference_steps=5, guidance_scale=3.5, max_sequence_length=16)
+    ref_latents = pipe(prompts, generator=torch.Generator().manual_seed(0), output_type="latent",
+                       **kw).images
+    ref_images = pipe(prompts, generator=torch.Generator().manual_seed(0), output_type="pt",
+                      **kw).images
+    sigmas = flux_flow.flux_sigmas(pipe, 5, H, W, schedule="pipeline")
+    velocity = flux_flow.FluxVelocity(pipe.transformer, pipe, H, W, guidance=3.5)
+    latents, images = flux_flow.sample(pipe, velocity, flux_flow.PromptEncoder(pipe, 16), prompts,
+                                       H, W, sigmas, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(latents, ref_latents)
+    torch.testing.assert_close(images, ref_images)
+    assert latents.abs().max() > 0 and images.std() > 0  # not a trivial match
+
+
+def test_static_schedule_is_the_official_grid(tiny_flux):
+    pipe = flux_flow.load_pipeline(tiny_flux)
+    torch.testing.assert_close(flux_flow.flux_sigmas(pipe, 16, H, W, "static", 3.0),
+                               g2rpo.sigma_schedule(16, 3.0))
+    with pytest.raises(ValueError, match="'cosine'"):
+        flux_flow.flux_sigmas(pipe, 16, H, W, "cosine")
+
+
+def test_prompt_encoder_caches_and_matches_encode_prompt(tiny_flux):
+    pipe = flux_flow.load_pipeline(tiny_flux)
+    enc = flux_flow.PromptEncoder(pipe, 16)
+    embeds, pooled = enc(["a cat", "a dog", "a cat"])
+    ref_e, ref_p, _ = pipe.encode_prompt(["a cat", "a dog"], None, max_sequence_length=16)
+    torch.testing.assert_close(embeds, ref_e[[0, 1, 0]])
+    torch.testing.assert_close(pooled, ref_p[[0, 1, 0]])
+    assert set(enc.cache) == {"a cat", "a dog"}
+
+
+def test_clip_reward_is_clip_models_cosine(tiny_clip):
+    from transformers import CLIPModel
+
+    reward = flux_flow.ClipReward(tiny_clip)
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    prompts = ["a cat", "a dog", "sun"]
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    tok = reward.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt")
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = model(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
+                    pixel_values=(images - mean) / std)
+    expected = out.logits_per_image.diagonal() / model.logit_scale.exp()
+    torch.testing.assert_close(reward(images, prompts), expected)
+    pick = flux_flow.ClipReward(tiny_clip, pickscore=True)
+    torch.testing.assert_close(pick(images, prompts), out.logits_per_image.diagonal() / 100)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training, checkpoints, resume.
+
+
+def checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_one_iteration_gives_finite_metrics_and_changes_the_weights(tiny_flux, tiny_clip,
+                                                                    tmp_path, lora):
+    extra = ["--lora-rank", "4"] if lora else ["--lora-rank", "0"]
+    history, _ = flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
+                                           *extra))
+    m = history[0]
+    for k in ("reward", "reward_std", "loss", "clip_frac", "approx_kl", "grad_norm"):
+        assert torch.isfinite(torch.tensor(m[k])), (k, m[k])
+    assert m["ratio_dev_first"] < 1e-5
+    saved = checkpoint(tmp_path / "checkpoint.pt")["model"]
+    original = flux_flow.load_pipeline(tiny_flux).transformer.state_dict()
+    if lora:
+        assert saved and all("lora" in k for k in saved)
+        assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at 0
+    else:
+        assert set(saved) == set(original)
+        assert any(not torch.equal(saved[k], original[k]) for k in saved)
+
+
+def test_resume_continues_bit_for_bit(tiny_flux, tiny_clip, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    flux_flow.main(train_args(tiny_flux, tiny_clip, straight, "--iterations", "2",
+                              "--lora-rank", "0"))
+    flux_flow.main(train_args(tiny_flux, tiny_clip, split, "--iterations", "1",
+                              "--lora-rank", "0"))
+    history, _ = flux_flow.main(train_args(tiny_flux, tiny_clip, split, "--iterations", "2",
+                                           "--lora-rank", "0", "--resume",
+                                           str(split / "checkpoint.pt")))
+    assert [m["iteration"] for m in history] == [1]
+    a, b = checkpoint(straight / "checkpoint.pt"), checkpoint(split / "checkpoint.pt")
+    assert a["iteration"] == b["iteration"] == 1
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert set(sa) == set(sb) and len(sa) > 0
+    for k in sa:
+        for name in sa[k]:
+            assert torch.equal(torch.as_tensor(sa[k][name]), torch.as_tensor(sb[k][name]))
+    assert torch.equal(a["rng"][0]["generator"], b["rng"][0]["generator"])
+
+
+def test_checkpoint_of_another_config_is_refused(tiny_flux, tiny_clip, tmp_path):
+    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
+                              "--lora-rank", "4"))
+    with pytest.raises(ValueError, match="differs in: lora_alpha, lora_rank"):
+        flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "b", "--iterations", "2",
+                                  "--lora-rank", "2", "--resume",
+                                  str(tmp_path / "checkpoint.pt")))
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "c", "--iterations", "2",
+                                  "--lora-rank", "4", "--resume", str(tmp_path / "nope.pt")))
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tiny_flux, tmp_path,
+                                                                   monkeypatch):
+    pipe = flux_flow.load_pipeline(tiny_flux)
+    model = pipe.transformer
+    flux_flow.setup_trainable(model, 2, 2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "checkpoint.pt"
+    flux_flow.save_checkpoint(path, model, opt, g, 0, {"x": 1}, 1)
+    before = path.read_bytes()
+
+    def broken_save(obj, f):
+        Path(f).write_bytes(b"partial")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        flux_flow.save_checkpoint(path, model, opt, g, 1, {"x": 1}, 1)
+    assert path.read_bytes() == before
+    assert checkpoint(path)["iteration"] == 0
+
+
+@pytest.mark.parametrize("lora_rank", ["4", "0"])
+def test_torchrun_two_processes_keep_ranks_identical(tiny_flux, tiny_clip, tmp_path, lora_rank):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(29500 + int(lora_rank) + os.getpid() % 1000),
+           str(HERE / "flux_flow.py"),
+           *train_args(tiny_flux, tiny_clip, out, "--iterations", "2", "--lora-rank", lora_rank)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=HERE)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sums = json.loads((out / "rank_checksums.json").read_text())
+    assert len(sums) == 2 and sums[0] == sums[1]
+    assert "2 process(es)" in r.stdout
+    metrics = json.loads((out / "metrics.json").read_text())["history"]
+    assert len(metrics) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_bad_input_gives_clear_errors(tiny_flux, tiny_clip, tmp_path):
+    base = train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1")
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        flux_flow.main(base + ["--prompts", str(tmp_path / "missing.txt")])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        flux_flow.main(base + ["--prompts", str(empty)])
+    with pytest.raises(ValueError, match="height must be a positive multiple of 16, got 40"):
+        flux_flow.main(base + ["--height", "40"])
+    with pytest.raises(ValueError, match="unknown reward 'aesthetic'"):
+        flux_flow.main(base + ["--rewards", "clip,aesthetic"])
+    with pytest.raises(OSError, match="could not load reward model 'no-such/reward-model'"):
+        flux_flow.main(base + ["--clip-model", "no-such/reward-model"])
+    with pytest.raises(OSError, match="could not load a FLUX pipeline from"):
+        flux_flow.main(base + ["--model", str(tmp_path / "no_flux_here")])
+    with pytest.raises(ValueError, match="group_size .* got 1"):
+        flux_flow.main(base + ["--group-size", "1"])
