@@ -156,14 +156,18 @@ class FluxVelocity:
     """g2rpo's velocity_fn for FLUX: (x (N, S, C), sigma (N,), (embeds, pooled)) → v (N, S, C)."""
 
     def __init__(self, transformer, pipe, height, width, guidance=3.5, dtype=torch.float32):
-        self.transformer, self.dtype = transformer, dtype
-        config = pipe.transformer.config
-        device = pipe.transformer.device
         f = pipe.vae_scale_factor * 2
-        self.img_ids = pipe._prepare_latent_image_ids(1, height // f, width // f, device, dtype)
-        self.guidance = guidance if config.guidance_embeds else None  # distilled guidance, no CFG
+        device = pipe.transformer.device
+        self.setup(transformer, pipe._prepare_latent_image_ids(1, height // f, width // f, device,
+                                                               dtype),
+                   pipe.transformer.config.guidance_embeds, guidance, dtype, device)
+
+    def setup(self, transformer, img_ids, guidance_embeds, guidance, dtype, device):
+        self.transformer, self.img_ids, self.dtype = transformer, img_ids, dtype
+        self.guidance = guidance if guidance_embeds else None  # distilled guidance, no true CFG
         self.device_type = device.type
         self.autocast = device.type == "cuda" and dtype != torch.float32
+        return self
 
     def __call__(self, x, sigma, cond):
         embeds, pooled = cond
