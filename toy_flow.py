@@ -191,6 +191,62 @@ def evaluate(model, n_per_class=512, num_steps=16, shift=1.0, seed=1234):
     return {"reward": reward(x, c).mean().item(), "fidelity": on_mode(x, c).float().mean().item()}
 
 
+@torch.no_grad()
+def sde_samples(model, classes, sde_steps, eta=0.7, num_steps=16, shift=1.0, seed=1234):
+    """Samples with an SDE step at every grid index in sde_steps and ODE steps elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(classes), 2, generator=g)
+    sigmas = g2rpo.sigma_schedule(num_steps, shift)
+    for i in range(num_steps):
+        v = model(x, sigmas[i].expand(len(x)), classes)
+        if i in sde_steps:
+            x = g2rpo.sde_step(x, v, sigmas[i], sigmas[i + 1], eta, g)[0]
+        else:
+            x = g2rpo.ode_step(x, v, sigmas[i], sigmas[i + 1])
+    return x
+
+
+def sliced_wasserstein(a, b, num_projections=256, seed=0):
+    """Sliced 1-Wasserstein distance between two equal-size 2-D point sets."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.rand(num_projections, generator=g) * math.pi
+    dirs = torch.stack([theta.cos(), theta.sin()], dim=1)  # (n, 2)
+    pa, pb = (a @ dirs.T).sort(dim=0).values, (b @ dirs.T).sort(dim=0).values
+    return (pa - pb).abs().mean().item()
+
+
+@torch.no_grad()
+def credited_noise_share(model, step, sde_steps, classes, outer=16, inner=16, eta=0.7,
+                         num_steps=16, shift=1.0, seed=0):
+    """Share of the within-group reward variance explained by the noise of one step (first-order
+    Sobol index), per condition, averaged: Var(E[r | ε_step]) / Var(r).
+
+    Each group shares its initial noise; `outer` draws of ε_step, each finished `inner` times with
+    fresh noise at the other SDE steps. Singular sampling is sde_steps = {step} (share 1 by
+    construction); full-SDE sampling is sde_steps = the branch steps.
+    """
+    g = torch.Generator().manual_seed(seed)
+    C, A, B = len(classes), outer, inner
+    sigmas = g2rpo.sigma_schedule(num_steps, shift)
+    c = torch.as_tensor(classes).repeat_interleave(A * B)  # rows (C, A, B)
+    x = torch.randn(C, 1, 1, 2, generator=g).expand(C, A, B, 2).reshape(-1, 2)
+    credited = torch.randn(C, A, 1, 2, generator=g).expand(C, A, B, 2).reshape(-1, 2)
+    for i in range(num_steps):
+        v = model(x, sigmas[i].expand(len(x)), c)
+        if i in sde_steps:
+            noise = credited if i == step else torch.randn(x.shape, generator=g)
+            _, _, mean, std = g2rpo.sde_step(x, v, sigmas[i], sigmas[i + 1], eta, prev_sample=x)
+            x = mean + std * noise
+        else:
+            x = g2rpo.ode_step(x, v, sigmas[i], sigmas[i + 1])
+    r = reward(x, c).view(C, A, B)
+    total = r.flatten(1).var(dim=1)  # (C,)
+    # Var of the A conditional means, less the part the inner sampling noise adds to it.
+    explained = r.mean(2).var(1) - r.var(2).mean(1) / B
+    share = (explained / total.clamp_min(1e-12)).clamp(0, 1)
+    return share.mean().item()
+
+
 def run(base_model, method="g2rpo", seed=0, eval_every=10, progress=True, log=None, **overrides):
     """Fine-tune a copy of base_model with one method; returns (model, result dict)."""
     cfg = toy_config(method, seed, **overrides)
