@@ -20,7 +20,7 @@ def test_notebook_holds_no_copy_of_the_algorithm():
 
 @pytest.mark.skipif(os.environ.get("G2RPO_SKIP_NOTEBOOK") == "1", reason="G2RPO_SKIP_NOTEBOOK=1")
 def test_notebook_executes_headless():
-    nbformat = pytest.importorskip("nbformat")
+    import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
