@@ -620,6 +620,7 @@ def main(argv=None):
                                                       "seconds": time.time() - t0}, indent=1))
     if world > 1:
         check_ranks_in_sync(params, out, is_main)
+        dist.barrier()  # let every rank finish its collectives before tearing the group down
         dist.destroy_process_group()
     return history, results
 

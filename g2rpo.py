@@ -341,6 +341,7 @@ def _ode_completions(velocity, cond, starts, prompt_index, schedules, sigmas):
                     nxt = (k, tuple(sched[: r + 2]))
                     if nxt not in state:
                         state[nxt] = ode_step(x_n, v_n, sigmas[sched[r]], sigmas[sched[r + 1]])
+            del state[n]  # stepped: no track needs it again (paths ending at T are never stepped)
     return {key: state[(key[0], tuple(sched))] for key, sched in schedules.items()}
 
 
@@ -398,22 +399,21 @@ def full_sde_sampling(velocity, cond, x_T, sigmas, sde_steps, group_size, eta, g
     P, D, G, T = x_T.shape[0], x_T.shape[1:], group_size, len(sigmas) - 1
     member_rows = torch.arange(P, device=x_T.device).repeat_interleave(G)
     x = x_T.repeat_interleave(G, dim=0)  # (P·G, *D)
-    starts, nexts, log_probs = [], [], []
+    steps = {}  # i → (x_i, x_{i+1}, log π_old), for i in sde_steps
     for i in range(T):
         v = velocity(x, sigmas[i].expand(P * G), cond, member_rows)
         if i in sde_steps:
             x_new, lp, _, _ = sde_step(x, v, sigmas[i], sigmas[i + 1], eta, generator)
-            starts.append(x)
-            nexts.append(x_new)
-            log_probs.append(lp)
+            steps[i] = (x, x_new, lp)
             x = x_new
         else:
             x = ode_step(x, v, sigmas[i], sigmas[i + 1])
-    K = len(starts)
+    K = len(sde_steps)
+    stack = lambda j: torch.stack([steps[k][j] for k in sde_steps])  # in the order of sde_steps
     return {
-        "x": torch.stack(starts).view(K, P, G, *D),
-        "x_next": torch.stack(nexts).view(K, P, G, *D),
-        "old_log_prob": torch.stack(log_probs).view(K, P, G),
+        "x": stack(0).view(K, P, G, *D),
+        "x_next": stack(1).view(K, P, G, *D),
+        "old_log_prob": stack(2).view(K, P, G),
         "samples": x.view(P, G, *D),
     }
 

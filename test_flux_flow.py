@@ -130,6 +130,8 @@ def test_eta_zero_sampler_equals_flux_pipeline(tmp_path, guidance_embeds, dynami
 
 def test_static_schedule_is_the_official_grid(tiny_flux):
     pipe = flux_flow.load_pipeline(tiny_flux)
+    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
+        assert not m.training and not any(p.requires_grad for p in m.parameters())
     torch.testing.assert_close(flux_flow.flux_sigmas(pipe, 16, H, W, "static", 3.0),
                                g2rpo.sigma_schedule(16, 3.0))
     with pytest.raises(ValueError, match="'cosine'"):

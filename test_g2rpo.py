@@ -310,6 +310,19 @@ def test_ratio_is_one_before_the_first_step_and_the_step_changes_parameters(meth
         assert m["approx_kl"] < 1e-10 and m["clip_frac"] == 0  # plain policy gradient
 
 
+@pytest.mark.parametrize("method", ["g2rpo", "full_sde"])
+def test_unsorted_branch_steps_pair_each_state_with_its_own_sigma(method):
+    model = LinearVelocity()
+    cfg = small_config(method=method, branch_steps=(5, 0, 3), step_per_branch=False)
+    sigmas = g2rpo.sigma_schedule(cfg.num_steps, cfg.shift)
+    out, _ = g2rpo.rollout(model, quadratic_reward, [1, 2], torch.tensor([1, 2]), cfg, sigmas,
+                           (3,), torch.Generator().manual_seed(15))
+    for j, k in enumerate(cfg.branch_steps):
+        lp = g2rpo.policy_log_prob(model, out["cond"], out["x"][j], out["x_next"][j], sigmas[k],
+                                   sigmas[k + 1], cfg.eta)
+        torch.testing.assert_close(lp, out["old_log_prob"][j])
+
+
 def test_batched_policy_log_prob_matches_per_step_reference():
     # K ≠ P ≠ G so that a broadcasting slip cannot hide (SPEC §9).
     model = LinearVelocity()
