@@ -18,7 +18,6 @@ import json
 import math
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -584,9 +583,11 @@ def main(argv=None):
         start = load_checkpoint(args.resume, model, optimizer, generator, fp, world)
         say(f"resumed from {args.resume} at iteration {start}")
     n_train = sum(p.numel() for p in params)
-    say(f"{world} process(es) on {device}, {dtype}; {'LoRA r=%d' % args.lora_rank if args.lora_rank else 'full fine-tune'}"
-        f" ({n_train / 1e6:.2f} M trainable); {len(prompts)} prompts; σ grid "
-        f"{[round(s, 3) for s in sigmas.tolist()]}")
+    trained = f"LoRA r={args.lora_rank}" if args.lora_rank else "full fine-tune"
+    say(f"{world} process(es) on {device}, {dtype}; {trained} ({n_train / 1e6:.2f} M trainable); "
+        f"{len(prompts)} prompts; σ grid {[round(s, 3) for s in sigmas.tolist()]}")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
 
     def run_eval(tag):
         scores = evaluate(pipe, eval_velocity, encoder, rewards, eval_prompts, args.height,
@@ -599,25 +600,24 @@ def main(argv=None):
     history = []
 
     def callback(it, metrics):
-        m = all_reduce_metrics(metrics, world)
-        history.append(m)
-        say(g2rpo.format_metrics(it, m))
-        last = it + 1 == cfg.num_iterations
-        if (it + 1) % args.save_every == 0 or last:
+        metrics.update(all_reduce_metrics(metrics, world))
+        history.append(metrics)
+        if is_main:  # one JSON line per iteration, appended: a resumed run adds to the same file
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if (it + 1) % args.save_every == 0 or it + 1 == cfg.num_iterations:
             save_checkpoint(out / "checkpoint.pt", model, optimizer, generator, it, fp, world)
 
-    t0 = time.time()
     g2rpo.train(model, velocity, make_reward_fn(pipe, rewards, args.height, args.width,
                                                 args.decode_batch),
                 prompts, cfg, latent_shape(pipe, args.height, args.width), encode_prompts=encoder,
                 optimizer=optimizer, generator=generator, start_iteration=start,
-                callback=callback, log=None, progress=is_main, sigmas=sigmas)
+                callback=callback, log=print if is_main else None, progress=is_main,
+                sigmas=sigmas)
     if args.eval:
         results["after"] = run_eval("after")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({"history": history, "eval": results,
-                                                      "seconds": time.time() - t0}, indent=1))
+        if is_main:
+            (out / "eval.json").write_text(json.dumps(results, indent=1))
     if world > 1:
         check_ranks_in_sync(params, out, is_main)
         dist.barrier()  # let every rank finish its collectives before tearing the group down

@@ -588,7 +588,8 @@ def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prom
     velocity_fn(x (N, *D), sigma (N,), cond rows) → v; reward_fn(samples, prompts) → (N,) or (N, R).
     prompts: a sequence; each iteration draws cfg.prompts_per_iteration of them with replacement.
     encode_prompts(list) → cond with one row per prompt (default: torch.as_tensor).
-    callback(iteration, metrics) runs after every iteration (evaluation, checkpoints).
+    callback(iteration, metrics) runs after every iteration, before the log line (evaluation,
+    checkpoints; it may update metrics in place).
     sigmas: an explicit (T+1,) grid from 1 to 0 (e.g. a pipeline's dynamic shift); default
     sigma_schedule(cfg.num_steps, cfg.shift).
     Returns the list of per-iteration metrics dicts.
@@ -629,10 +630,10 @@ def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prom
                                   encode_prompts(batch), cfg, sigmas, latent_shape, generator)
         metrics["iteration"] = it
         history.append(metrics)
+        if callback is not None:
+            callback(it, metrics)  # may update metrics in place (e.g. averaged over processes)
         if log is not None:
             log(format_metrics(it, metrics))
         if bar is not None:
             bar.set_postfix(reward=f"{metrics['reward']:.3f}")
-        if callback is not None:
-            callback(it, metrics)
     return history

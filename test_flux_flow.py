@@ -205,6 +205,8 @@ def test_resume_continues_bit_for_bit(tiny_flux, tiny_clip, tmp_path):
                                            "--lora-rank", "0", "--resume",
                                            str(split / "checkpoint.pt")))
     assert [m["iteration"] for m in history] == [1]
+    logged = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in logged] == [0, 1]  # the resumed run appends
     a, b = checkpoint(straight / "checkpoint.pt"), checkpoint(split / "checkpoint.pt")
     assert a["iteration"] == b["iteration"] == 1
     for k in a["model"]:
@@ -264,8 +266,9 @@ def test_torchrun_two_processes_keep_ranks_identical(tiny_flux, tiny_clip, tmp_p
     sums = json.loads((out / "rank_checksums.json").read_text())
     assert len(sums) == 2 and sums[0] == sums[1]
     assert "2 process(es)" in r.stdout
-    metrics = json.loads((out / "metrics.json").read_text())["history"]
-    assert len(metrics) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [0, 1]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
 
 
 # ----------------------------------------------------------------------------------------------
