@@ -18,21 +18,21 @@ Conventions (rectified flow, as FLUX / SD3 / diffusers)
     log π is the Gaussian log-density AVERAGED over the D elements of a sample (float32).
     Group advantages use the unbiased (n − 1) std plus 1e-8; equal rewards give exactly 0.
 
-Equation map (paper → function)
-    §3 / Eq. 1, flow sigma schedule with shift ............ sigma_schedule
-    Euler ODE step ......................................... ode_step
-    Eqs. 2–3, SDE step and its Gaussian policy .............. sde_step, gaussian_log_prob
-    Alg. 1, Singular Stochastic Sampling .................... singular_stochastic_sampling
-    Eqs. 8–11, Multi-Granularity Advantage Integration ...... granularity_schedule,
-                                                              group_advantages,
-                                                              multi_granularity_advantages
-    Eq. 12, clipped GRPO objective .......................... clipped_grpo_loss
-    Alg. 1 outer loop ...................................... train (train_iteration, policy_update)
-    Baseline (DanceGRPO / Flow-GRPO style) .................. full_sde_sampling
+Equation map (paper → function; equation numbers as in SPEC.md, "~" where it hedges)
+    σ schedule with static shift (SPEC §1) ................. sigma_schedule
+    Euler ODE step (= diffusers' FlowMatchEuler step) ...... ode_step
+    Eqs. 2–3, SDE step and its Gaussian policy ............. sde_step, gaussian_log_prob
+    Alg. 1, Singular Stochastic Sampling ................... singular_stochastic_sampling
+    Eqs. ~8–11, Multi-Granularity Advantage Integration .... granularity_schedule,
+                                                             group_advantages,
+                                                             multi_granularity_advantages
+    Eq. ~12, clipped GRPO objective ........................ clipped_grpo_loss, policy_update
+    Alg. 1 outer loop ...................................... train (rollout, train_iteration)
+    Baseline (DanceGRPO / Flow-GRPO style, SPEC §8) ........ full_sde_sampling
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
