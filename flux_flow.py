@@ -13,11 +13,9 @@ on GPU) and log-probabilities are computed in float32.
 """
 
 import argparse
-import dataclasses
+import gc
 import json
-import math
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -165,7 +163,7 @@ class FluxVelocity:
         self.transformer, self.img_ids, self.dtype = transformer, img_ids, dtype
         self.guidance = guidance if guidance_embeds else None  # distilled guidance, no true CFG
         self.device_type = device.type
-        self.autocast = device.type == "cuda" and dtype != torch.float32
+        self.autocast = dtype != torch.float32  # bf16 compute, fp32 weights/latents (CPU too)
         return self
 
     def __call__(self, x, sigma, cond):
@@ -337,8 +335,13 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
-def setup_trainable(transformer, lora_rank, lora_alpha, gradient_checkpointing=False):
-    """LoRA adapters (float32) on the attention projections, or the whole transformer (float32)."""
+def setup_trainable(transformer, lora_rank, lora_alpha, gradient_checkpointing=False,
+                    upcast=True):
+    """LoRA adapters (float32) on the attention projections, or the whole transformer.
+
+    A full fine-tune keeps float32 master weights: upcast now, or (upcast=False) after FSDP2 has
+    sharded the model, so that no process ever holds a full float32 copy.
+    """
     transformer.requires_grad_(False)
     if lora_rank > 0:
         from peft import LoraConfig
@@ -349,14 +352,16 @@ def setup_trainable(transformer, lora_rank, lora_alpha, gradient_checkpointing=F
             if p.requires_grad:
                 p.data = p.data.float()  # fp32 adapters under bf16 autocast
     else:
-        transformer.float().requires_grad_(True)  # fp32 master weights, bf16 autocast compute
+        transformer.requires_grad_(True)
+        if upcast:
+            transformer.float()
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     return [p for p in transformer.parameters() if p.requires_grad]
 
 
 def wrap_distributed(transformer, lora_rank, device):
-    """DDP for LoRA; FSDP2 (fully_shard per block, then the root) for a full fine-tune."""
+    """DDP for LoRA; FSDP2 (fully_shard per block, then the root, then fp32 shards) for full."""
     if not dist.is_initialized():
         return transformer
     if lora_rank > 0:
@@ -369,7 +374,7 @@ def wrap_distributed(transformer, lora_rank, device):
     for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
         fully_shard(block)
     fully_shard(transformer)
-    return transformer
+    return transformer.float()  # each rank upcasts only its own shards
 
 
 def all_reduce_metrics(metrics, world_size):
@@ -544,8 +549,19 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """Parse, train (and evaluate); under torchrun, tear the process group down cleanly."""
     args = parse_args(argv)
     rank, world, device = init_distributed()
+    result = train_flux(args, rank, world, device)
+    if dist.is_initialized():
+        gc.collect()  # free DDP / FSDP state (closures hold it) before its process group goes
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def train_flux(args, rank, world, device):
+    """Everything main does between process-group set-up and tear-down."""
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
@@ -567,7 +583,8 @@ def main(argv=None):
     encoder = PromptEncoder(pipe, args.max_sequence_length)
     sigmas = flux_sigmas(pipe, args.steps, args.height, args.width, args.schedule, args.shift)
     raw = pipe.transformer
-    params = setup_trainable(raw, args.lora_rank, args.lora_alpha, args.gradient_checkpointing)
+    setup_trainable(raw, args.lora_rank, args.lora_alpha, args.gradient_checkpointing,
+                    upcast=world == 1)
     model = wrap_distributed(raw, args.lora_rank, device)
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 swaps in DTensors
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -620,8 +637,6 @@ def main(argv=None):
             (out / "eval.json").write_text(json.dumps(results, indent=1))
     if world > 1:
         check_ranks_in_sync(params, out, is_main)
-        dist.barrier()  # let every rank finish its collectives before tearing the group down
-        dist.destroy_process_group()
     return history, results
 
 

@@ -250,7 +250,7 @@ def group_advantages(rewards, eps=1e-8):
 
 
 def multi_granularity_advantages(rewards, adv_clip=5.0, eps=1e-8):
-    """rewards (..., L, G) → advantages (..., G): sum over L of group advantages, then clip (Eq. 11).
+    """rewards (..., L, G) → advantages (..., G): sum over L of group advantages, then clip (Eq. ~11).
 
     L runs over granularities (and over reward models in the multi-reward setting).
     """
@@ -264,7 +264,7 @@ def multi_granularity_advantages(rewards, adv_clip=5.0, eps=1e-8):
 
 
 def clipped_grpo_loss(log_prob, old_log_prob, advantages, clip_range):
-    """Loss = −mean( min(r·A, clip(r, 1 − ε, 1 + ε)·A) ), r = exp(log π − log π_old) (Eq. 12).
+    """Loss = −mean( min(r·A, clip(r, 1 − ε, 1 + ε)·A) ), r = exp(log π − log π_old) (Eq. ~12).
 
     Returns (loss, stats) with stats: clip_frac = mean(|r − 1| > ε), approx_kl = ½·mean(Δ log π²),
     ratio_max_dev = max |r − 1|.
