@@ -150,7 +150,7 @@ def sigma_schedule(num_steps, shift=3.0):
     >>> sigma_schedule(4, shift=1.0)
     tensor([1.0000, 0.7500, 0.5000, 0.2500, 0.0000])
     """
-    if not _is_int(num_steps) or num_steps < 1:
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     if not shift > 0:
         raise ValueError(f"shift must be > 0, got {shift!r}")

@@ -359,6 +359,42 @@ def test_rollout_advantages_are_per_step_and_summed_over_granularities():
 
 
 # ----------------------------------------------------------------------------------------------
+# The copy-paste surface (README, "Copy one function").
+
+COPYABLE = {
+    "sigma_schedule": [], "gaussian_log_prob": [], "group_advantages": [],
+    "clipped_grpo_loss": [], "ode_step": ["_per_sample"],
+    "sde_step": ["_per_sample", "gaussian_log_prob"],
+    "multi_granularity_advantages": ["group_advantages"],
+    "granularity_schedule": ["check_granularities", "check_branch_steps", "_is_int"],
+}
+
+
+@pytest.mark.parametrize("name", COPYABLE)
+def test_copy_paste_surface(name):
+    import inspect
+
+    source = "import math\nimport torch\n" + "\n".join(
+        inspect.getsource(getattr(g2rpo, n)) for n in [name, *COPYABLE[name]])
+    alone = {}
+    exec(source, alone)
+    x, v = torch.randn(3, 2), torch.randn(3, 2)
+    calls = {
+        "sigma_schedule": lambda f: f(8, 3.0),
+        "gaussian_log_prob": lambda f: f(x, v, torch.tensor(0.5)),
+        "group_advantages": lambda f: f(x),
+        "clipped_grpo_loss": lambda f: f(x[:, 0], v[:, 0], x[:, 1], 0.1)[0],
+        "ode_step": lambda f: f(x, v, 0.5, 0.25),
+        "sde_step": lambda f: f(x, v, 1.0, 0.9, 0.7, torch.Generator().manual_seed(0))[1],
+        "multi_granularity_advantages": lambda f: f(x),
+        "granularity_schedule": lambda f: torch.tensor(f(16, 7, 3)),
+    }
+    torch.manual_seed(0)
+    ours = calls[name](getattr(g2rpo, name))
+    torch.testing.assert_close(calls[name](alone[name]), ours)
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input: clear errors that name the value; nothing NaN reaches the optimizer.
 
 
