@@ -574,6 +574,9 @@ def train_flux(args, rank, world, device):
                        method=args.method, prompts_per_iteration=args.prompts_per_gpu,
                        num_iterations=args.iterations, batch_size=args.batch_size,
                        seed=args.seed + rank)  # each rank draws its own prompts and noise
+    unknown = [n for n in args.rewards.split(",") if n.strip() and n.strip() not in REWARD_NAMES]
+    if unknown:  # before the (slow) model loading
+        raise ValueError(f"unknown reward {unknown[0]!r}; choose from {', '.join(REWARD_NAMES)}")
     prompts = read_prompts(args.prompts)
     eval_prompts = read_prompts(args.eval_prompts, BUILTIN_EVAL_PROMPTS)
     pipe = load_pipeline(args.model, device, dtype)

@@ -4,6 +4,7 @@ Every model is built from a config with random weights, saved with save_pretrain
 folder and loaded back through flux_flow.py's real loading path (FluxPipeline.from_pretrained).
 """
 
+import importlib.util
 import json
 import os
 import string
@@ -195,6 +196,18 @@ def test_one_iteration_gives_finite_metrics_and_changes_the_weights(tiny_flux, t
         assert any(not torch.equal(saved[k], original[k]) for k in saved)
 
 
+def test_baseline_method_on_the_pipeline_schedule_with_one_step_per_iteration(tiny_flux,
+                                                                               tiny_clip,
+                                                                               tmp_path):
+    history, _ = flux_flow.main(train_args(
+        tiny_flux, tiny_clip, tmp_path, "--iterations", "1", "--lora-rank", "4", "--method",
+        "full_sde", "--schedule", "pipeline", "--step-per-iteration"))
+    m = history[0]
+    assert m["nfe"] == g2rpo.count_model_evals(4, (0, 1), (1, 2), 3, "full_sde")
+    assert m["ratio_dev_first"] < 1e-5 and m["approx_kl"] < 1e-10  # one step: plain PG
+    assert torch.isfinite(torch.tensor(m["loss"]))
+
+
 def test_resume_continues_bit_for_bit(tiny_flux, tiny_clip, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     flux_flow.main(train_args(tiny_flux, tiny_clip, straight, "--iterations", "2",
@@ -296,5 +309,8 @@ def test_bad_input_gives_clear_errors(tiny_flux, tiny_clip, tmp_path):
         flux_flow.main(base + ["--clip-model", "no-such/reward-model"])
     with pytest.raises(OSError, match="could not load a FLUX pipeline from"):
         flux_flow.main(base + ["--model", str(tmp_path / "no_flux_here")])
+    if importlib.util.find_spec("hpsv2") is None:
+        with pytest.raises(ImportError, match="needs the hpsv2 package"):
+            flux_flow.main(base + ["--rewards", "hps"])
     with pytest.raises(ValueError, match="group_size .* got 1"):
         flux_flow.main(base + ["--group-size", "1"])
