@@ -287,21 +287,27 @@ class HPSReward:
         return torch.tensor(out)
 
 
-def load_rewards(names, device, clip_model, pickscore_model, pickscore_processor):
-    """Reward objects for a comma-separated list of names (clip, pickscore, hps)."""
-    names = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else names
+def reward_names(spec):
+    """'clip,pickscore' → ['clip', 'pickscore'], refusing unknown or missing names."""
+    names = [n.strip() for n in spec.split(",") if n.strip()] if isinstance(spec, str) else spec
     if not names:
         raise ValueError("at least one reward is needed (--rewards clip,pickscore,hps)")
-    rewards = {}
     for n in names:
+        if n not in REWARD_NAMES:
+            raise ValueError(f"unknown reward {n!r}; choose from {', '.join(REWARD_NAMES)}")
+    return names
+
+
+def load_rewards(names, device, clip_model, pickscore_model, pickscore_processor):
+    """Reward objects for a comma-separated list of names (clip, pickscore, hps)."""
+    rewards = {}
+    for n in reward_names(names):
         if n == "clip":
             rewards[n] = ClipReward(clip_model, device=device)
         elif n == "pickscore":
             rewards[n] = ClipReward(pickscore_model, pickscore_processor, device, pickscore=True)
-        elif n == "hps":
-            rewards[n] = HPSReward()
         else:
-            raise ValueError(f"unknown reward {n!r}; choose from {', '.join(REWARD_NAMES)}")
+            rewards[n] = HPSReward()
     return rewards
 
 
@@ -574,9 +580,7 @@ def train_flux(args, rank, world, device):
                        method=args.method, prompts_per_iteration=args.prompts_per_gpu,
                        num_iterations=args.iterations, batch_size=args.batch_size,
                        seed=args.seed + rank)  # each rank draws its own prompts and noise
-    unknown = [n for n in args.rewards.split(",") if n.strip() and n.strip() not in REWARD_NAMES]
-    if unknown:  # before the (slow) model loading
-        raise ValueError(f"unknown reward {unknown[0]!r}; choose from {', '.join(REWARD_NAMES)}")
+    reward_names(args.rewards)  # fail on a typo before the (slow) model loading
     prompts = read_prompts(args.prompts)
     eval_prompts = read_prompts(args.eval_prompts, BUILTIN_EVAL_PROMPTS)
     pipe = load_pipeline(args.model, device, dtype)
