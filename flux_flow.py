@@ -152,19 +152,19 @@ def flux_sigmas(pipe, num_steps, height, width, schedule="static", shift=3.0):
 class FluxVelocity:
     """g2rpo's velocity_fn for FLUX: (x (N, S, C), sigma (N,), (embeds, pooled)) → v (N, S, C)."""
 
-    def __init__(self, transformer, pipe, height, width, guidance=3.5, dtype=torch.float32):
-        f = pipe.vae_scale_factor * 2
-        device = pipe.transformer.device
-        self.setup(transformer, pipe._prepare_latent_image_ids(1, height // f, width // f, device,
-                                                               dtype),
-                   pipe.transformer.config.guidance_embeds, guidance, dtype, device)
-
-    def setup(self, transformer, img_ids, guidance_embeds, guidance, dtype, device):
+    def __init__(self, transformer, img_ids, guidance_embeds, guidance=3.5, dtype=torch.float32):
         self.transformer, self.img_ids, self.dtype = transformer, img_ids, dtype
         self.guidance = guidance if guidance_embeds else None  # distilled guidance, no true CFG
-        self.device_type = device.type
+        self.device_type = img_ids.device.type
         self.autocast = dtype != torch.float32  # bf16 compute, fp32 weights/latents (CPU too)
-        return self
+
+    @classmethod
+    def from_pipe(cls, transformer, pipe, height, width, guidance=3.5, dtype=torch.float32):
+        """For `transformer` (the pipeline's own, or a DDP / FSDP wrapper of it) at H × W."""
+        f = pipe.vae_scale_factor * 2
+        img_ids = pipe._prepare_latent_image_ids(1, height // f, width // f,
+                                                 pipe.transformer.device, dtype)
+        return cls(transformer, img_ids, pipe.transformer.config.guidance_embeds, guidance, dtype)
 
     def __call__(self, x, sigma, cond):
         embeds, pooled = cond
@@ -596,10 +596,10 @@ def train_flux(args, rank, world, device):
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 swaps in DTensors
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    velocity = FluxVelocity(model, pipe, args.height, args.width, args.guidance, dtype)
+    velocity = FluxVelocity.from_pipe(model, pipe, args.height, args.width, args.guidance, dtype)
     # Evaluation bypasses DDP (no gradient, no collectives); FSDP2 needs every rank's forward.
-    eval_velocity = FluxVelocity(getattr(model, "module", model), pipe, args.height, args.width,
-                                 args.guidance, dtype)
+    eval_velocity = FluxVelocity.from_pipe(getattr(model, "module", model), pipe, args.height,
+                                           args.width, args.guidance, dtype)
     fp = fingerprint(args, raw)
     out = Path(args.output_dir)
     start = 0

@@ -121,7 +121,7 @@ def test_eta_zero_sampler_equals_flux_pipeline(tmp_path, guidance_embeds, dynami
     ref_images = pipe(prompts, generator=torch.Generator().manual_seed(0), output_type="pt",
                       **kw).images
     sigmas = flux_flow.flux_sigmas(pipe, 5, H, W, schedule="pipeline")
-    velocity = flux_flow.FluxVelocity(pipe.transformer, pipe, H, W, guidance=3.5)
+    velocity = flux_flow.FluxVelocity.from_pipe(pipe.transformer, pipe, H, W, guidance=3.5)
     latents, images = flux_flow.sample(pipe, velocity, flux_flow.PromptEncoder(pipe, 16), prompts,
                                        H, W, sigmas, torch.Generator().manual_seed(0))
     torch.testing.assert_close(latents, ref_latents)
