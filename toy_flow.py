@@ -174,24 +174,6 @@ def velocity_fn(model):
 
 
 @torch.no_grad()
-def ode_samples(model, classes, num_steps=16, shift=1.0, seed=1234):
-    """Deterministic samples (η = 0) for the given classes from fixed noise."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(classes), 2, generator=g)
-    sigmas = g2rpo.sigma_schedule(num_steps, shift)
-    for i in range(num_steps):
-        x = g2rpo.ode_step(x, model(x, sigmas[i].expand(len(x)), classes), sigmas[i], sigmas[i + 1])
-    return x
-
-
-def evaluate(model, n_per_class=512, num_steps=16, shift=1.0, seed=1234):
-    """Mean reward and fidelity (on-mode fraction) of ODE samples on fixed eval noise."""
-    c = torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
-    x = ode_samples(model, c, num_steps, shift, seed)
-    return {"reward": reward(x, c).mean().item(), "fidelity": on_mode(x, c).float().mean().item()}
-
-
-@torch.no_grad()
 def sde_samples(model, classes, sde_steps, eta=0.7, num_steps=16, shift=1.0, seed=1234):
     """Samples with an SDE step at every grid index in sde_steps and ODE steps elsewhere."""
     g = torch.Generator().manual_seed(seed)
@@ -204,6 +186,18 @@ def sde_samples(model, classes, sde_steps, eta=0.7, num_steps=16, shift=1.0, see
         else:
             x = g2rpo.ode_step(x, v, sigmas[i], sigmas[i + 1])
     return x
+
+
+def ode_samples(model, classes, num_steps=16, shift=1.0, seed=1234):
+    """Deterministic samples (η = 0) for the given classes from fixed noise."""
+    return sde_samples(model, classes, sde_steps=(), num_steps=num_steps, shift=shift, seed=seed)
+
+
+def evaluate(model, n_per_class=512, num_steps=16, shift=1.0, seed=1234):
+    """Mean reward and fidelity (on-mode fraction) of ODE samples on fixed eval noise."""
+    c = torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
+    x = ode_samples(model, c, num_steps, shift, seed)
+    return {"reward": reward(x, c).mean().item(), "fidelity": on_mode(x, c).float().mean().item()}
 
 
 def sliced_wasserstein(a, b, num_projections=256, seed=0):
