@@ -100,21 +100,14 @@ def main():
 
     def loop():
         x_T = torch.randn((1, *shape), generator=g, device=device)
-        x_next, lp, samples, evals = rollout_per_member(
+        x_k, x_next, lp, samples, evals = rollout_per_member(
             velocity, cond, x_T, sigmas, cfg.branch_steps, cfg.granularities, cfg.group_size,
             cfg.eta, generator=g)
         K, L = len(cfg.branch_steps), len(cfg.granularities)
         r = reward_fn(samples.flatten(0, 3), None).view(K, L, 1, cfg.group_size)
         adv = g2rpo.multi_granularity_advantages(r.permute(0, 2, 1, 3), cfg.adv_clip)
-        x_k = []  # anchor states, recomputed as the official code keeps them
-        with torch.no_grad():
-            x = x_T
-            for i in range(max(cfg.branch_steps) + 1):
-                if i in cfg.branch_steps:
-                    x_k.append(x)
-                x = g2rpo.ode_step(x, velocity(x, sigmas[i].view(1), cond), sigmas[i], sigmas[i + 1])
         per_member_update(params, optimizer, velocity, cond, x_next, sigmas, cfg.branch_steps,
-                          cfg, torch.stack(x_k), lp, adv)
+                          cfg, x_k, lp, adv)
         return evals
 
     results = {}

@@ -20,7 +20,8 @@ def rollout_per_member(velocity_fn, cond, x_T, sigmas, branch_steps, granulariti
     """Singular Stochastic Sampling the slow, obvious way: every model call carries one sample.
 
     cond: P rows; x_T: (P, *D); noise: optional (K, P, G, *D) SDE noise (else drawn per member).
-    Returns x_next (K, P, G, *D), old_log_prob (K, P, G), samples (K, L, P, G, *D), evals.
+    Returns x_k (K, P, *D) anchor states, x_next (K, P, G, *D), old_log_prob (K, P, G),
+    samples (K, L, P, G, *D), evals.
     """
     P, T, evals = x_T.shape[0], len(sigmas) - 1, 0
 
@@ -29,15 +30,16 @@ def rollout_per_member(velocity_fn, cond, x_T, sigmas, branch_steps, granulariti
         evals += 1
         return velocity_fn(x[None], sigmas[i].view(1), g2rpo.take_rows(cond, torch.tensor([p])))[0]
 
-    x_next, log_probs, samples = [], [], []
+    x_ks, x_next, log_probs, samples = [], [], [], []
     for j, k in enumerate(branch_steps):
-        xn_k, lp_k, s_k = [], [], []
+        x0_k, xn_k, lp_k, s_k = [], [], [], []
         for p in range(P):
             # The anchor is recomputed per branch step, as the official code does.
             x = x_T[p]
             for i in range(k):
                 x = g2rpo.ode_step(x, v_of(x, i, p), sigmas[i], sigmas[i + 1])
             v = v_of(x, k, p)
+            x0_k.append(x)
             xn_p, lp_p, s_p = [], [], []
             for m in range(group_size):
                 if noise is None:
@@ -61,10 +63,12 @@ def rollout_per_member(velocity_fn, cond, x_T, sigmas, branch_steps, granulariti
             xn_k.append(torch.stack(xn_p))
             lp_k.append(torch.stack(lp_p))
             s_k.append(torch.stack(s_p, dim=1))  # (L, G, *D)
+        x_ks.append(torch.stack(x0_k))
         x_next.append(torch.stack(xn_k))
         log_probs.append(torch.stack(lp_k))
         samples.append(torch.stack(s_k, dim=1))  # (L, P, G, *D)
-    return torch.stack(x_next), torch.stack(log_probs), torch.stack(samples), evals
+    return (torch.stack(x_ks), torch.stack(x_next), torch.stack(log_probs), torch.stack(samples),
+            evals)
 
 
 def main():
@@ -93,7 +97,7 @@ def main():
     def loop():
         return rollout_per_member(vel, cond, x_T, sigmas, cfg.branch_steps, cfg.granularities,
                                   cfg.group_size, cfg.eta,
-                                  generator=torch.Generator().manual_seed(0))[3]
+                                  generator=torch.Generator().manual_seed(0))[4]
 
     times = {}
     for name, fn in (("batched", batched), ("per-member loop", loop)):

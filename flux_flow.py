@@ -621,23 +621,21 @@ def train_flux(args, rank, world, device):
         return scores
 
     results = {"before": run_eval("before")} if args.eval else {}
-    history = []
 
     def callback(it, metrics):
-        metrics.update(all_reduce_metrics(metrics, world))
-        history.append(metrics)
+        metrics.update(all_reduce_metrics(metrics, world))  # train's history sees these values
         if is_main:  # one JSON line per iteration, appended: a resumed run adds to the same file
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         if (it + 1) % args.save_every == 0 or it + 1 == cfg.num_iterations:
             save_checkpoint(out / "checkpoint.pt", model, optimizer, generator, it, fp, world)
 
-    g2rpo.train(model, velocity, make_reward_fn(pipe, rewards, args.height, args.width,
-                                                args.decode_batch),
-                prompts, cfg, latent_shape(pipe, args.height, args.width), encode_prompts=encoder,
-                optimizer=optimizer, generator=generator, start_iteration=start,
-                callback=callback, log=print if is_main else None, progress=is_main,
-                sigmas=sigmas)
+    reward_fn = make_reward_fn(pipe, rewards, args.height, args.width, args.decode_batch)
+    history = g2rpo.train(model, velocity, reward_fn, prompts, cfg,
+                          latent_shape(pipe, args.height, args.width), encode_prompts=encoder,
+                          optimizer=optimizer, generator=generator, start_iteration=start,
+                          callback=callback, log=print if is_main else None, progress=is_main,
+                          sigmas=sigmas)
     if args.eval:
         results["after"] = run_eval("after")
         if is_main:

@@ -258,8 +258,9 @@ def test_batched_rollout_equals_per_member_loop(P, ks):
     out = g2rpo.singular_stochastic_sampling(velocity, cond, x_T, sigmas, ks, lams, G, eta,
                                              torch.Generator().manual_seed(12))
     noise = torch.randn(len(ks) * P * G, 3, generator=torch.Generator().manual_seed(12))
-    x_next, lp, samples, _ = rollout_per_member(model, cond, x_T, sigmas, ks, lams, G, eta,
-                                                noise=noise.view(len(ks), P, G, 3))
+    x_k, x_next, lp, samples, _ = rollout_per_member(model, cond, x_T, sigmas, ks, lams, G, eta,
+                                                     noise=noise.view(len(ks), P, G, 3))
+    torch.testing.assert_close(out["x"][:, :, 0], x_k)
     torch.testing.assert_close(out["x_next"], x_next)
     torch.testing.assert_close(out["old_log_prob"], lp)
     torch.testing.assert_close(out["samples"], samples)
