@@ -1,19 +1,23 @@
-"""GPU benchmark: one G²RPO iteration on the full-size FLUX.1-dev transformer (random weights).
+"""GPU benchmark: G²RPO on the full-size FLUX.1-dev transformer (random bf16 weights), in minutes.
 
     python bench_flux.py                 # on a GPU: 512², G = 12, 8 branch steps, Λ = {1, 2, 3}
+    python bench_flux.py --full-loop     # also time the whole per-member loop (~5 min on an H200)
     python bench_flux.py --tiny          # a tiny transformer, to check the script on a CPU
 
 No download is possible on the GPU machines, so the transformer is built from FLUX.1-dev's
 architecture config with random weights (speed and memory do not depend on the values). Text
 embeddings are random tensors of T5/CLIP's shapes, and the reward is a cheap function of the
-latents: both are excluded on purpose, the benchmark measures the transformer work of an iteration
-(rollout + policy update), which dominates.
+latents: the benchmark measures the transformer work of an iteration (rollout + policy update).
 
-Compared in one run, same config:
-  batched          g2rpo.py: every model call carries all members/branches; v(x_k) shared by G
-  per-member loop  batch-1 calls, anchor recomputed per branch step, and a training forward per
-                   member (the official code repeats one forward ×G)
-Prints seconds per iteration, peak GPU memory and the ratio.
+What it prints, in order (everything after a warm-up):
+  1. model FLOPs per row (counted by torch's FlopCounterMode on the meta device) and the bf16
+     matmul throughput this GPU reaches (one large matmul), the yardstick for "fraction of peak";
+  2. a per-call table: no-grad forward at batch 1, 4, 8, 16, 32 (ms/row, rows/s, TFLOP/s, % of the
+     matmul peak, peak memory), then one training row (forward + backward, LoRA);
+  3. one batched G²RPO iteration (g2rpo.rollout + g2rpo.policy_update), timed in full;
+  4. the per-member loop of the official code (batch-1 calls, the anchor recomputed per branch
+     step, one training forward per member) timed on --loop-steps only; the whole loop's time is
+     COMPUTED from its exact call count and the measured per-call costs (--full-loop times it).
 """
 
 import argparse
@@ -31,6 +35,59 @@ FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=3
 TINY = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
             pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+TEXT_TOKENS = 512  # T5 sequence length of the official recipe
+
+
+def build_transformer(arch, device, dtype):
+    """FluxTransformer2DModel(**arch) with random weights, built directly in dtype on device."""
+    from diffusers import FluxTransformer2DModel
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # no 48 GB float32 copy of FLUX.1-dev on the way
+    try:
+        with torch.device(device):
+            return FluxTransformer2DModel(**arch).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def random_inputs(arch, resolution, device, generator):
+    """img_ids (S, 3) of a resolution² image and random (T5 embeds (1, 512, D), pooled (1, D'))."""
+    side = resolution // 16
+    img_ids = torch.zeros(side, side, 3, device=device)
+    img_ids[..., 1] += torch.arange(side, device=device)[:, None]
+    img_ids[..., 2] += torch.arange(side, device=device)[None, :]
+    cond = (torch.randn(1, TEXT_TOKENS, arch["joint_attention_dim"], generator=generator,
+                        device=device),
+            torch.randn(1, arch["pooled_projection_dim"], generator=generator, device=device))
+    return img_ids.view(-1, 3), cond
+
+
+def model_flops_per_row(arch, tokens, text_tokens=TEXT_TOKENS):
+    """(total, attention) FLOPs of one forward on one row, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_transformer(arch, "meta", torch.float32)
+    meta = lambda *shape: torch.zeros(*shape, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(hidden_states=meta(1, tokens, arch["in_channels"]), timestep=meta(1),
+              guidance=meta(1), pooled_projections=meta(1, arch["pooled_projection_dim"]),
+              encoder_hidden_states=meta(1, text_tokens, arch["joint_attention_dim"]),
+              txt_ids=meta(text_tokens, 3), img_ids=meta(tokens, 3), return_dict=False)
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    attention = sum(n for op, n in by_op.items() if "bmm" in op or "attention" in op)
+    return counter.get_total_flops(), attention
+
+
+def per_member_loop_calls(num_steps, branch_steps, granularities, group_size):
+    """Model calls (batch 1) of the official-style loop per prompt: for each k the anchor to x_k
+    and v(x_k) (k + 1), then every member's completion at every λ."""
+    calls = 0
+    for k in branch_steps:
+        calls += k + 1
+        for lam in granularities:
+            calls += group_size * (len(g2rpo.granularity_schedule(num_steps, k, lam)) - 1)
+    return calls
 
 
 def per_member_update(params, optimizer, velocity_fn, cond, x_next, sigmas, ks, cfg, x_k,
@@ -50,84 +107,192 @@ def per_member_update(params, optimizer, velocity_fn, cond, x_next, sigmas, ks, 
         optimizer.zero_grad(set_to_none=True)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny transformer (CPU check)")
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--group-size", type=int, default=12)
-    p.add_argument("--lora-rank", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16, help="rows per transformer call")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--skip-loop", action="store_true", help="time the batched version only")
-    args = p.parse_args()
-    from diffusers import FluxTransformer2DModel
+class Timer:
+    """Wall seconds and peak device memory (GiB) of a block; memory is 'n/a' on a CPU."""
 
+    def __init__(self, cuda):
+        self.cuda = cuda
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+        self.peak = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+
+    def memory(self):
+        return f"{self.peak:6.1f} GiB" if self.peak is not None else "   n/a (CPU)"
+
+
+def matmul_flops(device, dtype, n, repeats=10):
+    """Throughput of an n×n×n matmul in dtype (FLOP/s): the reachable peak of this device."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device,
+                                                                       dtype=dtype)
+    a @ b  # warm-up
+    with Timer(device.type == "cuda") as t:
+        for _ in range(repeats):
+            a @ b
+    return 2 * n**3 * repeats / t.seconds
+
+
+def count(n, units=(("B", 1e9), ("M", 1e6), ("k", 1e3))):
+    """12.0 B / 3.2 M / 950 k: parameter counts readable at any size."""
+    for unit, scale in units:
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.3g}"
+
+
+def flop(n):
+    """21.5 T / 689 M: FLOPs (or FLOP/s) readable at any size."""
+    return count(n, (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--tiny", action="store_true", help="tiny transformer (a CPU check of the script)")
+    a("--resolution", type=int, default=None, help="default 512 (64 with --tiny)")
+    a("--group-size", type=int, default=12)
+    a("--lora-rank", type=int, default=64)
+    a("--batch-size", type=int, default=16, help="rows per transformer call in the iteration")
+    a("--batches", type=flux_flow.int_list, default=(1, 4, 8, 16, 32),
+      help="batch sizes of the per-call table (default 1,4,8,16,32)")
+    a("--loop-steps", type=flux_flow.int_list, default=(7,),
+      help="branch steps the per-member loop is timed on (default 7)")
+    a("--full-loop", action="store_true", help="time the whole per-member loop instead")
+    a("--skip-loop", action="store_true", help="leave the per-member loop out")
+    a("--repeats", type=int, default=3, help="timed repeats per batch size in the table")
+    a("--attention-backends", default=",".join(flux_flow.DEFAULT_ATTENTION),
+      help="as flux_flow.py (default: no cuDNN attention)")
+    a("--gradient-checkpointing", action="store_true")
+    args = p.parse_args(argv)
+    args.resolution = args.resolution or (64 if args.tiny else 512)
+    if args.resolution <= 0 or args.resolution % 16:
+        p.error(f"--resolution must be a positive multiple of 16, got {args.resolution}")
+    for name in ("group_size", "batch_size", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.batches or min(args.batches) < 1:
+        p.error(f"--batches must be positive integers, got {args.batches}")
+    try:
+        flux_flow.sdpa_backends(args.attention_backends)
+        g2rpo.check_branch_steps(args.loop_steps, g2rpo.Config().num_steps)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     arch = TINY if args.tiny else FLUX_DEV
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in bf16 directly: no 48 GB float32 copy on the GPU
-    with torch.device(device):
-        transformer = FluxTransformer2DModel(**arch).eval()
-    torch.set_default_dtype(default)
+    tokens = (args.resolution // 16) ** 2
+    flops, attn_flops = model_flops_per_row(arch, tokens)
+    transformer = build_transformer(arch, device, dtype)
+    n_params = sum(p.numel() for p in transformer.parameters())
     params = flux_flow.setup_trainable(transformer, args.lora_rank, args.lora_rank,
                                        args.gradient_checkpointing)
-    tokens = (args.resolution // 16) ** 2
-    img_ids = torch.zeros(args.resolution // 16, args.resolution // 16, 3, device=device)
-    img_ids[..., 1] += torch.arange(args.resolution // 16, device=device)[:, None]
-    img_ids[..., 2] += torch.arange(args.resolution // 16, device=device)[None, :]
-    velocity = flux_flow.FluxVelocity(transformer, img_ids.view(-1, 3).to(dtype), True, 3.5, dtype)
     g = torch.Generator(device).manual_seed(0)
-    cond = (torch.randn(1, 512, arch["joint_attention_dim"], generator=g, device=device),
-            torch.randn(1, arch["pooled_projection_dim"], generator=g, device=device))
-    cfg = g2rpo.Config(group_size=args.group_size, batch_size=args.batch_size,
-                       prompts_per_iteration=1, lr=1e-5)
+    img_ids, cond = random_inputs(arch, args.resolution, device, g)
+    velocity = flux_flow.FluxVelocity(transformer, img_ids.to(dtype), True, 3.5, dtype,
+                                      args.attention_backends)
+    cfg = g2rpo.Config(group_size=args.group_size, batch_size=args.batch_size, lr=1e-5)
     sigmas = g2rpo.sigma_schedule(cfg.num_steps, cfg.shift).to(device)
     shape = (tokens, arch["in_channels"])
     reward_fn = lambda x, prompts: x.float().flatten(1).mean(1)  # cheap: excludes VAE and reward
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n_params = sum(p.numel() for p in transformer.parameters())
-    print(f"{torch.cuda.get_device_name() if cuda else 'CPU'}; transformer "
-          f"{n_params / 1e9:.2f} B params, {dtype}, LoRA r={args.lora_rank}; {args.resolution}² "
-          f"({tokens} tokens), G={cfg.group_size}, K={len(cfg.branch_steps)}, "
-          f"Λ={cfg.granularities}, batch {args.batch_size}")
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    peak_flops = matmul_flops(device, dtype, 8192 if cuda else 1024)
+    print(f"{name}, torch {torch.__version__}; transformer {count(n_params)} params, {dtype}, "
+          f"LoRA r={args.lora_rank} ({count(sum(p.numel() for p in params))} trainable); "
+          f"{args.resolution}² ({tokens} image + {TEXT_TOKENS} text tokens); attention "
+          f"{args.attention_backends}")
+    print(f"model FLOPs per row {flop(flops)} (attention {flop(attn_flops)}); "
+          f"{str(dtype).split('.')[-1]} matmul peak measured {flop(peak_flops)}FLOP/s")
 
-    def batched():
+    def rows(n):
+        return torch.randn(n, *shape, generator=g, device=device)
+
+    def forward(n):
+        with torch.no_grad():
+            velocity(rows(n), sigmas[0].expand(n), g2rpo.take_rows(cond, torch.zeros(
+                n, dtype=torch.long, device=device)))
+
+    def train_row(k):
+        x = rows(1)[:, None]  # (P=1, S=1, *D)
+        with torch.no_grad():
+            x_next, _, _, _ = g2rpo.sde_step(x[:, 0], velocity(x[:, 0], sigmas[k].view(1), cond),
+                                             sigmas[k], sigmas[k + 1], cfg.eta, g)
+        lp = g2rpo.policy_log_prob(velocity, cond, x, x_next[:, None], sigmas[k], sigmas[k + 1],
+                                   cfg.eta)
+        g2rpo.clipped_grpo_loss(lp, lp.detach(), torch.ones_like(lp), cfg.clip_range)[0].backward()
+        optimizer.zero_grad(set_to_none=True)
+
+    forward(1)  # warm-up: kernels, allocator, autotuning
+    train_row(0)
+    print("\nper call (no-grad forward unless noted)")
+    print(f"{'batch':>14s} {'ms/row':>9s} {'rows/s':>8s} {'FLOP/s':>8s} {'% peak':>7s} "
+          f"{'peak memory':>12s}")
+    row_ms = {}
+    for n in args.batches:
+        with Timer(cuda) as t:
+            for _ in range(args.repeats):
+                forward(n)
+        row_ms[n] = t.seconds / (args.repeats * n) * 1e3
+        achieved = flops / (row_ms[n] / 1e3)
+        print(f"{n:14d} {row_ms[n]:9.1f} {1e3 / row_ms[n]:8.1f} {flop(achieved):>8s} "
+              f"{100 * achieved / peak_flops:6.0f}% {t.memory():>12s}")
+    with Timer(cuda) as t:
+        for _ in range(args.repeats):
+            train_row(0)
+    train_ms = t.seconds / args.repeats * 1e3
+    print(f"{'train row (1)':>14s} {train_ms:9.1f} {1e3 / train_ms:8.1f} {'':>8s} {'':>7s} "
+          f"{t.memory():>12s}   forward + backward, LoRA r={args.lora_rank}")
+
+    K, G, L = len(cfg.branch_steps), cfg.group_size, len(cfg.granularities)
+    with Timer(cuda) as t:
         out, m = g2rpo.rollout(velocity, reward_fn, ["p"], cond, cfg, sigmas, shape, g)
         g2rpo.policy_update(params, optimizer, velocity, out, sigmas, cfg)
-        return m["nfe"]
-
-    def loop():
-        x_T = torch.randn((1, *shape), generator=g, device=device)
-        x_k, x_next, lp, samples, evals = rollout_per_member(
-            velocity, cond, x_T, sigmas, cfg.branch_steps, cfg.granularities, cfg.group_size,
-            cfg.eta, generator=g)
-        K, L = len(cfg.branch_steps), len(cfg.granularities)
-        r = reward_fn(samples.flatten(0, 3), None).view(K, L, 1, cfg.group_size)
-        adv = g2rpo.multi_granularity_advantages(r.permute(0, 2, 1, 3), cfg.adv_clip)
-        per_member_update(params, optimizer, velocity, cond, x_next, sigmas, cfg.branch_steps,
-                          cfg, x_k, lp, adv)
-        return evals
-
-    results = {}
-    for name, fn in (("batched", batched), ("per-member loop", loop)):
-        if name != "batched" and args.skip_loop:
-            continue
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        evals = fn()
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-        results[name] = seconds
-        print(f"{name:16s} {seconds:8.1f} s per iteration  peak {peak:6.1f} GiB  "
-              f"({evals:,} rollout evaluations)", flush=True)
-    if len(results) == 2:
-        print(f"speed-up (loop / batched): {results['per-member loop'] / results['batched']:.2f}x")
+    batched_s = t.seconds
+    print(f"\nbatched iteration (G={G}, K={K}, Λ={cfg.granularities}, batch {args.batch_size}): "
+          f"{batched_s:.1f} s measured, peak {t.memory().strip()} "
+          f"({m['nfe']:,} rollout rows + {K} training rows)")
+    if args.skip_loop:
+        return
+    steps = cfg.branch_steps if args.full_loop else args.loop_steps
+    with Timer(cuda) as t_roll:
+        x_T = rows(1)
+        x_k, x_next, lp, samples, calls = rollout_per_member(
+            velocity, cond, x_T, sigmas, steps, cfg.granularities, G, cfg.eta, generator=g)
+    r = reward_fn(samples.flatten(0, 3), None).view(len(steps), L, 1, G)
+    adv = g2rpo.multi_granularity_advantages(r.permute(0, 2, 1, 3), cfg.adv_clip)
+    with Timer(cuda) as t_upd:
+        per_member_update(params, optimizer, velocity, cond, x_next, sigmas, steps, cfg, x_k, lp,
+                          adv)
+    measured = t_roll.seconds + t_upd.seconds
+    print(f"per-member loop, branch steps {list(steps)}: {calls:,} batch-1 calls in "
+          f"{t_roll.seconds:.1f} s ({t_roll.seconds / calls * 1e3:.1f} ms/call) + {len(steps) * G} "
+          f"training rows in {t_upd.seconds:.1f} s; peak {t_upd.memory().strip()}")
+    if args.full_loop:
+        print(f"whole per-member loop: {measured:.1f} s measured; speed-up (loop / batched) "
+              f"{measured / batched_s:.2f}x (measured)")
+        return
+    total_calls = per_member_loop_calls(cfg.num_steps, cfg.branch_steps, cfg.granularities, G)
+    assert calls == per_member_loop_calls(cfg.num_steps, steps, cfg.granularities, G)
+    loop_s = (total_calls * t_roll.seconds / calls + K * G * t_upd.seconds / (len(steps) * G))
+    print(f"whole per-member loop: {total_calls:,} calls + {K * G} training rows ≈ {loop_s:.1f} s "
+          f"(COMPUTED from the per-call costs above, not timed; --full-loop times it); "
+          f"speed-up (loop / batched) ≈ {loop_s / batched_s:.2f}x")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ on GPU) and log-probabilities are computed in float32.
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import g2rpo
 
@@ -51,6 +53,11 @@ BUILTIN_EVAL_PROMPTS = [
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                 "to_add_out"]
 REWARD_NAMES = ("clip", "pickscore", "hps")
+# cuDNN fused attention's bf16 backward gives NaN/inf gradients or illegal memory accesses on
+# Hopper GPUs (issue 7; pytorch/pytorch#196678): the transformer runs without it by default.
+DEFAULT_ATTENTION = ("flash", "efficient", "math")
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,22 +156,77 @@ def flux_sigmas(pipe, num_steps, height, width, schedule="static", shift=3.0):
     return sched.sigmas.float().cpu()
 
 
-class FluxVelocity:
-    """g2rpo's velocity_fn for FLUX: (x (N, S, C), sigma (N,), (embeds, pooled)) → v (N, S, C)."""
+def sdpa_backends(spec):
+    """'flash,efficient,math' → that tuple of names; 'all' → None (PyTorch picks, cuDNN included)."""
+    if spec is None or spec == "all":
+        return None
+    chosen = [n.strip() for n in spec.split(",") if n.strip()] if isinstance(spec, str) else spec
+    if not chosen:
+        raise ValueError("--attention-backends needs at least one of flash, efficient, math, "
+                         "cudnn (or 'all')")
+    for n in chosen:
+        if n not in SDPA_BACKENDS:
+            raise ValueError(f"unknown attention backend {n!r}; choose from "
+                             f"{', '.join(SDPA_BACKENDS)} or 'all'")
+    return tuple(dict.fromkeys(chosen))
 
-    def __init__(self, transformer, img_ids, guidance_embeds, guidance=3.5, dtype=torch.float32):
+
+def attention_context(backends):
+    """A context in which scaled_dot_product_attention may use only `backends` (None: any).
+
+    torch restores the previous flags on exit, so nothing outside the context (VAE, rewards,
+    other code in the process) sees the choice.
+    """
+    if backends is None:
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPA_BACKENDS[n] for n in sdpa_backends(backends)])
+
+
+def _enabled_sdpa_backends():
+    """The backend names scaled_dot_product_attention may use right now (public torch flags)."""
+    flags = {"flash": torch.backends.cuda.flash_sdp_enabled(),
+             "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+             "math": torch.backends.cuda.math_sdp_enabled(),
+             "cudnn": torch.backends.cuda.cudnn_sdp_enabled()}
+    return tuple(n for n, on in flags.items() if on)
+
+
+def checkpoint_keeping_attention(module, *args):
+    """diffusers' gradient_checkpointing_func: the recomputation in backward() runs outside
+    FluxVelocity's attention context, so it re-enters the backends the forward pass used."""
+    backends = _enabled_sdpa_backends()
+
+    def run(*a):
+        with attention_context(backends):
+            return module(*a)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+
+class FluxVelocity:
+    """g2rpo's velocity_fn for FLUX: (x (N, S, C), sigma (N,), (embeds, pooled)) → v (N, S, C).
+
+    attention: the scaled_dot_product_attention backends the transformer may use (names as in
+    sdpa_backends; None lets PyTorch choose); the gradients of a training pass use the same ones.
+    """
+
+    def __init__(self, transformer, img_ids, guidance_embeds, guidance=3.5, dtype=torch.float32,
+                 attention=DEFAULT_ATTENTION):
         self.transformer, self.img_ids, self.dtype = transformer, img_ids, dtype
         self.guidance = guidance if guidance_embeds else None  # distilled guidance, no true CFG
         self.device_type = img_ids.device.type
         self.autocast = dtype != torch.float32  # bf16 compute, fp32 weights/latents (CPU too)
+        self.attention = sdpa_backends(attention)
 
     @classmethod
-    def from_pipe(cls, transformer, pipe, height, width, guidance=3.5, dtype=torch.float32):
+    def from_pipe(cls, transformer, pipe, height, width, guidance=3.5, dtype=torch.float32,
+                  attention=DEFAULT_ATTENTION):
         """For `transformer` (the pipeline's own, or a DDP / FSDP wrapper of it) at H × W."""
         f = pipe.vae_scale_factor * 2
         img_ids = pipe._prepare_latent_image_ids(1, height // f, width // f,
                                                  pipe.transformer.device, dtype)
-        return cls(transformer, img_ids, pipe.transformer.config.guidance_embeds, guidance, dtype)
+        return cls(transformer, img_ids, pipe.transformer.config.guidance_embeds, guidance, dtype,
+                   attention)
 
     def __call__(self, x, sigma, cond):
         embeds, pooled = cond
@@ -174,7 +236,9 @@ class FluxVelocity:
         txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=self.dtype)
         guidance = (None if self.guidance is None
                     else torch.full((n,), self.guidance, device=x.device, dtype=torch.float32))
-        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast):
+        # The autograd graph records the backend chosen here, so backward() uses it as well.
+        with attention_context(self.attention), \
+                torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast):
             v = self.transformer(
                 hidden_states=x.to(self.dtype), timestep=timestep, guidance=guidance,
                 pooled_projections=pooled.to(self.dtype), encoder_hidden_states=embeds.to(self.dtype),
@@ -362,7 +426,7 @@ def setup_trainable(transformer, lora_rank, lora_alpha, gradient_checkpointing=F
         if upcast:
             transformer.float()
     if gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        transformer.enable_gradient_checkpointing(checkpoint_keeping_attention)
     return [p for p in transformer.parameters() if p.requires_grad]
 
 
@@ -540,6 +604,10 @@ def parse_args(argv=None):
     a("--decode-batch", type=int, default=4, help="images per VAE decode while scoring")
     a("--gradient-checkpointing", action="store_true")
     a("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    a("--attention-backends", default=",".join(DEFAULT_ATTENTION),
+      help="scaled_dot_product_attention backends the transformer may use: comma-separated of "
+           "flash, efficient, math, cudnn, or 'all' (PyTorch's own pick). The default leaves out "
+           "cuDNN, whose bf16 backward fails on Hopper GPUs (README, FLUX.1)")
     a("--output-dir", default="runs/flux")
     a("--save-every", type=int, default=50, help="checkpoint every N iterations (and at the end)")
     a("--resume", help="checkpoint to continue from (exactly)")
@@ -596,10 +664,12 @@ def train_flux(args, rank, world, device):
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 swaps in DTensors
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    velocity = FluxVelocity.from_pipe(model, pipe, args.height, args.width, args.guidance, dtype)
+    velocity = FluxVelocity.from_pipe(model, pipe, args.height, args.width, args.guidance, dtype,
+                                      args.attention_backends)
     # Evaluation bypasses DDP (no gradient, no collectives); FSDP2 needs every rank's forward.
     eval_velocity = FluxVelocity.from_pipe(getattr(model, "module", model), pipe, args.height,
-                                           args.width, args.guidance, dtype)
+                                           args.width, args.guidance, dtype,
+                                           args.attention_backends)
     fp = fingerprint(args, raw)
     out = Path(args.output_dir)
     start = 0
@@ -608,7 +678,8 @@ def train_flux(args, rank, world, device):
         say(f"resumed from {args.resume} at iteration {start}")
     n_train = sum(p.numel() for p in params)
     trained = f"LoRA r={args.lora_rank}" if args.lora_rank else "full fine-tune"
-    say(f"{world} process(es) on {device}, {dtype}; {trained} ({n_train / 1e6:.2f} M trainable); "
+    backend = f" ({dist.get_backend()})" if dist.is_initialized() else ""
+    say(f"{world} process(es){backend} on {device}, {dtype}; {trained} ({n_train / 1e6:.2f} M trainable); "
         f"{len(prompts)} prompts; σ grid {[round(s, 3) for s in sigmas.tolist()]}")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -640,7 +711,7 @@ def train_flux(args, rank, world, device):
         results["after"] = run_eval("after")
         if is_main:
             (out / "eval.json").write_text(json.dumps(results, indent=1))
-    if world > 1:
+    if dist.is_initialized():
         check_ranks_in_sync(params, out, is_main)
     return history, results
 

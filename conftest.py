@@ -1,0 +1,28 @@
+"""pytest set-up: the `gpu` marker. Tests marked gpu are skipped where CUDA is missing.
+
+    python -m pytest -q -m gpu                             # on a GPU machine: only the GPU tests
+    G2RPO_GPU_TEST_DEVICE=cpu python -m pytest -q -m gpu   # dry run of their code on a CPU
+"""
+
+import os
+
+import pytest
+import torch
+
+
+def gpu_test_device():
+    """The device the gpu tests run on: cuda, or G2RPO_GPU_TEST_DEVICE for a dry run."""
+    return torch.device(os.environ.get("G2RPO_GPU_TEST_DEVICE", "cuda"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (python -m pytest -q -m gpu)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_test_device().type != "cuda" or torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run python -m pytest -q -m gpu on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,138 @@
+"""FLUX on a CUDA GPU: the checks the CPU tests cannot make (issue 7). Skipped without CUDA.
+
+    python -m pytest -q -m gpu          # on one H100 / H200: about 3 minutes
+
+The failure these guard against: cuDNN fused attention's bf16 backward, PyTorch's default on
+Hopper GPUs, gave NaN/inf gradients (tiny model) and illegal memory accesses (full size) at
+branch step 0. `G2RPO_GPU_TEST_DEVICE=cpu python -m pytest -q -m gpu` runs the same code on a CPU
+(the full-size case then uses the tiny architecture): a check of the tests, not of the GPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench_flux
+import flux_flow
+import g2rpo
+from conftest import gpu_test_device
+from test_flux_flow import (HERE, H, W, assert_resume_is_bit_exact, checkpoint, make_tiny_clip,
+                            make_tiny_flux, train_args)
+
+pytestmark = pytest.mark.gpu
+DEVICE = gpu_test_device()
+CUDA = DEVICE.type == "cuda"
+# On a GPU the defaults are the GPU defaults (bf16); a CPU dry run must ask for bf16.
+GPU_DEFAULTS = [] if CUDA else ["--dtype", "bf16"]
+# bf16 sampler vs FluxPipeline in bf16: the pipeline rounds its latents to bf16 after every step,
+# ours keeps them in fp32, so they agree to bf16 precision only.
+BF16_TOL = dict(rtol=0.05, atol=0.05)
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    return make_tiny_flux(tmp_path_factory.mktemp("flux"))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+def test_gpu_default_dtype_is_bf16(tiny_flux):
+    if CUDA:
+        assert flux_flow.parse_args(["--model", tiny_flux]).dtype is None  # → bf16 on cuda
+    assert flux_flow.DEFAULT_ATTENTION == ("flash", "efficient", "math")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_eta_zero_sampler_equals_flux_pipeline(tiny_flux, dtype):
+    pipe = flux_flow.load_pipeline(tiny_flux, DEVICE, dtype)
+    prompts = ["a red fox", "a lighthouse"]
+    kw = dict(height=H, width=W, num_inference_steps=5, guidance_scale=3.5, max_sequence_length=16)
+    gen = lambda: torch.Generator(DEVICE).manual_seed(0)
+    ref = pipe(prompts, generator=gen(), output_type="latent", **kw).images.float()
+    ref_images = pipe(prompts, generator=gen(), output_type="pt", **kw).images.float()
+    sigmas = flux_flow.flux_sigmas(pipe, 5, H, W, schedule="pipeline")
+    velocity = flux_flow.FluxVelocity.from_pipe(pipe.transformer, pipe, H, W, 3.5, dtype)
+    latents, images = flux_flow.sample(pipe, velocity, flux_flow.PromptEncoder(pipe, 16), prompts,
+                                       H, W, sigmas, gen())
+    assert latents.device.type == DEVICE.type and latents.abs().max() > 0
+    tol = {} if dtype == torch.float32 else BF16_TOL
+    torch.testing.assert_close(latents, ref, **tol)
+    torch.testing.assert_close(images, ref_images, **tol)
+
+
+@pytest.mark.parametrize("lora_rank", ["4", "0"])
+def test_gpu_two_iterations_train_with_finite_gradients(tiny_flux, tiny_clip, tmp_path,
+                                                        lora_rank):
+    history, _ = flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2",
+                                           "--lora-rank", lora_rank, *GPU_DEFAULTS))
+    assert len(history) == 2
+    for m in history:
+        for k in ("loss", "grad_norm", "clip_frac", "approx_kl", "reward"):
+            assert torch.isfinite(torch.tensor(m[k])), (k, m[k])
+        assert m["grad_norm"] > 0
+        assert m["ratio_dev_first"] < 1e-2  # bf16 sampling pass vs training pass
+    saved = checkpoint(tmp_path / "checkpoint.pt")["model"]
+    original = flux_flow.load_pipeline(tiny_flux).transformer.state_dict()
+    if lora_rank != "0":
+        assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at 0
+    else:
+        assert any(not torch.equal(saved[k], original[k].float()) for k in saved)
+
+
+def test_gpu_resume_is_bit_exact(tiny_flux, tiny_clip, tmp_path):
+    assert_resume_is_bit_exact(tiny_flux, tiny_clip, tmp_path, "--lora-rank", "0",
+                               "--dtype", "fp32")
+
+
+def test_gpu_torchrun_over_the_visible_gpus_keeps_ranks_identical(tiny_flux, tiny_clip,
+                                                                  tmp_path):
+    nproc = torch.cuda.device_count() if CUDA else 1
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(29700 + os.getpid() % 1000), str(HERE / "flux_flow.py"),
+           *train_args(tiny_flux, tiny_clip, out, "--iterations", "2", "--lora-rank", "4",
+                       *GPU_DEFAULTS)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"{nproc} process(es) ({'nccl' if CUDA else 'gloo'})" in r.stdout
+    sums = json.loads((out / "rank_checksums.json").read_text())
+    assert len(sums) == nproc and len(set(sums)) == 1
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor([m["loss"], m["grad_norm"]])).all() for m in metrics)
+
+
+def test_gpu_full_size_flux_dev_lora_gradients_are_finite_at_sigma_one_and_late():
+    """The case that crashed: FLUX.1-dev's architecture (random bf16 weights), LoRA r = 64, 512²,
+    one training pass at branch step 0 (σ = 1, pure noise) and one at branch step 7."""
+    arch = bench_flux.FLUX_DEV if CUDA else bench_flux.TINY
+    dtype = torch.bfloat16
+    transformer = bench_flux.build_transformer(arch, DEVICE, dtype)
+    params = flux_flow.setup_trainable(transformer, 64, 64)
+    g = torch.Generator(DEVICE).manual_seed(0)
+    img_ids, cond = bench_flux.random_inputs(arch, 512, DEVICE, g)
+    velocity = flux_flow.FluxVelocity(transformer, img_ids.to(dtype), True, 3.5, dtype)
+    sigmas = g2rpo.sigma_schedule(16, 3.0).to(DEVICE)
+    for k in (0, 7):
+        x = torch.randn(1, 1, 1024, arch["in_channels"], generator=g, device=DEVICE)  # (P, 1, *D)
+        with torch.no_grad():
+            v = velocity(x[:, 0], sigmas[k].view(1), cond)
+            x_next, _, _, _ = g2rpo.sde_step(x[:, 0], v, sigmas[k], sigmas[k + 1], 0.7, g)
+        lp = g2rpo.policy_log_prob(velocity, cond, x, x_next[:, None], sigmas[k], sigmas[k + 1],
+                                   0.7)
+        loss, _ = g2rpo.clipped_grpo_loss(lp, lp.detach(), torch.ones_like(lp), 1e-4)
+        loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        assert grads, f"no gradient reached the LoRA weights at branch step {k}"
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gr.float())
+                                                     for gr in grads]))
+        assert torch.isfinite(norm) and norm > 0, f"gradient norm {norm.item()} at branch step {k}"
+        for p in params:
+            p.grad = None
