@@ -32,6 +32,8 @@ Equation map (paper → function; equation numbers as in SPEC.md, "~" where it h
 """
 
 import math
+import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +68,7 @@ class Config:
     weight_decay: float = 1e-4
     """AdamW weight decay (used only when the trainer builds the optimizer)."""
     max_grad_norm: float = 1.0
-    """Gradient-norm clip before every optimizer step."""
+    """Gradient-norm clip before every optimizer step (> 0: a negative one reverses updates)."""
     step_per_branch: bool = True
     """True: one optimizer step per branch step k (official HPS script; the clip acts).
     False: one step per iteration, loss averaged over k (paper Alg. 1; ratio is exactly 1)."""
@@ -83,39 +85,83 @@ class Config:
     """Seeds the trainer's generator (prompt choice, initial noise, SDE noise)."""
 
     def __post_init__(self):
-        self.branch_steps = tuple(self.branch_steps)
-        self.granularities = tuple(self.granularities)
         check_config(self)
+
+
+ETA_SANE = (0.1, 2.0)  # outside: log-ratios explode (η → 0) or the gradient vanishes (η ≫ 1)
+
+
+class ConfigError(ValueError):
+    """A bad Config value; `field` names it (flux_flow.py maps it to its command-line flag)."""
+
+    def __init__(self, field, message):
+        super().__init__(message)
+        self.field = field
 
 
 def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _number(field, x, kind):
+    """x as a Python int / finite float; numpy and 0-d tensor numbers accepted, bools refused."""
+    if torch.is_tensor(x) and x.dim() == 0 and x.dtype != torch.bool:
+        x = x.item()
+    ok = numbers.Integral if kind is int else numbers.Real
+    if isinstance(x, bool) or type(x).__name__ == "bool_" or not isinstance(x, ok):
+        raise ConfigError(field, f"{field} must be {'an integer' if kind is int else 'a number'}, "
+                                 f"got {x!r} ({type(x).__name__})")
+    if not math.isfinite(x):
+        raise ConfigError(field, f"{field} must be finite, got {x!r}")
+    return kind(x)
+
+
 def check_config(cfg):
-    """Raise ValueError naming the first bad value of a Config."""
-    if not _is_int(cfg.num_steps) or cfg.num_steps < 2:
-        raise ValueError(f"num_steps must be an integer >= 2, got {cfg.num_steps!r}")
-    if not cfg.shift > 0:
-        raise ValueError(f"shift must be > 0, got {cfg.shift!r}")
-    if not (_is_int(cfg.group_size) and cfg.group_size >= 2):
-        raise ValueError(f"group_size must be an integer >= 2 (advantages need a group), "
-                         f"got {cfg.group_size!r}")
-    check_granularities(cfg.granularities)
-    check_branch_steps(cfg.branch_steps, cfg.num_steps)
-    if not cfg.eta > 0:
-        raise ValueError(f"eta must be > 0 (an SDE step is needed), got {cfg.eta!r}")
-    if not cfg.clip_range > 0:
-        raise ValueError(f"clip_range must be > 0, got {cfg.clip_range!r}")
-    if not cfg.adv_clip > 0:
-        raise ValueError(f"adv_clip must be > 0, got {cfg.adv_clip!r}")
+    """Check every field of a Config (types, then ranges) and normalise numbers in place:
+    numpy / 0-d tensor numbers become int / float, sequences tuples. Raise ConfigError naming
+    the field and the value; warn when eta is outside ETA_SANE."""
+    for field in ("num_steps", "group_size", "prompts_per_iteration", "num_iterations",
+                  "batch_size", "seed"):
+        setattr(cfg, field, _number(field, getattr(cfg, field), int))
+    for field in ("shift", "eta", "clip_range", "adv_clip", "lr", "weight_decay", "max_grad_norm"):
+        setattr(cfg, field, _number(field, getattr(cfg, field), float))
+    for field in ("branch_steps", "granularities"):
+        value = getattr(cfg, field)
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise ConfigError(field, f"{field} must be a sequence of integers, got {value!r}")
+        setattr(cfg, field, tuple(_number(field, v, int) for v in value))
+    if not (cfg.step_per_branch is True or cfg.step_per_branch is False):
+        raise ConfigError("step_per_branch", f"step_per_branch must be True or False, got "
+                                             f"{cfg.step_per_branch!r}")
+    lows = {"num_steps": 2, "group_size": 2, "prompts_per_iteration": 1, "batch_size": 1,
+            "num_iterations": 0, "seed": 0}
+    for field, low in lows.items():
+        if getattr(cfg, field) < low:
+            why = " (advantages need a group)" if field == "group_size" else ""
+            raise ConfigError(field, f"{field} must be an integer >= {low}{why}, "
+                                     f"got {getattr(cfg, field)!r}")
+    for field in ("shift", "eta", "clip_range", "adv_clip", "lr", "max_grad_norm"):
+        if not getattr(cfg, field) > 0:
+            why = " (an SDE step is needed)" if field == "eta" else ""
+            raise ConfigError(field, f"{field} must be > 0{why}, got {getattr(cfg, field)!r}")
+    if cfg.weight_decay < 0:
+        raise ConfigError("weight_decay", f"weight_decay must be >= 0, got {cfg.weight_decay!r}")
+    if cfg.clip_range >= 1:
+        raise ConfigError("clip_range", f"clip_range must be < 1 (the ratio is clipped to "
+                                        f"[1 − ε, 1 + ε]), got {cfg.clip_range!r}")
     if cfg.method not in ("g2rpo", "full_sde"):
-        raise ValueError(f"method must be 'g2rpo' or 'full_sde', got {cfg.method!r}")
-    for name in ("prompts_per_iteration", "batch_size"):
-        if not (_is_int(getattr(cfg, name)) and getattr(cfg, name) >= 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {getattr(cfg, name)!r}")
-    if not (_is_int(cfg.num_iterations) and cfg.num_iterations >= 0):
-        raise ValueError(f"num_iterations must be an integer >= 0, got {cfg.num_iterations!r}")
+        raise ConfigError("method", f"method must be 'g2rpo' or 'full_sde', got {cfg.method!r}")
+    for field, check in (("granularities", lambda: check_granularities(cfg.granularities)),
+                         ("branch_steps", lambda: check_branch_steps(cfg.branch_steps,
+                                                                     cfg.num_steps))):
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(field, str(e)) from None
+    if not ETA_SANE[0] <= cfg.eta <= ETA_SANE[1]:
+        warnings.warn(f"eta = {cfg.eta} is outside {ETA_SANE}: with a tiny eta the log-ratios "
+                      f"explode (kl ~1e13 at 1e-8), with a large one the gradient vanishes",
+                      stacklevel=3)
 
 
 def check_granularities(granularities):
@@ -193,10 +239,14 @@ def sde_step(x, v, sigma, sigma_next, eta, generator=None, prev_sample=None):
     With prev_sample, that sample is scored instead of drawing a new one (training pass).
     Returns (x_next (N, *D), log_prob (N,) float32, mean (N, *D) float32, std broadcastable to x).
     """
-    if not eta > 0:
-        raise ValueError(f"eta must be > 0 for an SDE step (eta = 0 is ode_step), got {eta!r}")
+    if not 0 < eta < math.inf:
+        raise ValueError(f"eta must be > 0 and finite for an SDE step (eta = 0 is ode_step), "
+                         f"got {eta!r}")
     xf, vf = x.float(), v.float()
     s, s_next = _per_sample(sigma, xf), _per_sample(sigma_next, xf)
+    if not ((s_next < s) & (s > 0) & (s <= 1) & (s_next >= 0)).all():
+        raise ValueError(f"sde_step needs 1 >= sigma > sigma_next >= 0, got sigma "
+                         f"{s.flatten()[:4].tolist()}, sigma_next {s_next.flatten()[:4].tolist()}")
     delta = s_next - s  # Δ < 0
     # σ = 1 guard (official / Flow-GRPO): 1 − σ is 0 there, so use 1 − σ_next instead.
     one_minus = torch.where(s >= 1, 1 - s_next, 1 - s)
@@ -241,10 +291,13 @@ def group_advantages(rewards, eps=1e-8):
     if rewards.shape[-1] < 2:
         raise ValueError(f"a group needs >= 2 rewards, got group dim {rewards.shape[-1]}")
     rewards = rewards.float()
+    if not torch.isfinite(rewards).all():
+        raise ValueError(f"rewards must be finite, got {rewards[~torch.isfinite(rewards)][:4].tolist()}")
     mean = rewards.mean(dim=-1, keepdim=True)
     std = rewards.std(dim=-1, keepdim=True)  # unbiased, as torch.std and the official code
     adv = (rewards - mean) / (std + eps)
-    # Equal rewards carry no preference; guard against rounding in the mean giving ±0.1 here.
+    # Differs from the official code: equal float32 rewards give a mean off by one ulp and std 0
+    # there, so (r − mean)/(std + 1e-8) can reach about ±6; equal rewards carry no preference.
     tied = (rewards == rewards[..., :1]).all(dim=-1, keepdim=True)
     return torch.where(tied, torch.zeros_like(adv), adv)
 
@@ -301,6 +354,18 @@ def take_rows(cond, index):
     raise TypeError(f"cond must be a tensor or a tuple/list/dict of tensors, got {type(cond)}")
 
 
+def check_velocity(v, x, sigma):
+    """velocity_fn must return a finite tensor of x's shape; blame it by name otherwise."""
+    if not torch.is_tensor(v) or v.shape != x.shape:
+        got = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+        raise ValueError(f"velocity_fn returned {got} for x of shape {tuple(x.shape)}; it must "
+                         f"return v with x's shape")
+    if not torch.isfinite(v).all():
+        raise FloatingPointError(f"velocity_fn returned non-finite values at sigma "
+                                 f"{torch.as_tensor(sigma).flatten()[:4].tolist()}")
+    return v
+
+
 class CountingVelocity:
     """Wraps velocity_fn: splits calls into chunks of batch_size rows and counts evaluated rows."""
 
@@ -312,7 +377,8 @@ class CountingVelocity:
         out = []
         for i in range(0, x.shape[0], self.batch_size):
             j = slice(i, i + self.batch_size)
-            out.append(self.velocity_fn(x[j], sigma[j], take_rows(cond, prompt_index[j])))
+            v = self.velocity_fn(x[j], sigma[j], take_rows(cond, prompt_index[j]))
+            out.append(check_velocity(v, x[j], sigma[j]))
         self.evals += x.shape[0]
         return torch.cat(out)
 
@@ -442,13 +508,16 @@ def score(reward_fn, samples, prompts, batch_size):
 
     Returns (N, R) float32 (R reward models; a (N,) reward gives R = 1).
     """
+    if not torch.isfinite(samples).all():
+        raise FloatingPointError("the samples to be scored hold non-finite values although "
+                                 "velocity_fn's outputs were finite: check eta and the sigma grid")
     out = []
     for i in range(0, samples.shape[0], batch_size):
         x, p = samples[i : i + batch_size], prompts[i : i + batch_size]
         r = torch.as_tensor(reward_fn(x, p)).float()
         if r.dim() == 1:
             r = r[:, None]
-        if r.dim() != 2 or r.shape[0] != x.shape[0]:
+        if r.dim() != 2 or r.shape[0] != x.shape[0] or r.shape[1] < 1:
             raise ValueError(f"reward_fn must return shape ({x.shape[0]},) or ({x.shape[0]}, R) "
                              f"for {x.shape[0]} samples, got {tuple(r.shape)}")
         if not torch.isfinite(r).all():
@@ -471,21 +540,44 @@ def policy_log_prob(velocity_fn, cond, x, x_next, sigma, sigma_next, eta):
     """
     P, S, G, D = x.shape[0], x.shape[1], x_next.shape[1], x.shape[2:]
     rows = torch.arange(P, device=x.device).repeat_interleave(S)
-    v = velocity_fn(x.flatten(0, 1), sigma.expand(P * S), take_rows(cond, rows)).view(P, S, *D)
+    x_flat = x.flatten(0, 1)
+    v = check_velocity(velocity_fn(x_flat, sigma.expand(P * S), take_rows(cond, rows)), x_flat,
+                       sigma).view(P, S, *D)
     _, log_prob, _, _ = sde_step(
         x.expand(P, G, *D).reshape(P * G, *D), v.expand(P, G, *D).reshape(P * G, *D),
         sigma, sigma_next, eta, prev_sample=x_next.reshape(P * G, *D))
     return log_prob.view(P, G)
 
 
+def _all_finite(tensors):
+    """True when every tensor (DTensors: this process's shard) is finite; one sync per device."""
+    by_device = {}
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        if t.is_floating_point():
+            by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(flags).all()) for flags in by_device.values())
+
+
+def optimizer_state_tensors(optimizer):
+    return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+
+
 def _clip_and_step(params, optimizer, max_grad_norm, where):
+    """Clip, then step only from finite gradients and finite optimizer state; check the result."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"non-finite gradient norm {grad_norm.item()} at {where}; "
                                  f"the optimizer step was skipped and the weights are unchanged")
+    if not _all_finite(optimizer_state_tensors(optimizer)):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"the optimizer state holds non-finite values at {where}; the "
+                                 f"step was skipped and the weights are unchanged")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if not _all_finite(params):  # finite inputs cannot get here; a custom optimizer might
+        raise FloatingPointError(f"the optimizer step at {where} produced non-finite weights")
     return grad_norm.item()
 
 
@@ -589,11 +681,12 @@ def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prom
     prompts: a sequence; each iteration draws cfg.prompts_per_iteration of them with replacement.
     encode_prompts(list) → cond with one row per prompt (default: torch.as_tensor).
     callback(iteration, metrics) runs after every iteration, before the log line (evaluation,
-    checkpoints; it may update metrics in place).
+    checkpoints; it may update metrics in place); a true return value stops training after it.
     sigmas: an explicit (T+1,) grid from 1 to 0 (e.g. a pipeline's dynamic shift); default
     sigma_schedule(cfg.num_steps, cfg.shift).
     Returns the list of per-iteration metrics dicts.
     """
+    check_config(cfg)  # again: a Config can be changed after it was built
     if len(prompts) == 0:
         raise ValueError("prompts is empty: the trainer needs at least one prompt")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -630,10 +723,13 @@ def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prom
                                   encode_prompts(batch), cfg, sigmas, latent_shape, generator)
         metrics["iteration"] = it
         history.append(metrics)
+        stop = False
         if callback is not None:
-            callback(it, metrics)  # may update metrics in place (e.g. averaged over processes)
+            stop = callback(it, metrics)  # may update metrics in place (e.g. over processes)
         if log is not None:
             log(format_metrics(it, metrics))
         if bar is not None:
             bar.set_postfix(reward=f"{metrics['reward']:.3f}")
+        if stop:
+            break
     return history

@@ -402,7 +402,7 @@ def test_copy_paste_surface(name):
 @pytest.mark.parametrize("kw,match", [
     (dict(group_size=1), "group_size .* got 1"),
     (dict(granularities=(1, 0)), "granularity .* got 0"),
-    (dict(granularities=(1, 1.5)), "granularity .* got 1.5"),
+    (dict(granularities=(1, 1.5)), "granularities must be an integer, got 1.5"),
     (dict(branch_steps=(0, 16)), "branch step 16"),
     (dict(branch_steps=(15,)), "branch step 15"),
     (dict(branch_steps=(-1,)), "branch step -1"),
@@ -456,6 +456,119 @@ def test_nan_gradients_never_reach_the_optimizer():
         g2rpo.train(model, nan_velocity, quadratic_reward, [1, 2], small_config(),
                     latent_shape=(3,), log=None, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(max_grad_norm=-1), "max_grad_norm must be > 0, got -1"),  # would reverse every update
+    (dict(max_grad_norm=0), "max_grad_norm must be > 0, got 0"),
+    (dict(max_grad_norm=float("nan")), "max_grad_norm must be finite, got nan"),
+    (dict(step_per_branch="False"), "step_per_branch must be True or False, got 'False'"),
+    (dict(eta=True), r"eta must be a number, got True \(bool\)"),
+    (dict(shift=True), r"shift must be a number, got True \(bool\)"),
+    (dict(eta=float("inf")), "eta must be finite, got inf"),
+    (dict(shift=float("nan")), "shift must be finite, got nan"),
+    (dict(lr=0), "lr must be > 0, got 0"),
+    (dict(weight_decay=-0.1), "weight_decay must be >= 0, got -0.1"),
+    (dict(clip_range=1.5), "clip_range must be < 1"),
+    (dict(num_steps=16.0), r"num_steps must be an integer, got 16.0 \(float\)"),
+    (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+    (dict(branch_steps=3), "branch_steps must be a sequence of integers, got 3"),
+])
+def test_config_types_and_ranges_are_checked(kw, match):
+    with pytest.raises(g2rpo.ConfigError, match=match) as e:
+        g2rpo.Config(**kw)
+    assert e.value.field == next(iter(kw))
+
+
+def test_config_accepts_numpy_and_zero_dim_tensor_numbers_as_python_numbers():
+    np = pytest.importorskip("numpy")
+    cfg = g2rpo.Config(num_steps=np.int64(16), group_size=torch.tensor(4), eta=np.float32(0.5),
+                       branch_steps=[np.int32(0), torch.tensor(3)], lr=torch.tensor(1e-3))
+    assert type(cfg.num_steps) is int and type(cfg.group_size) is int and cfg.group_size == 4
+    assert type(cfg.eta) is float and cfg.branch_steps == (0, 3)
+    assert all(type(k) is int for k in cfg.branch_steps)
+
+
+@pytest.mark.parametrize("eta", [1e-8, 50.0])
+def test_eta_outside_the_sane_range_warns(eta):
+    with pytest.warns(UserWarning, match=f"eta = {eta} is outside"):
+        g2rpo.Config(eta=eta)
+
+
+def test_train_rechecks_a_config_changed_after_construction():
+    cfg = small_config()
+    cfg.branch_steps = (0, 0)
+    model = LinearVelocity()
+    with pytest.raises(g2rpo.ConfigError, match="branch_steps must be distinct"):
+        g2rpo.train(model, model, quadratic_reward, [1, 2], cfg, latent_shape=(3,), log=None,
+                    progress=False)
+
+
+@pytest.mark.parametrize("bad_velocity,error,match", [
+    (lambda m: lambda x, s, c: m(x, s, c)[:, :2], ValueError,
+     r"velocity_fn returned \(\d+, 2\) for x of shape \(\d+, 3\)"),
+    (lambda m: lambda x, s, c: m(x, s, c) * float("nan"), FloatingPointError,
+     "velocity_fn returned non-finite values"),
+    (lambda m: lambda x, s, c: m(x, s, c) * (float("nan") if torch.is_grad_enabled() else 1.0),
+     FloatingPointError, "velocity_fn returned non-finite values"),  # training pass only
+])
+def test_a_bad_velocity_is_blamed_on_velocity_fn(bad_velocity, error, match):
+    model = LinearVelocity()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(error, match=match):
+        g2rpo.train(model, bad_velocity(model), quadratic_reward, [1, 2], small_config(),
+                    latent_shape=(3,), log=None, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_reward_with_no_columns_is_refused():
+    model = LinearVelocity()
+    with pytest.raises(ValueError, match=r"got \(\d+, 0\)"):
+        g2rpo.train(model, model, lambda x, p: torch.zeros(len(p), 0), [1, 2], small_config(),
+                    latent_shape=(3,), log=None, progress=False)
+
+
+def test_non_finite_samples_are_refused_before_scoring():
+    called = []
+    samples = torch.tensor([[0.0, float("inf")], [1.0, 2.0]])
+    with pytest.raises(FloatingPointError, match="samples to be scored hold non-finite"):
+        g2rpo.score(lambda x, p: called.append(1) or x.sum(1), samples, [0, 1], 8)
+    assert not called
+
+
+def test_a_non_finite_optimizer_state_is_refused_and_the_weights_stay():
+    model = LinearVelocity()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.w.grad = torch.ones_like(model.w)
+    optimizer.step()  # creates the state
+    optimizer.state[model.w]["exp_avg"].fill_(float("nan"))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="optimizer state holds non-finite values"):
+        g2rpo.train(model, model, quadratic_reward, [1, 2], small_config(), latent_shape=(3,),
+                    optimizer=optimizer, log=None, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_pasted_functions_refuse_what_they_cannot_compute():
+    x = torch.zeros(2, 3)
+    for sigma, sigma_next in ((0.5, 0.5), (0.4, 0.5), (0.0, 0.0), (1.2, 0.5)):
+        with pytest.raises(ValueError, match="needs 1 >= sigma > sigma_next >= 0"):
+            g2rpo.sde_step(x, x, sigma, sigma_next, 0.7)
+    with pytest.raises(ValueError, match="needs 1 >= sigma > sigma_next"):
+        g2rpo.sde_step(x, x, torch.tensor([0.5, 0.3]), torch.tensor([0.4, 0.3]), 0.7)
+    with pytest.raises(ValueError, match="eta must be > 0 and finite"):
+        g2rpo.sde_step(x, x, 0.5, 0.4, float("inf"))
+    with pytest.raises(ValueError, match=r"rewards must be finite, got \[nan\]"):
+        g2rpo.group_advantages(torch.tensor([1.0, float("nan"), 0.0]))
+
+
+def test_a_callback_returning_true_stops_training():
+    model = LinearVelocity()
+    seen = []
+    history = g2rpo.train(model, model, quadratic_reward, [1, 2], small_config(num_iterations=5),
+                          latent_shape=(3,), callback=lambda it, m: seen.append(it) or it == 1,
+                          log=None, progress=False)
+    assert seen == [0, 1] and [m["iteration"] for m in history] == [0, 1]
 
 
 def test_empty_prompts_are_refused():
