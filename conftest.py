@@ -15,6 +15,22 @@ def gpu_test_device():
     return torch.device(os.environ.get("G2RPO_GPU_TEST_DEVICE", "cuda"))
 
 
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """A tiny random FluxPipeline saved with save_pretrained (read-only for the tests)."""
+    from test_flux_flow import make_tiny_flux
+
+    return make_tiny_flux(tmp_path_factory.mktemp("flux"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny random CLIPModel with its tokenizer and image processor, saved."""
+    from test_flux_flow import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (python -m pytest -q -m gpu)")
 

@@ -7,7 +7,8 @@
     # evaluation only: ODE samples for the held-out prompts, mean rewards, an image grid
     python flux_flow.py --model ... --eval --iterations 0
 
-Everything FLUX-specific lives here; g2rpo.py stays model-agnostic. Latents are kept in FLUX's
+Everything FLUX-specific lives here; g2rpo.py stays model-agnostic; run directories, checkpoints
+and signals are in flux_run.py. Latents are kept in FLUX's
 packed layout (N, S, 64) in float32 between steps; the transformer runs in --dtype (bf16 autocast
 on GPU) and log-probabilities are computed in float32.
 """
@@ -16,6 +17,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import flux_run
 import g2rpo
 
 BUILTIN_PROMPTS = [
@@ -83,13 +86,23 @@ def load_pipeline(path, device="cpu", dtype=torch.float32):
 
 
 def read_prompts(path=None, builtin=BUILTIN_PROMPTS):
-    """Prompts from a text file (one per line, blank lines skipped), or the built-in list."""
+    """Prompts from a UTF-8 text file (one per line, blank lines skipped, a BOM dropped), or the
+    built-in list."""
     if path is None:
         return list(builtin)
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"prompt file {str(path)!r} is a directory, not a text file")
     if not p.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text (byte {e.start}: "
+                         f"{e.reason})") from None
+    except OSError as e:
+        raise OSError(f"prompt file {str(path)!r} cannot be read: {e.strerror or e}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file {str(path)!r} holds no prompts (one per line expected)")
     return prompts
@@ -448,10 +461,12 @@ def wrap_distributed(transformer, lora_rank, device):
 
 
 def all_reduce_metrics(metrics, world_size):
-    """Average every number (and list of numbers) in a metrics dict over the ranks."""
+    """Average every number (and list of numbers) in a metrics dict over the ranks; the
+    iteration, the same on every rank, stays an integer."""
     if world_size == 1:
         return metrics
-    keys = [k for k, v in metrics.items() if isinstance(v, (int, float, list))]
+    keys = [k for k, v in metrics.items()
+            if isinstance(v, (int, float, list)) and k != "iteration"]
     flat = [torch.tensor(metrics[k], dtype=torch.float64).flatten() for k in keys]
     t = torch.cat(flat)
     if dist.get_backend() == "nccl":
@@ -467,71 +482,23 @@ def all_reduce_metrics(metrics, world_size):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: trainable weights, optimizer, every rank's RNG, iteration; written atomically.
+# What a checkpoint must match (checkpoints, run directories and stops: flux_run.py).
 
 
 def fingerprint(args, transformer):
-    """What a checkpoint must match to be resumed: the model, the adapter and the algorithm."""
+    """Every setting that changes the model or the algorithm; a resume must match all of them.
+    The learning rate is left out: a changed one is applied on resume (and logged)."""
     cfg = dict(transformer.config)
     return {"transformer_config": json.loads(json.dumps(cfg, default=str)),
             "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "method": args.method,
             "granularities": list(args.granularities), "branch_steps": list(args.branch_steps),
             "group_size": args.group_size, "num_steps": args.steps, "height": args.height,
-            "width": args.width}
-
-
-def _rng_state(generator):
-    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def save_checkpoint(path, transformer, optimizer, generator, iteration, fp, world_size):
-    """All ranks call; rank 0 writes path via a temporary file and a rename (never half-written)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    model_sd, optim_sd = get_state_dict(transformer, optimizer, options=opts)
-    rng = [_rng_state(generator)]
-    if world_size > 1:
-        rng = [None] * world_size
-        dist.all_gather_object(rng, _rng_state(generator))
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"model": model_sd, "optimizer": optim_sd, "rng": rng, "iteration": iteration,
-                    "world_size": world_size, "fingerprint": fp}, tmp)
-        os.replace(tmp, path)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_checkpoint(path, transformer, optimizer, generator, fp, world_size):
-    """Restore what save_checkpoint wrote; refuse a checkpoint of another model or config."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    diff = sorted(k for k in set(fp) | set(ckpt["fingerprint"]) if fp.get(k) != ckpt["fingerprint"].get(k))
-    if diff:
-        raise ValueError(f"checkpoint {str(path)!r} was made for another model or config; it "
-                         f"differs in: {', '.join(diff)}")
-    if ckpt["world_size"] != world_size:
-        raise ValueError(f"checkpoint {str(path)!r} was written by {ckpt['world_size']} processes, "
-                         f"this run has {world_size}: per-rank RNG states would not match")
-    opts = StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False)
-    set_state_dict(transformer, optimizer, model_state_dict=ckpt["model"],
-                   optim_state_dict=ckpt["optimizer"], options=opts)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rng = ckpt["rng"][rank]
-    generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return ckpt["iteration"] + 1
+            "width": args.width, "eta": args.eta, "shift": args.shift, "schedule": args.schedule,
+            "clip_range": args.clip_range, "adv_clip": args.adv_clip,
+            "max_grad_norm": args.max_grad_norm, "weight_decay": args.weight_decay,
+            "step_per_iteration": args.step_per_iteration, "guidance": args.guidance,
+            "prompts_per_gpu": args.prompts_per_gpu, "rewards": reward_names(args.rewards),
+            "max_sequence_length": args.max_sequence_length}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -563,63 +530,140 @@ def save_grid(images, path):
 
 
 def int_list(s):
-    return tuple(int(x) for x in s.split(",") if x.strip())
+    """'0,1,2' → (0, 1, 2), for argparse; empty or non-integer lists are refused."""
+    try:
+        values = tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one integer, got {s!r}")
+    return values
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default in --help."""
+
+
+# Config fields whose flag is not "--" + the field with dashes.
+FLAGS = {"num_steps": "--steps", "prompts_per_iteration": "--prompts-per-gpu",
+         "num_iterations": "--iterations", "step_per_branch": "--step-per-iteration"}
+
+
+def make_config(args, rank=0):
+    """The g2rpo.Config of these arguments; each rank draws its own prompts and noise."""
+    return g2rpo.Config(num_steps=args.steps, shift=args.shift, eta=args.eta,
+                        branch_steps=args.branch_steps, group_size=args.group_size,
+                        granularities=args.granularities, clip_range=args.clip_range,
+                        adv_clip=args.adv_clip, lr=args.lr, weight_decay=args.weight_decay,
+                        max_grad_norm=args.max_grad_norm,
+                        step_per_branch=not args.step_per_iteration, method=args.method,
+                        prompts_per_iteration=args.prompts_per_gpu,
+                        num_iterations=args.iterations, batch_size=args.batch_size,
+                        seed=args.seed + rank)
 
 
 def parse_args(argv=None):
     d = g2rpo.Config()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="flux_flow.py", description=__doc__,
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     a("--model", default="black-forest-labs/FLUX.1-dev", help="FluxPipeline folder or Hub id")
-    a("--prompts", help="training prompts, one per line (default: a small built-in list)")
-    a("--eval-prompts", help="held-out prompts, one per line (default: built-in)")
-    a("--height", type=int, default=512)
-    a("--width", type=int, default=512)
+    a("--prompts", help="training prompts, UTF-8, one per line (default: a small built-in list)")
+    a("--eval-prompts", help="held-out prompts, one per line (default: 4 built-in)")
+    a("--height", type=int, default=512, help="image height, a multiple of 16")
+    a("--width", type=int, default=512, help="image width, a multiple of 16")
     a("--steps", type=int, default=d.num_steps, help="T sampling steps")
     a("--schedule", choices=["static", "pipeline"], default="static",
       help="static shift (official recipe) or the pipeline's dynamic-shift grid")
-    a("--shift", type=float, default=d.shift)
+    a("--shift", type=float, default=d.shift, help="static shift of the σ grid")
     a("--guidance", type=float, default=3.5, help="FLUX-dev distilled guidance embedding")
-    a("--max-sequence-length", type=int, default=512)
-    a("--method", choices=["g2rpo", "full_sde"], default=d.method)
-    a("--eta", type=float, default=d.eta)
-    a("--group-size", type=int, default=d.group_size)
+    a("--max-sequence-length", type=int, default=512, help="T5 tokens per prompt")
+    a("--method", choices=["g2rpo", "full_sde"], default=d.method,
+      help="G²RPO, or the full-SDE GRPO baseline")
+    a("--eta", type=float, default=d.eta, help="η, SDE noise level")
+    a("--group-size", type=int, default=d.group_size, help="G, members per prompt")
     a("--branch-steps", type=int_list, default=d.branch_steps, help="comma-separated k")
     a("--granularities", type=int_list, default=d.granularities, help="comma-separated λ")
     a("--rewards", default="clip", help="comma-separated: clip, pickscore, hps (advantages summed)")
-    a("--clip-model", default="openai/clip-vit-large-patch14")
-    a("--pickscore-model", default="yuvalkirstain/PickScore_v1")
-    a("--pickscore-processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    a("--clip-model", default="openai/clip-vit-large-patch14", help="CLIP reward model")
+    a("--pickscore-model", default="yuvalkirstain/PickScore_v1", help="PickScore reward model")
+    a("--pickscore-processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+      help="PickScore's tokenizer and image processor")
     a("--lora-rank", type=int, default=64, help="0 = full fine-tune of the transformer")
-    a("--lora-alpha", type=float, default=None, help="default: = rank")
-    a("--lr", type=float, default=None, help=f"default {d.lr} full, 1e-4 LoRA")
-    a("--weight-decay", type=float, default=d.weight_decay)
-    a("--clip-range", type=float, default=d.clip_range)
-    a("--adv-clip", type=float, default=d.adv_clip)
-    a("--max-grad-norm", type=float, default=d.max_grad_norm)
-    a("--step-per-iteration", action="store_true", help="one optimizer step per iteration")
-    a("--iterations", type=int, default=d.num_iterations)
-    a("--prompts-per-gpu", type=int, default=d.prompts_per_iteration)
+    a("--lora-alpha", type=float, default=None, help="LoRA alpha (None: = rank)")
+    a("--lr", type=float, default=None, help=f"AdamW learning rate (None: {d.lr} full, 1e-4 LoRA)")
+    a("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    a("--clip-range", type=float, default=d.clip_range, help="ε of the clipped ratio")
+    a("--adv-clip", type=float, default=d.adv_clip, help="clip of the summed advantages")
+    a("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient-norm clip, > 0")
+    a("--step-per-iteration", action="store_true",
+      help="one optimizer step per iteration (default: one per branch step)")
+    a("--iterations", type=int, default=d.num_iterations, help="outer iterations")
+    a("--prompts-per-gpu", type=int, default=d.prompts_per_iteration,
+      help="prompts per iteration and process")
     a("--batch-size", type=int, default=8, help="rows per transformer call while sampling")
     a("--decode-batch", type=int, default=4, help="images per VAE decode while scoring")
-    a("--gradient-checkpointing", action="store_true")
-    a("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    a("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    a("--dtype", choices=["bf16", "fp32"], default=None,
+      help="compute dtype (None: bf16 on GPU, fp32 on CPU)")
     a("--attention-backends", default=",".join(DEFAULT_ATTENTION),
       help="scaled_dot_product_attention backends the transformer may use: comma-separated of "
            "flash, efficient, math, cudnn, or 'all' (PyTorch's own pick). The default leaves out "
            "cuDNN, whose bf16 backward fails on Hopper GPUs (README, FLUX.1)")
-    a("--output-dir", default="runs/flux")
+    a("--output-dir", default="runs/flux", help="checkpoint, metrics.jsonl, eval images")
+    a("--overwrite", action="store_true",
+      help="replace the run already in --output-dir (its files are deleted)")
     a("--save-every", type=int, default=50, help="checkpoint every N iterations (and at the end)")
     a("--resume", help="checkpoint to continue from (exactly)")
     a("--eval", action="store_true", help="evaluate on the held-out prompts before and after")
-    a("--eval-seeds", type=int_list, default=(0, 1))
-    a("--seed", type=int, default=d.seed)
+    a("--eval-seeds", type=int_list, default=(0, 1), help="comma-separated evaluation seeds")
+    a("--seed", type=int, default=d.seed, help="seeds LoRA's initialisation, prompts and noise")
     args = p.parse_args(argv)
-    args.lora_alpha = args.lora_alpha or max(args.lora_rank, 1)
-    args.lr = args.lr or (1e-4 if args.lora_rank > 0 else d.lr)
-    if args.lora_rank < 0:
-        p.error(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    try:
+        check_args(args)
+    except (ValueError, OSError) as e:
+        p.error(str(e))
     return args
+
+
+def check_args(args):
+    """Every flag, before any model loads: fill the defaults that depend on others and raise
+    ValueError / OSError naming the flag (or file) and the value."""
+    if args.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    if args.lora_alpha is None:
+        args.lora_alpha = float(max(args.lora_rank, 1))
+    elif not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        raise ValueError(f"--lora-alpha must be > 0 and finite, got {args.lora_alpha}")
+    if args.lr is None:
+        args.lr = 1e-4 if args.lora_rank > 0 else g2rpo.Config.lr
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value <= 0 or value % 16:
+            raise ValueError(f"{flag} must be a positive multiple of 16 (FLUX.1: 8x VAE, then "
+                             f"2x2 packing), got {value}")
+    for flag, value in (("--save-every", args.save_every), ("--decode-batch", args.decode_batch),
+                        ("--max-sequence-length", args.max_sequence_length)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance must be finite, got {args.guidance}")
+    sdpa_backends(args.attention_backends)
+    reward_names(args.rewards)
+    try:
+        make_config(args)
+    except g2rpo.ConfigError as e:
+        flag = FLAGS.get(e.field, "--" + e.field.replace("_", "-"))
+        raise ValueError(f"{flag}: {e}") from None
+    read_prompts(args.prompts)
+    read_prompts(args.eval_prompts, BUILTIN_EVAL_PROMPTS)
+    if args.resume is not None:
+        resume = Path(args.resume)
+        if not resume.is_file():
+            raise FileNotFoundError(f"--resume {args.resume!r}: "
+                                    + ("is a directory" if resume.is_dir() else "does not exist"))
+        if args.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+    flux_run.check_writable_dir(args.output_dir)
 
 
 def main(argv=None):
@@ -635,29 +679,33 @@ def main(argv=None):
 
 
 def train_flux(args, rank, world, device):
-    """Everything main does between process-group set-up and tear-down."""
+    """Everything main does between process-group set-up and tear-down; the output directory
+    is locked for the whole run."""
+    run = flux_run.RunDirectory(args.output_dir, resume=args.resume is not None,
+                                overwrite=args.overwrite, is_main=rank == 0)
+    try:
+        return _train_flux(args, rank, world, device, run)
+    finally:
+        run.close()
+
+
+def _train_flux(args, rank, world, device, run):
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    cfg = g2rpo.Config(num_steps=args.steps, shift=args.shift, eta=args.eta,
-                       branch_steps=args.branch_steps, group_size=args.group_size,
-                       granularities=args.granularities, clip_range=args.clip_range,
-                       adv_clip=args.adv_clip, lr=args.lr, weight_decay=args.weight_decay,
-                       max_grad_norm=args.max_grad_norm, step_per_branch=not args.step_per_iteration,
-                       method=args.method, prompts_per_iteration=args.prompts_per_gpu,
-                       num_iterations=args.iterations, batch_size=args.batch_size,
-                       seed=args.seed + rank)  # each rank draws its own prompts and noise
-    reward_names(args.rewards)  # fail on a typo before the (slow) model loading
+    cfg = make_config(args, rank)
     prompts = read_prompts(args.prompts)
     eval_prompts = read_prompts(args.eval_prompts, BUILTIN_EVAL_PROMPTS)
-    pipe = load_pipeline(args.model, device, dtype)
-    check_image_size(pipe, args.height, args.width)
+    # Rewards first: a missing reward model is found before FLUX loads (minutes at full size).
     rewards = load_rewards(args.rewards, device, args.clip_model, args.pickscore_model,
                            args.pickscore_processor)
+    pipe = load_pipeline(args.model, device, dtype)
+    check_image_size(pipe, args.height, args.width)
     encoder = PromptEncoder(pipe, args.max_sequence_length)
     sigmas = flux_sigmas(pipe, args.steps, args.height, args.width, args.schedule, args.shift)
     raw = pipe.transformer
+    torch.manual_seed(args.seed)  # LoRA's initialisation: same seed, same adapters (all ranks)
     setup_trainable(raw, args.lora_rank, args.lora_alpha, args.gradient_checkpointing,
                     upcast=world == 1)
     model = wrap_distributed(raw, args.lora_rank, device)
@@ -671,18 +719,18 @@ def train_flux(args, rank, world, device):
                                            args.width, args.guidance, dtype,
                                            args.attention_backends)
     fp = fingerprint(args, raw)
-    out = Path(args.output_dir)
+    out, ckpt_path = run.path, run.path / flux_run.CHECKPOINT
     start = 0
     if args.resume:
-        start = load_checkpoint(args.resume, model, optimizer, generator, fp, world)
+        start = flux_run.load_checkpoint(args.resume, model, optimizer, generator, fp, world,
+                                         lr=cfg.lr, log=say)
         say(f"resumed from {args.resume} at iteration {start}")
+    run.start(start)  # metrics.jsonl keeps only the iterations before `start`
     n_train = sum(p.numel() for p in params)
     trained = f"LoRA r={args.lora_rank}" if args.lora_rank else "full fine-tune"
     backend = f" ({dist.get_backend()})" if dist.is_initialized() else ""
-    say(f"{world} process(es){backend} on {device}, {dtype}; {trained} ({n_train / 1e6:.2f} M trainable); "
-        f"{len(prompts)} prompts; σ grid {[round(s, 3) for s in sigmas.tolist()]}")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    say(f"{world} process(es){backend} on {device}, {dtype}; {trained} ({n_train / 1e6:.2f} M "
+        f"trainable); {len(prompts)} prompts; σ grid {[round(s, 3) for s in sigmas.tolist()]}")
 
     def run_eval(tag):
         scores = evaluate(pipe, eval_velocity, encoder, rewards, eval_prompts, args.height,
@@ -692,22 +740,28 @@ def train_flux(args, rank, world, device):
         return scores
 
     results = {"before": run_eval("before")} if args.eval else {}
+    stopper = flux_run.GracefulStop(log=say)
 
     def callback(it, metrics):
         metrics.update(all_reduce_metrics(metrics, world))  # train's history sees these values
-        if is_main:  # one JSON line per iteration, appended: a resumed run adds to the same file
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        if (it + 1) % args.save_every == 0 or it + 1 == cfg.num_iterations:
-            save_checkpoint(out / "checkpoint.pt", model, optimizer, generator, it, fp, world)
+        run.log_metrics(metrics)  # rows after the last checkpoint are dropped on resume
+        stop = stopper.should_stop(world)
+        if stop or (it + 1) % args.save_every == 0 or it + 1 == cfg.num_iterations:
+            flux_run.save_checkpoint(ckpt_path, model, optimizer, generator, it, fp, world)
+        return stop
 
     reward_fn = make_reward_fn(pipe, rewards, args.height, args.width, args.decode_batch)
-    history = g2rpo.train(model, velocity, reward_fn, prompts, cfg,
-                          latent_shape(pipe, args.height, args.width), encode_prompts=encoder,
-                          optimizer=optimizer, generator=generator, start_iteration=start,
-                          callback=callback, log=print if is_main else None, progress=is_main,
-                          sigmas=sigmas)
-    if args.eval:
+    with stopper:
+        history = g2rpo.train(model, velocity, reward_fn, prompts, cfg,
+                              latent_shape(pipe, args.height, args.width), encode_prompts=encoder,
+                              optimizer=optimizer, generator=generator, start_iteration=start,
+                              callback=callback, log=print if is_main else None,
+                              progress=is_main, sigmas=sigmas)
+    if stopper.requested:
+        say(f"stopped by {stopper.requested} after iteration {history[-1]['iteration']}; "
+            f"checkpoint written to {ckpt_path}. To continue, rerun the same command with "
+            f"--resume {ckpt_path}")
+    elif args.eval:
         results["after"] = run_eval("after")
         if is_main:
             (out / "eval.json").write_text(json.dumps(results, indent=1))

@@ -7,9 +7,12 @@ folder and loaded back through flux_flow.py's real loading path (FluxPipeline.fr
 import importlib.util
 import json
 import os
+import re
+import signal
 import string
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -19,6 +22,7 @@ import pytest
 import torch
 
 import flux_flow
+import flux_run
 import g2rpo
 
 torch.set_num_threads(2)
@@ -87,16 +91,6 @@ def make_tiny_clip(path):
     clip_tokenizer().save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(path)
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory):
-    return make_tiny_flux(tmp_path_factory.mktemp("flux"))
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def train_args(flux, clip, out, *extra):
@@ -289,16 +283,37 @@ def test_resume_continues_bit_for_bit(tiny_flux, tiny_clip, tmp_path):
     assert_resume_is_bit_exact(tiny_flux, tiny_clip, tmp_path, "--lora-rank", "0")
 
 
-def test_checkpoint_of_another_config_is_refused(tiny_flux, tiny_clip, tmp_path):
+def test_checkpoint_of_another_config_is_refused(tiny_flux, tiny_clip, tmp_path, capsys):
     flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
                               "--lora-rank", "4"))
+    ckpt = str(tmp_path / "checkpoint.pt")
     with pytest.raises(ValueError, match="differs in: lora_alpha, lora_rank"):
         flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "b", "--iterations", "2",
-                                  "--lora-rank", "2", "--resume",
-                                  str(tmp_path / "checkpoint.pt")))
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+                                  "--lora-rank", "2", "--resume", ckpt))
+    # Every algorithm setting is in the fingerprint: another eta is refused, naming both values.
+    with pytest.raises(ValueError, match=r"differs in: eta \(eta: checkpoint 0.7, now 0.5\)"):
         flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "c", "--iterations", "2",
-                                  "--lora-rank", "4", "--resume", str(tmp_path / "nope.pt")))
+                                  "--lora-rank", "4", "--eta", "0.5", "--resume", ckpt))
+    for flag, value in (("--guidance", "2.0"), ("--clip-range", "0.01"), ("--shift", "2.0"),
+                        ("--schedule", "pipeline")):
+        with pytest.raises(ValueError, match=f"differs in: {flag[2:].replace('-', '_')}"):
+            flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "d", "--iterations", "2",
+                                      "--lora-rank", "4", flag, value, "--resume", ckpt))
+    with pytest.raises(ValueError, match="differs in: step_per_iteration"):
+        flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "d", "--iterations", "2",
+                                  "--lora-rank", "4", "--step-per-iteration", "--resume", ckpt))
+
+
+def test_a_changed_learning_rate_is_applied_on_resume_and_logged(tiny_flux, tiny_clip, tmp_path,
+                                                                  capsys):
+    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
+                              "--lora-rank", "4", "--lr", "1e-3"))
+    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2",
+                              "--lora-rank", "4", "--lr", "5e-4", "--resume",
+                              str(tmp_path / "checkpoint.pt")))
+    assert "learning rate: checkpoint 0.001, this run 0.0005: applying 0.0005" in capsys.readouterr().out
+    groups = checkpoint(tmp_path / "checkpoint.pt")["optimizer"]["param_groups"]
+    assert {g["lr"] for g in groups} == {5e-4}
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tiny_flux, tmp_path,
@@ -309,7 +324,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tiny_flux, tm
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     g = torch.Generator().manual_seed(0)
     path = tmp_path / "checkpoint.pt"
-    flux_flow.save_checkpoint(path, model, opt, g, 0, {"x": 1}, 1)
+    flux_run.save_checkpoint(path, model, opt, g, 0, {"x": 1}, 1)
     before = path.read_bytes()
 
     def broken_save(obj, f):
@@ -318,7 +333,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tiny_flux, tm
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        flux_flow.save_checkpoint(path, model, opt, g, 1, {"x": 1}, 1)
+        flux_run.save_checkpoint(path, model, opt, g, 1, {"x": 1}, 1)
     assert path.read_bytes() == before
     assert checkpoint(path)["iteration"] == 0
 
@@ -341,6 +356,7 @@ def test_torchrun_two_processes_keep_ranks_identical(tiny_flux, tiny_clip, tmp_p
     assert "2 process(es)" in r.stdout
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [0, 1]
+    assert all(type(m["iteration"]) is int for m in metrics)  # not averaged into a float
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
     saved = checkpoint(out / "checkpoint.pt")["model"]
     assert saved and all(v.dtype == torch.float32 for v in saved.values())  # fp32 master weights
@@ -350,24 +366,250 @@ def test_torchrun_two_processes_keep_ranks_identical(tiny_flux, tiny_clip, tmp_p
 # Bad input.
 
 
-def test_bad_input_gives_clear_errors(tiny_flux, tiny_clip, tmp_path):
-    base = train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1")
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
-        flux_flow.main(base + ["--prompts", str(tmp_path / "missing.txt")])
+def parse_error(argv, capsys):
+    """flux_flow.main(argv) must stop at argument checking (exit 2); return what it printed."""
+    with pytest.raises(SystemExit) as e:
+        flux_flow.main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--max-grad-norm", "-1"], "--max-grad-norm: max_grad_norm must be > 0, got -1"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm: max_grad_norm must be finite, got nan"),
+    (["--save-every", "0"], "--save-every must be >= 1, got 0"),
+    (["--decode-batch", "0"], "--decode-batch must be >= 1, got 0"),
+    (["--eval-seeds", ","], "--eval-seeds: expected at least one integer, got ','"),
+    (["--branch-steps", "0,x"], "--branch-steps: expected comma-separated integers"),
+    (["--steps", "1"], "--steps: num_steps must be an integer >= 2, got 1"),
+    (["--prompts-per-gpu", "0"], "--prompts-per-gpu: prompts_per_iteration must be an integer >= 1"),
+    (["--group-size", "1"], "--group-size: group_size must be an integer >= 2"),
+    (["--iterations", "-1"], "--iterations: num_iterations must be an integer >= 0, got -1"),
+    (["--height", "33"], "--height must be a positive multiple of 16"),
+    (["--width", "0"], "--width must be a positive multiple of 16"),
+    (["--lr", "0"], "--lr: lr must be > 0, got 0"),
+    (["--lora-alpha", "0"], "--lora-alpha must be > 0 and finite, got 0"),
+    (["--lora-rank", "-1"], "--lora-rank must be >= 0, got -1"),
+    (["--guidance", "nan"], "--guidance must be finite, got nan"),
+    (["--eta", "inf"], "--eta: eta must be finite, got inf"),
+    (["--shift", "-3"], "--shift: shift must be > 0, got -3"),
+    (["--branch-steps", "0,15"], "--branch-steps: branch step 15 is outside 0..2"),
+    (["--rewards", "clip,aesthetic"], "unknown reward 'aesthetic'"),
+    (["--attention-backends", "flash,cudnn2"], "unknown attention backend 'cudnn2'"),
+    (["--resume", "nope.pt"], "--resume 'nope.pt': does not exist"),
+])
+def test_every_flag_is_checked_before_any_model_loads(tmp_path, capsys, extra, message):
+    # --model points nowhere: reaching the loader would give another error.
+    argv = train_args(str(tmp_path / "no_flux_here"), str(tmp_path / "no_clip_here"),
+                      tmp_path / "out", "--iterations", "1", *extra)
+    assert message in parse_error(argv, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_paths_are_checked_before_any_model_loads(tmp_path, capsys):
+    base = train_args(str(tmp_path / "no_flux_here"), str(tmp_path / "no_clip_here"),
+                      tmp_path / "out", "--iterations", "1")
+    (tmp_path / "a_file").write_text("x")
+    assert f"'{tmp_path / 'a_file'}' is a file, not a directory" in parse_error(
+        base + ["--output-dir", str(tmp_path / "a_file" / "sub")], capsys)
+    assert "'" + str(tmp_path / "a_file") + "' is a file, not a directory" in parse_error(
+        base + ["--output-dir", str(tmp_path / "a_file")], capsys)
+    assert "missing.txt' does not exist" in parse_error(
+        base + ["--prompts", str(tmp_path / "missing.txt")], capsys)
+    assert "is a directory, not a text file" in parse_error(base + ["--prompts", str(tmp_path)],
+                                                            capsys)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café au lait\n".encode("latin-1"))
+    assert f"prompt file '{latin1}' is not UTF-8 text" in parse_error(
+        base + ["--prompts", str(latin1)], capsys)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    with pytest.raises(ValueError, match="holds no prompts"):
-        flux_flow.main(base + ["--prompts", str(empty)])
-    with pytest.raises(ValueError, match="height must be a positive multiple of 16, got 40"):
-        flux_flow.main(base + ["--height", "40"])
-    with pytest.raises(ValueError, match="unknown reward 'aesthetic'"):
-        flux_flow.main(base + ["--rewards", "clip,aesthetic"])
+    assert "holds no prompts" in parse_error(base + ["--eval-prompts", str(empty)], capsys)
+    assert "exclude each other" in parse_error(
+        base + ["--resume", str(latin1), "--overwrite"], capsys)
+
+
+def test_prompt_files_drop_a_utf8_bom(tmp_path):
+    f = tmp_path / "bom.txt"
+    f.write_bytes("\ufeffa red fox\n\nun café\n".encode("utf-8"))
+    assert flux_flow.read_prompts(f) == ["a red fox", "un café"]
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        flux_flow.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: 0.7)" in out and "(default: runs/flux)" in out and "(default: 50)" in out
+
+
+def test_model_loading_errors_name_what_is_missing_and_rewards_load_first(tiny_flux, tiny_clip,
+                                                                          tmp_path):
+    base = train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1")
     with pytest.raises(OSError, match="could not load reward model 'no-such/reward-model'"):
-        flux_flow.main(base + ["--clip-model", "no-such/reward-model"])
+        # --model is missing too: the reward, which loads first, is what the error names
+        flux_flow.main(base + ["--clip-model", "no-such/reward-model",
+                               "--model", str(tmp_path / "no_flux_here")])
     with pytest.raises(OSError, match="could not load a FLUX pipeline from"):
         flux_flow.main(base + ["--model", str(tmp_path / "no_flux_here")])
     if importlib.util.find_spec("hpsv2") is None:
         with pytest.raises(ImportError, match="needs the hpsv2 package"):
             flux_flow.main(base + ["--rewards", "hps"])
-    with pytest.raises(ValueError, match="group_size .* got 1"):
-        flux_flow.main(base + ["--group-size", "1"])
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Long runs that lose nothing: output directories, kills, signals, seeds (issue 8).
+
+
+def metrics_rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_an_output_directory_holding_a_run_is_refused_unless_resumed_or_overwritten(
+        tiny_flux, tiny_clip, tmp_path):
+    args = train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1", "--lora-rank", "4")
+    flux_flow.main(args)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(FileExistsError, match=r"already holds a run \(checkpoint.pt, metrics.jsonl\)"
+                                              r".*--resume .*--overwrite"):
+        flux_flow.main(args)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before and len(metrics_rows(tmp_path)) == 1
+    flux_flow.main(args + ["--overwrite", "--seed", "1"])
+    assert [m["iteration"] for m in metrics_rows(tmp_path)] == [0]  # replaced, not appended
+    assert (tmp_path / "checkpoint.pt").read_bytes() != before
+    assert not (tmp_path / ".lock").exists()  # cleared on exit
+
+
+def test_one_run_at_a_time_per_directory(tmp_path):
+    first = flux_run.RunDirectory(tmp_path)
+    with pytest.raises(RuntimeError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+        flux_run.RunDirectory(tmp_path)
+    first.close()
+    flux_run.RunDirectory(tmp_path).close()  # free again
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_metrics_never_hold_an_iteration_twice_after_a_kill_and_resume(tiny_flux, tiny_clip,
+                                                                       tmp_path):
+    args = train_args(tiny_flux, tiny_clip, tmp_path, "--lora-rank", "4", "--save-every", "2")
+    flux_flow.main(args + ["--iterations", "2"])  # checkpoint after iteration 1
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # a kill after logging 2 and 3, unsaved
+        for it in (2, 3):
+            f.write(json.dumps({"iteration": it, "reward": 0.0}) + "\n")
+    flux_flow.main(args + ["--iterations", "4", "--resume", str(tmp_path / "checkpoint.pt")])
+    rows = metrics_rows(tmp_path)
+    assert [m["iteration"] for m in rows] == [0, 1, 2, 3]
+    assert all(type(m["iteration"]) is int for m in rows)
+    assert rows[2]["reward"] != 0.0  # the resumed run's own row, not the stale one
+
+
+def test_same_seed_gives_the_same_lora_weights(tiny_flux, tiny_clip, tmp_path):
+    sd = []
+    for name in ("a", "b"):
+        torch.manual_seed(len(name) * 1000 + ord(name))  # a different global RNG state each time
+        flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / name, "--iterations", "1",
+                                  "--lora-rank", "4", "--seed", "3"))
+        sd.append(checkpoint(tmp_path / name / "checkpoint.pt")["model"])
+    assert sd[0].keys() == sd[1].keys()
+    for k in sd[0]:
+        assert torch.equal(sd[0][k], sd[1][k]), k
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty (0 bytes)"),
+    (b"not a checkpoint at all", "is not a g2rpo checkpoint that torch.load can read"),
+    (None, "is not a g2rpo checkpoint: it lacks fingerprint"),
+])
+def test_unreadable_checkpoints_are_named(tmp_path, content, message):
+    path = tmp_path / "ckpt.pt"
+    if content is None:
+        torch.save({"model": {}, "optimizer": {}, "rng": [], "iteration": 0, "world_size": 1}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"checkpoint '{path}' {re.escape(message)}"):
+        flux_run.read_checkpoint(path)
+
+
+def test_a_checkpoint_with_non_finite_optimizer_state_is_refused(tiny_flux, tiny_clip, tmp_path):
+    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
+                              "--lora-rank", "4"))
+    ckpt = checkpoint(tmp_path / "checkpoint.pt")
+    state = next(iter(ckpt["optimizer"]["state"].values()))
+    state["exp_avg"].fill_(float("nan"))
+    bad = tmp_path / "bad.pt"
+    torch.save(ckpt, bad)
+    with pytest.raises(ValueError, match=f"checkpoint '{bad}' holds non-finite optimizer state"):
+        flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "b", "--iterations", "2",
+                                  "--lora-rank", "4", "--resume", str(bad)))
+
+
+def test_a_failed_save_names_the_path_and_keeps_the_state_in_a_rescue_file(tiny_flux, tmp_path,
+                                                                          monkeypatch):
+    pipe = flux_flow.load_pipeline(tiny_flux)
+    flux_flow.setup_trainable(pipe.transformer, 2, 2)
+    opt = torch.optim.AdamW([p for p in pipe.transformer.parameters() if p.requires_grad])
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "run" / "checkpoint.pt"
+    real_save = torch.save
+
+    def read_only_run_dir(obj, f):
+        if Path(f).parent == path.parent:
+            raise OSError(30, "Read-only file system")
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", read_only_run_dir)
+    with pytest.raises(OSError, match=f"could not write checkpoint '{path}': Read-only file "
+                                      f"system; this iteration's state was saved to") as e:
+        flux_run.save_checkpoint(path, pipe.transformer, opt, g, 4, {"x": 1}, 1)
+    rescue = Path(str(e.value).split("saved to ")[1].split(" instead")[0])
+    assert flux_run.read_checkpoint(rescue)["iteration"] == 4
+    rescue.unlink()
+
+
+def run_in_background(args, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(HERE / "flux_flow.py"), *args], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_rows(out, n, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / "metrics.jsonl").exists() and len(metrics_rows(out)) >= n:
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    raise TimeoutError(f"no {n} metrics rows in {timeout} s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_finishes_the_iteration_saves_and_exits_0(tiny_flux, tiny_clip,
+                                                                    tmp_path, sig):
+    out = tmp_path / "run"
+    args = train_args(tiny_flux, tiny_clip, out, "--iterations", "500", "--save-every", "1000",
+                      "--lora-rank", "4")
+    proc = run_in_background(args, tmp_path)
+    wait_for_rows(out, 1, proc)
+    proc.send_signal(sig)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout[-3000:]
+    assert f"stopped by {sig.name} after iteration" in stdout
+    assert f"--resume {out / 'checkpoint.pt'}" in stdout
+    last = metrics_rows(out)[-1]["iteration"]
+    assert [m["iteration"] for m in metrics_rows(out)] == list(range(last + 1))
+    assert checkpoint(out / "checkpoint.pt")["iteration"] == last < 499
+    assert not (out / ".lock").exists()
+
+
+def test_a_second_ctrl_c_stops_at_once_and_handlers_are_restored():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        with flux_run.GracefulStop(log=said.append) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the handler runs in the main thread between bytecodes
+            assert stop.requested == "SIGINT" and stop.should_stop(1)
+            assert "SIGINT received: finishing this iteration" in said[0]
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -20,8 +20,7 @@ import bench_flux
 import flux_flow
 import g2rpo
 from conftest import gpu_test_device
-from test_flux_flow import (HERE, H, W, assert_resume_is_bit_exact, checkpoint, make_tiny_clip,
-                            make_tiny_flux, train_args)
+from test_flux_flow import HERE, H, W, assert_resume_is_bit_exact, checkpoint, train_args
 
 pytestmark = pytest.mark.gpu
 DEVICE = gpu_test_device()
@@ -31,16 +30,6 @@ GPU_DEFAULTS = [] if CUDA else ["--dtype", "bf16"]
 # bf16 sampler vs FluxPipeline in bf16: the pipeline rounds its latents to bf16 after every step,
 # ours keeps them in fp32, so they agree to bf16 precision only.
 BF16_TOL = dict(rtol=0.05, atol=0.05)
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory):
-    return make_tiny_flux(tmp_path_factory.mktemp("flux"))
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def test_gpu_default_dtype_is_bf16(tiny_flux):

@@ -571,6 +571,22 @@ def test_a_callback_returning_true_stops_training():
     assert seen == [0, 1] and [m["iteration"] for m in history] == [0, 1]
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--iterations", "-1"], "--iterations must be >= 1, got -1"),
+    (["--pretrain-steps", "0"], "--pretrain-steps must be >= 1, got 0"),
+    (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+    (["--out", "/missing/dir/x.png"], "the directory '/missing/dir' does not exist"),
+])
+def test_toy_cli_checks_its_flags_before_pretraining(tmp_path, capsys, argv, message):
+    import toy_flow
+
+    cache = tmp_path / "cache"
+    with pytest.raises(SystemExit) as e:
+        toy_flow.main([*argv, "--cache-dir", str(cache)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not cache.exists()  # stopped before pretraining
+
+
 def test_empty_prompts_are_refused():
     model = LinearVelocity()
     with pytest.raises(ValueError, match="prompts is empty"):

@@ -293,8 +293,10 @@ def mean_std(values):
     return f"{t.mean():.4f} ± {t.std() if len(t) > 1 else 0.0:.4f}"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def parse_args(argv=None):
+    """The toy's flags, all checked before pretraining: errors name the flag and the value."""
+    p = argparse.ArgumentParser(prog="toy_flow.py", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--method", default="g2rpo", choices=[*METHODS, "all"])
     p.add_argument("--seeds", type=int, default=1, help="runs per method (table: mean ± std)")
     p.add_argument("--iterations", type=int, default=TOY["num_iterations"])
@@ -303,9 +305,24 @@ def main():
     p.add_argument("--pretrain-steps", type=int, default=10000)
     p.add_argument("--retrain", action="store_true", help="ignore the cached pretrained flow")
     p.add_argument("--verbose", action="store_true", help="print one metrics line per iteration")
-    args = p.parse_args()
-    if args.seeds < 1:
-        p.error(f"--seeds must be >= 1, got {args.seeds}")
+    args = p.parse_args(argv)
+    for flag, value in (("--seeds", args.seeds), ("--iterations", args.iterations),
+                        ("--pretrain-steps", args.pretrain_steps)):
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
+    for flag, path in (("--out", Path(args.out).parent), ("--cache-dir", Path(args.cache_dir))):
+        existing = next(d for d in (path, *path.parents) if d.exists())
+        if flag == "--out" and existing != path:
+            p.error(f"--out {args.out!r}: the directory {str(path)!r} does not exist")
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            p.error(f"{flag} {str(path)!r}: {str(existing)!r} is not a writable directory")
+    if Path(args.out).is_dir():
+        p.error(f"--out {args.out!r} is a directory; give a .png file name")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
     start = time.time()

@@ -1,0 +1,285 @@
+"""Run directories, checkpoints and graceful stops for flux_flow.py: long runs that lose nothing.
+
+- RunDirectory: the output directory of one run. Checked writable before any model loads, locked
+  (one run per directory), refuses to take over another run's files unless told to resume or
+  overwrite, and keeps metrics.jsonl free of duplicated iterations after a kill and a resume.
+- save_checkpoint / load_checkpoint: trainable weights, optimizer state, every rank's RNG and the
+  iteration, written through a temporary file and a rename (never half-written); errors name the
+  path and what is wrong; a checkpoint with non-finite weights or optimizer state is refused.
+- GracefulStop: SIGTERM (a preempted cluster job) and the first Ctrl-C finish the current
+  iteration, write a checkpoint and exit 0; a second Ctrl-C stops at once.
+"""
+
+import json
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import g2rpo
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+RUN_FILES = (CHECKPOINT, METRICS, "eval.json", "rank_checksums.json")
+LOCK = ".lock"
+
+
+# ----------------------------------------------------------------------------------------------
+# The output directory.
+
+
+def check_writable_dir(path, flag="--output-dir"):
+    """Refuse a path that is a file, or whose nearest existing ancestor is not writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{flag} {str(path)!r} is a file, not a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{flag} {str(path)!r}: {str(existing)!r} is a file, not a "
+                                 f"directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {str(path)!r}: {str(existing)!r} is not writable")
+
+
+class RunDirectory:
+    """One run's output directory (rank 0 only; other ranks pass is_main=False and do nothing).
+
+    A directory that already holds a run (a checkpoint or metrics) is refused unless this run
+    resumes (`resume`) or replaces it (`overwrite`: its files are deleted now). A lock held with
+    flock (released by the kernel even after SIGKILL) keeps a second run out; close() clears it.
+    """
+
+    def __init__(self, path, resume=False, overwrite=False, is_main=True):
+        self.path, self.is_main, self.lock = Path(path), is_main, None
+        if not is_main:
+            return
+        check_writable_dir(self.path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"cannot create output directory {str(self.path)!r}: {e}") from e
+        self._take_lock()
+        held = [f for f in (CHECKPOINT, METRICS) if (self.path / f).exists()]
+        if held and overwrite:
+            for f in [*RUN_FILES, *(p.name for p in self.path.glob("eval_*.png"))]:
+                (self.path / f).unlink(missing_ok=True)
+        elif held and not resume:
+            self.close()
+            raise FileExistsError(
+                f"output directory {str(self.path)!r} already holds a run ({', '.join(held)}); "
+                f"continue it with --resume {self.path / CHECKPOINT}, replace it with "
+                f"--overwrite, or choose another --output-dir")
+
+    def _take_lock(self):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, the rest still holds
+            return
+        f = open(self.path / LOCK, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            f.close()
+            raise RuntimeError(f"output directory {str(self.path)!r} is in use by another run "
+                               f"(pid {owner}); one run at a time per directory") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self.lock = f
+
+    def start(self, iteration):
+        """Drop metrics rows from `iteration` on: a run killed after logging them but before
+        the checkpoint that covers them logs them again after the resume."""
+        metrics = self.path / METRICS
+        if not self.is_main or not metrics.exists():
+            return
+        lines = metrics.read_text().splitlines()
+        keep = [ln for ln in lines if ln.strip() and json.loads(ln)["iteration"] < iteration]
+        if len(keep) != len(lines):
+            tmp = metrics.with_name(METRICS + ".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, metrics)
+
+    def log_metrics(self, metrics):
+        if self.is_main:
+            with open(self.path / METRICS, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    def close(self):
+        if self.lock is not None:
+            (self.path / LOCK).unlink(missing_ok=True)
+            self.lock.close()  # releases the flock
+            self.lock = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def _rng_state(generator):
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _write(obj, path):
+    """torch.save through a temporary file and a rename; the old file stays until the new is whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path, transformer, optimizer, generator, iteration, fp, world_size):
+    """All ranks call; rank 0 writes path atomically. If that fails (disk full, read-only), the
+    state goes to a rescue file in the temporary directory and the error names both paths."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(transformer, optimizer, options=opts)
+    rng = [_rng_state(generator)]
+    if world_size > 1:
+        rng = [None] * world_size
+        dist.all_gather_object(rng, _rng_state(generator))
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        path = Path(path)
+        ckpt = {"model": model_sd, "optimizer": optim_sd, "rng": rng, "iteration": iteration,
+                "world_size": world_size, "fingerprint": fp}
+        try:
+            _write(ckpt, path)
+        except OSError as e:
+            rescue = Path(tempfile.gettempdir()) / f"g2rpo-rescue-{os.getpid()}-{path.name}"
+            try:
+                _write(ckpt, rescue)
+                saved = f"this iteration's state was saved to {rescue} instead (--resume {rescue})"
+            except OSError as e2:
+                saved = f"a rescue copy in {rescue} failed too ({e2})"
+            error = OSError(f"could not write checkpoint {str(path)!r}: {e.strerror or e}; {saved}")
+    if dist.is_initialized():
+        dist.barrier()
+    if error is not None:
+        raise error
+
+
+def read_checkpoint(path):
+    """Load and validate a checkpoint file; every error names the path and says what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"checkpoint {str(path)!r} {what}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {str(path)!r} is empty (0 bytes): an interrupted copy?")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types here; none of them names the file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {str(path)!r} is not a g2rpo checkpoint that torch.load "
+                         f"can read ({first})") from None
+    needed = ("model", "optimizer", "rng", "iteration", "world_size", "fingerprint")
+    missing = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} is not a g2rpo checkpoint: it lacks "
+                         f"{', '.join(missing)}")
+    weights = list(ckpt["model"].values())
+    state = [v for s in ckpt["optimizer"].get("state", {}).values() for v in s.values()
+             if torch.is_tensor(v)]
+    for what, tensors in (("weights", weights), ("optimizer state", state)):
+        if not g2rpo._all_finite(tensors):
+            raise ValueError(f"checkpoint {str(path)!r} holds non-finite {what}; refusing to "
+                             f"resume from it")
+    return ckpt
+
+
+def load_checkpoint(path, transformer, optimizer, generator, fp, world_size, lr=None, log=print):
+    """Restore what save_checkpoint wrote; refuse a checkpoint of another model or algorithm.
+
+    lr: this run's learning rate; where it differs from the checkpoint's it is applied (logged).
+    Returns the next iteration.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    ckpt = read_checkpoint(path)
+    old = ckpt["fingerprint"]
+    diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
+    if diff:
+        details = "; ".join(f"{k}: checkpoint {old.get(k)!r}, now {fp.get(k)!r}"
+                            for k in diff if k != "transformer_config")
+        raise ValueError(f"checkpoint {str(path)!r} was made for another model or config; it "
+                         f"differs in: {', '.join(diff)}" + (f" ({details})" if details else ""))
+    if ckpt["world_size"] != world_size:
+        raise ValueError(f"checkpoint {str(path)!r} was written by {ckpt['world_size']} processes, "
+                         f"this run has {world_size}: per-rank RNG states would not match")
+    opts = StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False)
+    set_state_dict(transformer, optimizer, model_state_dict=ckpt["model"],
+                   optim_state_dict=ckpt["optimizer"], options=opts)
+    old_lrs = {group["lr"] for group in optimizer.param_groups}
+    if lr is not None and old_lrs != {lr}:
+        if log is not None:
+            log(f"learning rate: checkpoint {', '.join(f'{x:g}' for x in old_lrs)}, this run "
+                f"{lr:g}: applying {lr:g}")
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng = ckpt["rng"][rank]
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return ckpt["iteration"] + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping on a signal.
+
+
+class GracefulStop:
+    """SIGTERM and the first Ctrl-C set `requested`; a second Ctrl-C raises KeyboardInterrupt.
+
+    Use as a context manager around training; `should_stop(world)` agrees across ranks, so every
+    rank stops after the same iteration. Handlers are installed only in the main thread.
+    """
+
+    def __init__(self, log=print):
+        self.requested, self.log, self.previous = None, log, {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.requested is not None:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        self.requested = signal.Signals(signum).name
+        if self.log is not None:
+            self.log(f"{self.requested} received: finishing this iteration, then a checkpoint and "
+                     f"exit (Ctrl-C again to stop at once)")
+
+    def should_stop(self, world_size):
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if world_size > 1:
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
