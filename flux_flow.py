@@ -460,27 +460,6 @@ def wrap_distributed(transformer, lora_rank, device):
     return transformer.float()  # each rank upcasts only its own shards
 
 
-def all_reduce_metrics(metrics, world_size):
-    """Average every number (and list of numbers) in a metrics dict over the ranks; the
-    iteration, the same on every rank, stays an integer."""
-    if world_size == 1:
-        return metrics
-    keys = [k for k, v in metrics.items()
-            if isinstance(v, (int, float, list)) and k != "iteration"]
-    flat = [torch.tensor(metrics[k], dtype=torch.float64).flatten() for k in keys]
-    t = torch.cat(flat)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    t = (t / world_size).cpu()
-    out, i = dict(metrics), 0
-    for k, f in zip(keys, flat):
-        v = t[i : i + len(f)].tolist()
-        out[k] = v if isinstance(metrics[k], list) else v[0]
-        i += len(f)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # What a checkpoint must match (checkpoints, run directories and stops: flux_run.py).
 
@@ -505,8 +484,9 @@ def fingerprint(args, transformer):
 # Evaluation and the command line.
 
 
-def evaluate(pipe, velocity, encoder, rewards, prompts, height, width, sigmas, seeds, grid_path=None):
-    """ODE samples (η = 0) for each prompt at fixed seeds → mean reward per reward model."""
+def evaluate(pipe, velocity, encoder, rewards, prompts, height, width, sigmas, seeds):
+    """ODE samples (η = 0) for each prompt at fixed seeds → (mean reward per reward model,
+    images (seeds, prompts, 3, H, W) on the CPU)."""
     scores, images = {n: [] for n in rewards}, []
     for seed in seeds:
         g = torch.Generator(pipe.transformer.device).manual_seed(seed)
@@ -514,19 +494,7 @@ def evaluate(pipe, velocity, encoder, rewards, prompts, height, width, sigmas, s
         images.append(img.cpu())
         for n, r in rewards.items():
             scores[n].append(r(img, prompts).float().cpu())
-    if grid_path is not None:
-        save_grid(torch.stack(images), grid_path)  # rows: seeds, columns: prompts
-    return {n: torch.cat(s).mean().item() for n, s in scores.items()}
-
-
-def save_grid(images, path):
-    """(rows, cols, 3, H, W) in [0, 1] → one PNG."""
-    from PIL import Image
-
-    r, c, _, h, w = images.shape
-    grid = images.permute(0, 3, 1, 4, 2).reshape(r * h, c * w, 3)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((grid.numpy() * 255).round().astype("uint8")).save(path)
+    return {n: torch.cat(s).mean().item() for n, s in scores.items()}, torch.stack(images)
 
 
 def int_list(s):
@@ -615,13 +583,19 @@ def parse_args(argv=None):
       help="replace the run already in --output-dir (its files are deleted)")
     a("--save-every", type=int, default=50, help="checkpoint every N iterations (and at the end)")
     a("--resume", help="checkpoint to continue from (exactly)")
-    a("--eval", action="store_true", help="evaluate on the held-out prompts before and after")
+    a("--eval", action="store_true",
+      help="evaluate on the held-out prompts before and after training (with --iterations 0: "
+           "once)")
+    a("--eval-every", type=int, default=0,
+      help="also evaluate every N iterations (0: only before and after; implies --eval)")
+    a("--report-to", choices=flux_run.REPORT_TO, default="none",
+      help="experiment tracking: TensorBoard events in <output-dir>/tensorboard, or wandb")
     a("--eval-seeds", type=int_list, default=(0, 1), help="comma-separated evaluation seeds")
     a("--seed", type=int, default=d.seed, help="seeds LoRA's initialisation, prompts and noise")
     args = p.parse_args(argv)
     try:
         check_args(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:
         p.error(str(e))
     return args
 
@@ -641,6 +615,10 @@ def check_args(args):
         if value <= 0 or value % 16:
             raise ValueError(f"{flag} must be a positive multiple of 16 (FLUX.1: 8x VAE, then "
                              f"2x2 packing), got {value}")
+    if args.eval_every < 0:
+        raise ValueError(f"--eval-every must be >= 0 (0: off), got {args.eval_every}")
+    args.eval = args.eval or args.eval_every > 0
+    flux_run.check_report_to(args.report_to)
     for flag, value in (("--save-every", args.save_every), ("--decode-batch", args.decode_batch),
                         ("--max-sequence-length", args.max_sequence_length)):
         if value < 1:
@@ -732,54 +710,58 @@ def _train_flux(args, rank, world, device, run):
     say(f"{world} process(es){backend} on {device}, {dtype}; {trained} ({n_train / 1e6:.2f} M "
         f"trainable); {len(prompts)} prompts; σ grid {[round(s, 3) for s in sigmas.tolist()]}")
 
-    def run_eval(tag):
-        scores = evaluate(pipe, eval_velocity, encoder, rewards, eval_prompts, args.height,
-                          args.width, sigmas, args.eval_seeds,
-                          out / f"eval_{tag}.png" if is_main else None)
-        say(f"eval {tag}: " + "  ".join(f"{n} {v:.4f}" for n, v in scores.items()))
-        return scores
+    tracker = flux_run.Tracker(args.report_to, out, vars(args), args.branch_steps,
+                               args.granularities, start, is_main)
+    evaluations = []
 
-    results = {"before": run_eval("before")} if args.eval else {}
+    def run_eval(iteration):
+        """Evaluate after `iteration` iterations: eval.json, a captioned grid, the tracker."""
+        scores, images = evaluate(pipe, eval_velocity, encoder, rewards, eval_prompts,
+                                  args.height, args.width, sigmas, args.eval_seeds)
+        grid = flux_run.captioned_grid(images, eval_prompts, args.eval_seeds,
+                                       f"after {iteration} iterations")
+        path = run.record_eval(iteration, scores, grid)
+        tracker.evaluation(iteration, scores, grid)
+        evaluations.append({"iteration": iteration, "scores": scores})
+        say(f"eval after {iteration} iterations: "
+            + "  ".join(f"{n} {v:.4f}" for n, v in scores.items()) + f"  ({path})")
+
     stopper = flux_run.GracefulStop(log=say)
 
     def callback(it, metrics):
-        metrics.update(all_reduce_metrics(metrics, world))  # train's history sees these values
+        metrics.update(flux_run.all_reduce_metrics(metrics, world))  # train's history sees them
         run.log_metrics(metrics)  # rows after the last checkpoint are dropped on resume
+        tracker.scalars(metrics)
         stop = stopper.should_stop(world)
         if stop or (it + 1) % args.save_every == 0 or it + 1 == cfg.num_iterations:
             flux_run.save_checkpoint(ckpt_path, model, optimizer, generator, it, fp, world)
+            flux_run.export_weights(out, model, raw, args.lora_rank)
+        if args.eval_every and (it + 1) % args.eval_every == 0 and not stop:
+            run_eval(it + 1)
         return stop
 
     reward_fn = make_reward_fn(pipe, rewards, args.height, args.width, args.decode_batch)
-    with stopper:
-        history = g2rpo.train(model, velocity, reward_fn, prompts, cfg,
-                              latent_shape(pipe, args.height, args.width), encode_prompts=encoder,
-                              optimizer=optimizer, generator=generator, start_iteration=start,
-                              callback=callback, log=print if is_main else None,
-                              progress=is_main, sigmas=sigmas)
-    if stopper.requested:
-        say(f"stopped by {stopper.requested} after iteration {history[-1]['iteration']}; "
-            f"checkpoint written to {ckpt_path}. To continue, rerun the same command with "
-            f"--resume {ckpt_path}")
-    elif args.eval:
-        results["after"] = run_eval("after")
-        if is_main:
-            (out / "eval.json").write_text(json.dumps(results, indent=1))
+    try:
+        if args.eval:
+            run_eval(start)
+        with stopper:
+            history = g2rpo.train(model, velocity, reward_fn, prompts, cfg,
+                                  latent_shape(pipe, args.height, args.width),
+                                  encode_prompts=encoder, optimizer=optimizer,
+                                  generator=generator, start_iteration=start, callback=callback,
+                                  log=print if is_main else None, progress=is_main,
+                                  sigmas=sigmas)
+        end = history[-1]["iteration"] + 1 if history else start
+        if stopper.requested:
+            say(f"stopped by {stopper.requested} after iteration {end - 1}; checkpoint written "
+                f"to {ckpt_path}. To continue, rerun the same command with --resume {ckpt_path}")
+        elif args.eval and end not in {e["iteration"] for e in evaluations}:
+            run_eval(end)
+    finally:
+        tracker.close()
     if dist.is_initialized():
-        check_ranks_in_sync(params, out, is_main)
-    return history, results
-
-
-def check_ranks_in_sync(params, out, is_main):
-    """Every rank must hold the same weights after training; record the checksums, fail loudly."""
-    local = torch.stack([p.detach().double().sum() if not hasattr(p, "full_tensor")
-                         else p.full_tensor().detach().double().sum() for p in params]).sum()
-    sums = [None] * dist.get_world_size()
-    dist.all_gather_object(sums, local.item())
-    if is_main:
-        (out / "rank_checksums.json").write_text(json.dumps(sums))
-    if len(set(sums)) != 1:
-        raise RuntimeError(f"trainable weights differ across ranks after training: {sums}")
+        flux_run.check_ranks_in_sync(params, out, is_main)
+    return history, evaluations
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Run directories, checkpoints and graceful stops for flux_flow.py: long runs that lose nothing.
+"""What a flux_flow.py run writes, and how it survives: run directories, checkpoints, exported
+weights, experiment tracking, evaluation grids, graceful stops. Long runs that lose nothing.
 
 - RunDirectory: the output directory of one run. Checked writable before any model loads, locked
   (one run per directory), refuses to take over another run's files unless told to resume or
@@ -6,12 +7,16 @@
 - save_checkpoint / load_checkpoint: trainable weights, optimizer state, every rank's RNG and the
   iteration, written through a temporary file and a rename (never half-written); errors name the
   path and what is wrong; a checkpoint with non-finite weights or optimizer state is refused.
+- export_weights: the trained weights in the formats diffusers loads (a LoRA for
+  FluxPipeline.load_lora_weights, or a transformer folder for from_pretrained).
+- Tracker: --report-to tensorboard / wandb; captioned_grid: the evaluation image grids.
 - GracefulStop: SIGTERM (a preempted cluster job) and the first Ctrl-C finish the current
   iteration, write a checkpoint and exit 0; a second Ctrl-C stops at once.
 """
 
 import json
 import os
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -23,7 +28,9 @@ import g2rpo
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-RUN_FILES = (CHECKPOINT, METRICS, "eval.json", "rank_checksums.json")
+EVAL = "eval.json"
+RUN_FILES = (CHECKPOINT, METRICS, EVAL, "rank_checksums.json")
+RUN_DIRS = ("lora", "transformer", "tensorboard", "wandb")
 LOCK = ".lock"
 
 
@@ -66,6 +73,8 @@ class RunDirectory:
         if held and overwrite:
             for f in [*RUN_FILES, *(p.name for p in self.path.glob("eval_*.png"))]:
                 (self.path / f).unlink(missing_ok=True)
+            for d in RUN_DIRS:
+                shutil.rmtree(self.path / d, ignore_errors=True)
         elif held and not resume:
             self.close()
             raise FileExistsError(
@@ -94,17 +103,37 @@ class RunDirectory:
         self.lock = f
 
     def start(self, iteration):
-        """Drop metrics rows from `iteration` on: a run killed after logging them but before
-        the checkpoint that covers them logs them again after the resume."""
+        """Drop metrics rows from `iteration` on (and evaluations after it): a run killed after
+        logging them but before the checkpoint that covers them logs them again after resuming."""
         metrics = self.path / METRICS
-        if not self.is_main or not metrics.exists():
+        if not self.is_main:
             return
-        lines = metrics.read_text().splitlines()
-        keep = [ln for ln in lines if ln.strip() and json.loads(ln)["iteration"] < iteration]
-        if len(keep) != len(lines):
-            tmp = metrics.with_name(METRICS + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, metrics)
+        if metrics.exists():
+            lines = metrics.read_text().splitlines()
+            keep = [ln for ln in lines if ln.strip() and json.loads(ln)["iteration"] < iteration]
+            if len(keep) != len(lines):
+                _write_text(metrics, "".join(ln + "\n" for ln in keep))
+        self._write_evals([e for e in self.evaluations() if e["iteration"] <= iteration])
+
+    def evaluations(self):
+        path = self.path / EVAL
+        return json.loads(path.read_text())["evaluations"] if path.exists() else []
+
+    def _write_evals(self, evals):
+        if evals or (self.path / EVAL).exists():
+            _write_text(self.path / EVAL, json.dumps({"evaluations": evals}, indent=1))
+
+    def record_eval(self, iteration, scores, grid):
+        """Add one evaluation (mean rewards after `iteration` iterations, its grid image) to
+        eval.json, replacing an earlier one of the same iteration; returns the grid's path."""
+        if not self.is_main:
+            return None
+        name = f"eval_{iteration:06d}.png"
+        grid.save(self.path / name)
+        evals = [e for e in self.evaluations() if e["iteration"] != iteration]
+        evals.append({"iteration": iteration, "scores": scores, "grid": name})
+        self._write_evals(sorted(evals, key=lambda e: e["iteration"]))
+        return self.path / name
 
     def log_metrics(self, metrics):
         if self.is_main:
@@ -119,7 +148,50 @@ class RunDirectory:
 
 
 # ----------------------------------------------------------------------------------------------
+# Across ranks.
+
+
+def all_reduce_metrics(metrics, world_size):
+    """Average every number (and list of numbers) in a metrics dict over the ranks; the
+    iteration, the same on every rank, stays an integer."""
+    if world_size == 1:
+        return metrics
+    keys = [k for k, v in metrics.items()
+            if isinstance(v, (int, float, list)) and k != "iteration"]
+    flat = [torch.tensor(metrics[k], dtype=torch.float64).flatten() for k in keys]
+    t = torch.cat(flat)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    t = (t / world_size).cpu()
+    out, i = dict(metrics), 0
+    for k, f in zip(keys, flat):
+        v = t[i : i + len(f)].tolist()
+        out[k] = v if isinstance(metrics[k], list) else v[0]
+        i += len(f)
+    return out
+
+
+def check_ranks_in_sync(params, out, is_main):
+    """Every rank must hold the same weights after training; record the checksums, fail loudly."""
+    local = torch.stack([p.detach().double().sum() if not hasattr(p, "full_tensor")
+                         else p.full_tensor().detach().double().sum() for p in params]).sum()
+    sums = [None] * dist.get_world_size()
+    dist.all_gather_object(sums, local.item())
+    if is_main:
+        (out / "rank_checksums.json").write_text(json.dumps(sums))
+    if len(set(sums)) != 1:
+        raise RuntimeError(f"trainable weights differ across ranks after training: {sums}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints.
+
+
+def _write_text(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _rng_state(generator):
@@ -238,6 +310,174 @@ def load_checkpoint(path, transformer, optimizer, generator, fp, world_size, lr=
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return ckpt["iteration"] + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights for the diffusers ecosystem.
+
+
+def _replace_dir(tmp, final):
+    """Swap a finished folder into place: the old one goes only after the new one is whole."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_weights(out_dir, model, raw, lora_rank):
+    """Write what diffusers loads, replacing the previous export whole; all ranks call.
+
+    LoRA: <out>/lora/pytorch_lora_weights.safetensors via FluxPipeline.save_lora_weights (with
+    the adapter's config, so alpha survives), for pipe.load_lora_weights(<out>/lora).
+    Full fine-tune: <out>/transformer/ (config + safetensors) for
+    FluxTransformer2DModel.from_pretrained(<out>/transformer). Returns the folder (rank 0).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    name = "lora" if lora_rank > 0 else "transformer"
+    if lora_rank == 0:  # FSDP2 shards the weights: gather them (a collective: every rank)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=True))
+    if not is_main:
+        return None
+    final = Path(out_dir) / name
+    tmp = final.with_name(name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if lora_rank > 0:
+            from diffusers import FluxPipeline
+            from peft.utils import get_peft_model_state_dict
+
+            FluxPipeline.save_lora_weights(
+                tmp, transformer_lora_layers=get_peft_model_state_dict(raw),
+                transformer_lora_adapter_metadata=raw.peft_config["default"].to_dict())
+        else:
+            from safetensors.torch import save_file
+
+            tmp.mkdir(parents=True)
+            raw.save_config(tmp)
+            save_file({k: v.contiguous() for k, v in state.items()},
+                      tmp / "diffusion_pytorch_model.safetensors")
+        _replace_dir(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not export the trained weights to {str(final)!r}: "
+                      f"{e.strerror or e}") from e
+    return final
+
+
+# ----------------------------------------------------------------------------------------------
+# Experiment tracking and evaluation grids.
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+def check_report_to(kind):
+    """Fail before any model loads when the tracker's package is missing."""
+    if kind not in REPORT_TO:
+        raise ValueError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {kind!r}")
+    try:
+        if kind == "tensorboard":
+            import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
+        elif kind == "wandb":
+            import wandb  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"--report-to {kind} needs the {kind} package: pip install {kind} "
+                          f"({e})") from None
+
+
+class Tracker:
+    """Scalars every iteration and evaluation grids, to TensorBoard (<out>/tensorboard) or
+    Weights & Biases; does nothing for 'none' or on ranks other than 0.
+
+    Scalar tags: train/<metric> for reward, reward_std, reward_anchor, loss, clip_frac, approx_kl,
+    grad_norm, zero_std_frac, nfe, seconds; train/adv_abs_k/<k>; train/adv_abs_lambda/<λ>;
+    eval/<reward>. Images: eval/grid.
+    """
+
+    SCALARS = ("reward", "reward_std", "reward_anchor", "loss", "clip_frac", "approx_kl",
+               "grad_norm", "zero_std_frac", "nfe", "seconds")
+
+    def __init__(self, kind, out_dir, config, branch_steps, granularities, start=0, is_main=True):
+        self.kind = kind if is_main else "none"
+        self.ks, self.lams, self.writer = list(branch_steps), list(granularities), None
+        if self.kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: events after the checkpoint we resume from are dropped, as in metrics
+            self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=start)
+        elif self.kind == "wandb":
+            import wandb
+
+            self.writer = wandb.init(project="g2rpo", dir=str(out_dir), config=config,
+                                     resume="allow")
+
+    def scalars(self, metrics):
+        if self.writer is None:
+            return
+        values = {f"train/{k}": metrics[k] for k in self.SCALARS if k in metrics}
+        values.update({f"train/adv_abs_k/{k}": a for k, a in zip(self.ks, metrics["adv_abs_k"])})
+        values.update({f"train/adv_abs_lambda/{lam}": a
+                       for lam, a in zip(self.lams, metrics.get("adv_abs_lambda", []))})
+        self._log(values, metrics["iteration"] + 1)
+
+    def evaluation(self, iteration, scores, grid):
+        if self.writer is None:
+            return
+        self._log({f"eval/{k}": v for k, v in scores.items()}, iteration)
+        if self.kind == "tensorboard":
+            import numpy as np
+
+            self.writer.add_image("eval/grid", np.asarray(grid), iteration, dataformats="HWC")
+        else:
+            import wandb
+
+            self.writer.log({"eval/grid": wandb.Image(grid)}, step=iteration)
+
+    def _log(self, values, step):
+        if self.kind == "tensorboard":
+            for tag, v in values.items():
+                self.writer.add_scalar(tag, v, step)
+            self.writer.flush()
+        else:
+            self.writer.log(values, step=step)
+
+    def close(self):
+        if self.writer is not None:
+            (self.writer.close if self.kind == "tensorboard" else self.writer.finish)()
+            self.writer = None
+
+
+def captioned_grid(images, prompts, seeds, title=""):
+    """(rows = seeds, cols = prompts, 3, H, W) in [0, 1] → a PIL image with the prompt above each
+    column, the seed beside each row and a title line (e.g. the iteration)."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows, cols, _, h, w = images.shape
+    font = ImageFont.load_default()
+    col_w = max(w, 160)
+    chars = max(8, col_w // 7)
+    captions = [textwrap.wrap(p, chars)[:3] for p in prompts]
+    line_h, left = 12, 56
+    top = line_h * (2 + max(len(c) for c in captions))
+    canvas = Image.new("RGB", (left + cols * col_w, top + rows * h), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 2), title, fill="black", font=font)
+    for j, lines in enumerate(captions):
+        for i, line in enumerate(lines):
+            draw.text((left + j * col_w + 2, line_h * (1 + i) + 2), line, fill="black", font=font)
+    pixels = (images.permute(0, 1, 3, 4, 2).clamp(0, 1).numpy() * 255).round().astype("uint8")
+    for r in range(rows):
+        draw.text((4, top + r * h + h // 2 - 6), f"seed {seeds[r]}", fill="black", font=font)
+        for j in range(cols):
+            canvas.paste(Image.fromarray(pixels[r, j]),
+                         (left + j * col_w + (col_w - w) // 2, top + r * h))
+    return canvas
 
 
 # ----------------------------------------------------------------------------------------------

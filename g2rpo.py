@@ -33,6 +33,7 @@ Equation map (paper → function; equation numbers as in SPEC.md, "~" where it h
 
 import math
 import numbers
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -663,12 +664,13 @@ def format_metrics(it, m):
     """One log line per iteration (glossary in the README)."""
     line = (f"it {it:4d} | reward {m['reward']:.4f} ± {m['reward_std']:.4f}"
             + (f" | anchor {m['reward_anchor']:.4f}" if "reward_anchor" in m else "")
-            + f" | clip {m['clip_frac']:.3f} | kl {m['approx_kl']:.2e}"
+            + f" | loss {m['loss']:+.2e} | grad {m['grad_norm']:.3f}"
+            f" | clip {m['clip_frac']:.3f} | kl {m['approx_kl']:.2e}"
             f" | zero-std {m['zero_std_frac']:.2f} | |A|_k "
             + " ".join(f"{a:.2f}" for a in m["adv_abs_k"]))
     if "adv_abs_lambda" in m:
         line += " | |A|_λ " + " ".join(f"{a:.2f}" for a in m["adv_abs_lambda"])
-    return line + f" | nfe {m['nfe']}"
+    return line + f" | nfe {m['nfe']}" + (f" | {m['seconds']:.2f} s/it" if "seconds" in m else "")
 
 
 def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prompts=None,
@@ -719,9 +721,10 @@ def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prom
         pick = torch.randint(len(prompts), (cfg.prompts_per_iteration,), generator=generator,
                              device=generator.device).tolist()
         batch = [prompts[i] for i in pick]
+        start = time.perf_counter()
         metrics = train_iteration(params, optimizer, velocity_fn, reward_fn, batch,
                                   encode_prompts(batch), cfg, sigmas, latent_shape, generator)
-        metrics["iteration"] = it
+        metrics.update(iteration=it, seconds=time.perf_counter() - start)
         history.append(metrics)
         stop = False
         if callback is not None:

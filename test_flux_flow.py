@@ -458,6 +458,105 @@ def test_model_loading_errors_name_what_is_missing_and_rewards_load_first(tiny_f
 
 
 # ----------------------------------------------------------------------------------------------
+# The diffusers ecosystem: exported weights, tracking, evaluation during training (issue 9).
+
+
+def trained_pipeline(flux, ckpt, lora_rank, lora_alpha):
+    """The trained model, rebuilt from a checkpoint: base pipeline + trainable setup + weights."""
+    pipe = flux_flow.load_pipeline(flux)
+    flux_flow.setup_trainable(pipe.transformer, lora_rank, lora_alpha)
+    result = pipe.transformer.load_state_dict(checkpoint(ckpt)["model"], strict=False)
+    assert not result.unexpected_keys
+    return pipe
+
+
+def assert_same_model(pipe_a, pipe_b, base):
+    """Same velocity on random inputs (and not the base model's), same η = 0 samples: pipe_a
+    through FluxPipeline itself, pipe_b through flux_flow.sample."""
+    x, sigma, cond = tiny_inputs(pipe_a)
+    v = [flux_flow.FluxVelocity.from_pipe(p.transformer, p, H, W)(x, sigma, cond)
+         for p in (pipe_a, pipe_b, base)]
+    torch.testing.assert_close(v[0], v[1])
+    assert not torch.equal(v[1], v[2])  # training changed the model
+    prompts = ["a red fox", "a lighthouse"]
+    ref = pipe_a(prompts, generator=torch.Generator().manual_seed(0), output_type="latent",
+                 height=H, width=W, num_inference_steps=5, guidance_scale=3.5,
+                 max_sequence_length=16).images
+    velocity = flux_flow.FluxVelocity.from_pipe(pipe_b.transformer, pipe_b, H, W)
+    ours, _ = flux_flow.sample(pipe_b, velocity, flux_flow.PromptEncoder(pipe_b, 16), prompts, H,
+                               W, flux_flow.flux_sigmas(pipe_b, 5, H, W, "pipeline"),
+                               torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ref, ours)
+
+
+def test_exported_lora_loads_with_load_lora_weights_and_reproduces_the_trained_model(
+        tiny_flux, tiny_clip, tmp_path):
+    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
+                              "--lora-rank", "4", "--lora-alpha", "8"))  # alpha ≠ rank on purpose
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    fresh = flux_flow.load_pipeline(tiny_flux)
+    fresh.load_lora_weights(str(tmp_path / "lora"))
+    trained = trained_pipeline(tiny_flux, tmp_path / "checkpoint.pt", 4, 8)
+    assert_same_model(fresh, trained, flux_flow.load_pipeline(tiny_flux))
+
+
+def test_exported_full_transformer_loads_with_from_pretrained(tiny_flux, tiny_clip, tmp_path):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
+                              "--lora-rank", "0"))
+    transformer = FluxTransformer2DModel.from_pretrained(str(tmp_path / "transformer"))
+    fresh = FluxPipeline.from_pretrained(tiny_flux, transformer=transformer)
+    fresh.set_progress_bar_config(disable=True)
+    trained = trained_pipeline(tiny_flux, tmp_path / "checkpoint.pt", 0, 1)
+    assert_same_model(fresh, trained, flux_flow.load_pipeline(tiny_flux))
+
+
+def test_tensorboard_gets_every_scalar_and_the_eval_grids(tiny_flux, tiny_clip, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2", "--lora-rank",
+                              "4", "--report-to", "tensorboard", "--eval-every", "1"))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {f"train/{k}" for k in ("reward", "reward_anchor", "loss", "clip_frac",
+                                       "approx_kl", "grad_norm", "nfe", "seconds")}
+    expected |= {"train/adv_abs_k/0", "train/adv_abs_k/1", "train/adv_abs_lambda/1",
+                 "train/adv_abs_lambda/2", "eval/clip"}
+    assert expected <= tags, expected - tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert [e.step for e in events.Scalars("eval/clip")] == [0, 1, 2]
+    assert "eval/grid" in events.Tags()["images"]
+    out = capsys.readouterr().out  # the console line carries loss, grad norm and s/it
+    assert "| loss " in out and "| grad " in out and " s/it" in out
+
+
+def test_evaluation_schedule_and_captioned_grids(tiny_flux, tiny_clip, tmp_path):
+    from PIL import Image
+
+    _, evals = flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "3",
+                                         "--lora-rank", "4", "--eval-every", "2"))
+    assert [e["iteration"] for e in evals] == [0, 2, 3]  # before, every 2, after
+    saved = json.loads((tmp_path / "eval.json").read_text())["evaluations"]
+    assert [e["iteration"] for e in saved] == [0, 2, 3] and "clip" in saved[0]["scores"]
+    grid = Image.open(tmp_path / "eval_000002.png")
+    assert grid.width > 4 * W and grid.height > 2 * H  # captions around 2 seeds × 4 prompts
+    _, evals = flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "only", "--iterations",
+                                         "0", "--eval"))
+    assert [e["iteration"] for e in evals] == [0]  # an eval-only run evaluates once
+    assert not (tmp_path / "only" / "checkpoint.pt").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_report_to_wandb_without_wandb_is_a_clear_error(tmp_path, capsys):
+    argv = train_args(str(tmp_path / "no_flux"), str(tmp_path / "no_clip"), tmp_path / "out",
+                      "--report-to", "wandb")
+    assert "--report-to wandb needs the wandb package: pip install wandb" in parse_error(argv,
+                                                                                      capsys)
+
+
+# ----------------------------------------------------------------------------------------------
 # Long runs that lose nothing: output directories, kills, signals, seeds (issue 8).
 
 

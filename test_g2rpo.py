@@ -572,7 +572,11 @@ def test_a_callback_returning_true_stops_training():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--iterations", "-1"], "--iterations must be >= 1, got -1"),
+    (["--iterations", "-1"], "--iterations: num_iterations must be an integer >= 0, got -1"),
+    (["--iterations", "0"], "--iterations must be >= 1, got 0"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm: max_grad_norm must be > 0, got -1"),
+    (["--granularities", "1,x"], "--granularities: expected comma-separated integers"),
+    (["--step-per-branch", "False"], "unrecognized arguments: False"),
     (["--pretrain-steps", "0"], "--pretrain-steps must be >= 1, got 0"),
     (["--seeds", "0"], "--seeds must be >= 1, got 0"),
     (["--out", "/missing/dir/x.png"], "the directory '/missing/dir' does not exist"),
@@ -585,6 +589,35 @@ def test_toy_cli_checks_its_flags_before_pretraining(tmp_path, capsys, argv, mes
         toy_flow.main([*argv, "--cache-dir", str(cache)])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not cache.exists()  # stopped before pretraining
+
+
+def test_toy_cli_has_one_flag_per_config_field_and_uses_them(tmp_path, capsys):
+    import dataclasses
+    import json
+
+    import toy_flow
+
+    with pytest.raises(SystemExit):
+        toy_flow.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    docs = toy_flow.config_field_help()
+    for field in dataclasses.fields(g2rpo.Config):
+        if field.name != "method":  # the toy's --method chooses it
+            flag = {"num_iterations": "--iterations"}.get(field.name,
+                                                          "--" + field.name.replace("_", "-"))
+            assert flag in help_text and " ".join(docs[field.name].split()[:4]) in help_text
+    out = tmp_path / "run.png"
+    toy_flow.main(["--pretrain-steps", "50", "--cache-dir", str(tmp_path / "cache"), "--out",
+                   str(out), "--iterations", "2", "--group-size", "4", "--granularities", "1,2",
+                   "--branch-steps", "0,3", "--eta", "0.5", "--no-step-per-branch", "--seeds", "2",
+                   "--seed", "5"])
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [(r["seed"], r["iteration"]) for r in rows] == [(5, 0), (5, 1), (6, 0), (6, 1)]
+    per_prompt = g2rpo.count_model_evals(16, (0, 3), (1, 2), 4)
+    assert all(r["nfe"] == per_prompt * toy_flow.TOY["prompts_per_iteration"] for r in rows)
+    assert all(len(r["adv_abs_k"]) == 2 and len(r["adv_abs_lambda"]) == 2 for r in rows)
+    assert all(r["ratio_dev_first"] < 1e-6 and r["approx_kl"] < 1e-10 for r in rows)  # one step
+    assert out.is_file()
 
 
 def test_empty_prompts_are_refused():

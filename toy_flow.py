@@ -15,11 +15,14 @@ chasing the offset peak too hard pulls samples off the modes, so reward hacking 
 """
 
 import argparse
+import ast
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
+import textwrap
 import time
 from pathlib import Path
 
@@ -261,28 +264,40 @@ def run(base_model, method="g2rpo", seed=0, eval_every=10, progress=True, log=No
                    "curve": curve, "history": history, "nfe": nfe[0]}
 
 
-def plot(base_model, results, path, shift=1.0):
-    """Samples before / after for each run, and the eval reward and fidelity curves."""
+def plot(base_model, results, path, shift=1.0, runs=None):
+    """Samples before / after for each method (seed 0), and the eval reward and fidelity curves:
+    one line per method, or with several seeds (`runs`: method → list of results) the mean over
+    seeds with a band of ± one std."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update({"font.size": 11})
     c = torch.arange(NUM_CLASSES).repeat_interleave(256)
-    panels = [("pretrained", base_model)] + [(r["method"], m) for m, r in results]
-    fig, axes = plt.subplots(1, len(panels) + 2, figsize=(4 * (len(panels) + 2), 4))
+    panels = [("pretrained", base_model)] + [(f"{r['method']} (seed {r['seed']})", m)
+                                             for m, r in results]
+    fig, axes = plt.subplots(1, len(panels) + 2, figsize=(4.2 * (len(panels) + 2), 4.4))
     centres = mode_centres().view(-1, 2)
     for ax, (title, model) in zip(axes, panels):
         x = ode_samples(model, c, shift=shift, seed=7)
         ax.scatter(x[:, 0], x[:, 1], c=c, cmap="tab10", vmin=0, vmax=9, s=3, alpha=0.6)
         ax.scatter(centres[:, 0], centres[:, 1], marker="x", c="k", s=20)
-        ax.set(title=title, xlim=(-4.5, 4.5), ylim=(-4.5, 4.5), aspect="equal")
-    for _, r in results:
-        it = [p["iteration"] for p in r["curve"]]
-        axes[-2].plot(it, [p["reward"] for p in r["curve"]], label=r["method"])
-        axes[-1].plot(it, [p["fidelity"] for p in r["curve"]], label=r["method"])
-    axes[-2].set(title="eval reward (ODE samples)", xlabel="iteration")
-    axes[-1].set(title="fidelity (on-mode fraction)", xlabel="iteration")
-    axes[-2].legend()
+        ax.set(title=title, xlim=(-4.5, 4.5), ylim=(-4.5, 4.5), aspect="equal",
+               xlabel="$x_1$", ylabel="$x_2$")
+    runs = runs or {r["method"]: [r] for _, r in results}
+    for method, rs in runs.items():
+        it = [p["iteration"] for p in rs[0]["curve"]]
+        for ax, key in ((axes[-2], "reward"), (axes[-1], "fidelity")):
+            values = torch.tensor([[p[key] for p in r["curve"]] for r in rs])  # (seeds, points)
+            mean = values.mean(0)
+            label = method if len(rs) == 1 else f"{method} (mean ± std, {len(rs)} seeds)"
+            line, = ax.plot(it, mean, label=label)
+            if len(rs) > 1:
+                std = values.std(0)
+                ax.fill_between(it, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    axes[-2].set(title="eval reward (ODE samples)", xlabel="iteration", ylabel="mean reward")
+    axes[-1].set(title="fidelity", xlabel="iteration", ylabel="on-mode fraction")
+    axes[-2].legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -293,23 +308,77 @@ def mean_std(values):
     return f"{t.mean():.4f} ± {t.std() if len(t) > 1 else 0.0:.4f}"
 
 
+def config_field_help():
+    """{field: its docstring} from g2rpo.Config's source: the CLI's help cannot drift from it."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(g2rpo.Config)))
+    body = tree.body[0].body
+    return {node.target.id: " ".join(doc.value.value.split())
+            for node, doc in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
+
+
+def _int_tuple(s):
+    try:
+        values = tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one integer, got {s!r}")
+    return values
+
+
+# Config fields with a flag name of their own, or none (the toy's --method picks the method).
+TOY_FLAG_NAMES = {"num_iterations": ("--iterations", "--num-iterations"), "method": None}
+
+
 def parse_args(argv=None):
-    """The toy's flags, all checked before pretraining: errors name the flag and the value."""
+    """The toy's flags (one per g2rpo.Config field, generated from it), all checked before
+    pretraining: errors name the flag and the value."""
     p = argparse.ArgumentParser(prog="toy_flow.py", description=__doc__,
-                                formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--method", default="g2rpo", choices=[*METHODS, "all"])
-    p.add_argument("--seeds", type=int, default=1, help="runs per method (table: mean ± std)")
-    p.add_argument("--iterations", type=int, default=TOY["num_iterations"])
-    p.add_argument("--out", default="toy_g2rpo.png", help="PNG: samples before/after, curves")
-    p.add_argument("--cache-dir", default=".cache", help="where the pretrained flow is cached")
-    p.add_argument("--pretrain-steps", type=int, default=10000)
-    p.add_argument("--retrain", action="store_true", help="ignore the cached pretrained flow")
-    p.add_argument("--verbose", action="store_true", help="print one metrics line per iteration")
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--method", default="g2rpo", choices=[*METHODS, "all"],
+      help="which method (all: each, and a comparison table) (default: g2rpo)")
+    a("--seeds", type=int, default=1,
+      help="runs per method, seeds --seed, --seed + 1, ... (table: mean ± std) (default: 1)")
+    a("--out", default="toy_g2rpo.png",
+      help="PNG: samples before/after, curves; the per-iteration metrics go to the same name "
+           "with .jsonl (default: toy_g2rpo.png)")
+    a("--cache-dir", default=".cache", help="where the pretrained flow is cached (default: .cache)")
+    a("--pretrain-steps", type=int, default=10000, help="Adam steps of pretraining (default: 10000)")
+    a("--retrain", action="store_true", help="ignore the cached pretrained flow")
+    a("--verbose", action="store_true", help="print one metrics line per iteration")
+    group = p.add_argument_group("algorithm (g2rpo.Config; the toy's defaults in brackets)")
+    docs, toy = config_field_help(), toy_config("g2rpo")
+    flags = {}
+    for field in dataclasses.fields(g2rpo.Config):
+        names = TOY_FLAG_NAMES.get(field.name, ("--" + field.name.replace("_", "-"),))
+        if names is None:
+            continue
+        value = getattr(toy, field.name)
+        default = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        if field.name == "granularities":
+            default = f"{default} for g2rpo, 1 for g2rpo_wo_mgai"
+        kind = {bool: argparse.BooleanOptionalAction, tuple: None}.get(type(value))
+        kw = (dict(action=kind) if kind else
+              dict(type=_int_tuple if isinstance(value, tuple) else type(value)))
+        group.add_argument(*names, dest=field.name, default=None,
+                           help=f"{docs.get(field.name, '')} [{default}]".replace("%", "%%"), **kw)
+        flags[field.name] = names[0]
     args = p.parse_args(argv)
-    for flag, value in (("--seeds", args.seeds), ("--iterations", args.iterations),
-                        ("--pretrain-steps", args.pretrain_steps)):
+    args.overrides = {f: getattr(args, f) for f in flags if getattr(args, f) is not None}
+    args.seed = args.overrides.pop("seed", 0)
+    for flag, value in (("--seeds", args.seeds), ("--pretrain-steps", args.pretrain_steps)):
         if value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
+    for method in (METHODS if args.method == "all" else [args.method]):
+        try:
+            cfg = toy_config(method, args.seed, **args.overrides)
+        except g2rpo.ConfigError as e:
+            p.error(f"{flags.get(e.field, e.field)}: {e}")
+        if cfg.num_iterations < 1:
+            p.error(f"--iterations must be >= 1, got {cfg.num_iterations}")
     for flag, path in (("--out", Path(args.out).parent), ("--cache-dir", Path(args.cache_dir))):
         existing = next(d for d in (path, *path.parents) if d.exists())
         if flag == "--out" and existing != path:
@@ -332,25 +401,32 @@ def main(argv=None):
           f"  ({time.time() - start:.1f} s)")
     methods = list(METHODS) if args.method == "all" else [args.method]
     results, table = [], {}
+    metrics_path = Path(args.out).with_suffix(".jsonl")
+    metrics_path.write_text("")
+    seeds = range(args.seed, args.seed + args.seeds)
     for method in methods:
-        for seed in range(args.seeds):
-            model, r = run(base, method, seed, num_iterations=args.iterations,
-                           log=print if args.verbose else None)
+        for seed in seeds:
+            model, r = run(base, method, seed, log=print if args.verbose else None,
+                           **args.overrides)
+            with open(metrics_path, "a") as f:  # one JSON line per iteration, as flux_flow
+                for m in r["history"]:
+                    f.write(json.dumps({"method": method, "seed": seed, **m}) + "\n")
             end = r["curve"][-1]
             print(f"{method:14s} seed {seed}: reward {before['reward']:.4f} -> {end['reward']:.4f}"
                   f"  fidelity {before['fidelity']:.3f} -> {end['fidelity']:.3f}"
                   f"  model evals {r['nfe']:,}")
             table.setdefault(method, []).append(r)
-            if seed == 0:
+            if seed == args.seed:
                 results.append((model, r))
     if args.seeds > 1 or len(methods) > 1:
+        iterations = table[methods[0]][0]["config"]["num_iterations"]
         print(f"\n| method | final reward | fidelity | model evals | ({args.seeds} seeds, "
-              f"{args.iterations} iterations)\n|---|---|---|---|")
+              f"{iterations} iterations)\n|---|---|---|---|")
         for method, rs in table.items():
             print(f"| {method} | {mean_std([r['curve'][-1]['reward'] for r in rs])} | "
                   f"{mean_std([r['curve'][-1]['fidelity'] for r in rs])} | {rs[0]['nfe']:,} |")
-    plot(base, results, args.out, shift=TOY["shift"])
-    print(f"saved {args.out}  (total {time.time() - start:.1f} s)")
+    plot(base, results, args.out, shift=args.overrides.get("shift", TOY["shift"]), runs=table)
+    print(f"saved {args.out} and {metrics_path}  (total {time.time() - start:.1f} s)")
 
 
 if __name__ == "__main__":
