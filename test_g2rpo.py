@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -618,6 +619,73 @@ def test_toy_cli_has_one_flag_per_config_field_and_uses_them(tmp_path, capsys):
     assert all(len(r["adv_abs_k"]) == 2 and len(r["adv_abs_lambda"]) == 2 for r in rows)
     assert all(r["ratio_dev_first"] < 1e-6 and r["approx_kl"] < 1e-10 for r in rows)  # one step
     assert out.is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# The toy's statistics and its D-dimensional embedding (issue 10).
+
+
+def test_t_quantiles_match_closed_forms_and_the_table():
+    import toy_flow
+
+    p = 0.975
+    assert toy_flow.t_quantile_975(1) == pytest.approx(math.tan(math.pi * (p - 0.5)), abs=1e-3)
+    assert toy_flow.t_quantile_975(2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)),
+                                                       abs=1e-3)
+    assert toy_flow.t_quantile_975(30) == 2.042
+    assert toy_flow.t_quantile_975(40) == pytest.approx(2.021, abs=1e-3)  # expansion beyond 30
+    assert toy_flow.t_quantile_975(10**6) == pytest.approx(1.960, abs=1e-3)
+    m, h = toy_flow.mean_ci([1.0, 2.0, 3.0, 4.0])
+    assert m == 2.5 and h == pytest.approx(3.182 * math.sqrt(5 / 3) / 2, rel=1e-6)
+
+
+def test_paired_difference_claims_an_effect_only_when_the_interval_excludes_zero():
+    import toy_flow
+
+    a = [0.90, 0.91, 0.92, 0.93]
+    assert toy_flow.paired_difference(a, [x - 0.02 for x in a])[2] == "excludes 0"
+    assert toy_flow.paired_difference(a, [0.92, 0.90, 0.93, 0.91])[2] == "includes 0"
+    assert toy_flow.paired_difference([0.9], [0.8])[2] == "–"
+
+
+def test_the_embedded_toy_is_the_2d_toy_on_a_plane():
+    import toy_flow
+
+    Q = toy_flow.embedding(16)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(16), atol=1e-5, rtol=0)
+    x16, c16 = toy_flow.sample_data(512, torch.Generator().manual_seed(0), dim=16)
+    x2, c2 = toy_flow.sample_data(512, torch.Generator().manual_seed(0), dim=2)
+    assert x16.shape == (512, 16) and torch.equal(c16, c2)
+    torch.testing.assert_close(toy_flow.project(x16), x2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(toy_flow.reward(x16, c16), toy_flow.reward(x2, c2), atol=1e-5,
+                               rtol=0)
+    off_plane = (x16 @ Q)[:, 2:]  # the directions the reward ignores
+    assert off_plane.std().item() == pytest.approx(toy_flow.EXTRA_STD, rel=0.1)
+    assert torch.equal(toy_flow.embedding(2), torch.eye(2))  # D = 2 is the original toy
+
+
+def test_toy_trains_in_d_dimensions_and_measures_lambda_disagreement(tmp_path):
+    import toy_flow
+
+    base = toy_flow.pretrain(steps=50, progress=False, dim=8)
+    rates = toy_flow.granularity_disagreement(base, prompts=8)
+    assert set(rates) == {2, 3} and all(0 <= r <= 1 for r in rates.values())
+    model, result = toy_flow.run(base, "g2rpo", seed=0, num_iterations=2, eval_every=2,
+                                 progress=False)
+    assert model.dim == 8 and len(result["history"]) == 2
+    assert math.isfinite(result["curve"][-1]["reward"])
+
+
+def test_toy_comparison_reports_confidence_intervals_and_paired_differences(tmp_path, capsys):
+    import toy_flow
+
+    toy_flow.main(["--method", "all", "--seeds", "2", "--iterations", "2", "--pretrain-steps",
+                   "50", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "a.png")])
+    out = capsys.readouterr().out
+    assert "| method | final reward | 95% CI | fidelity | 95% CI | model evals |" in out
+    for pair in ("g2rpo − full_sde", "g2rpo − g2rpo_wo_mgai"):
+        assert re.search(rf"\| {pair} \| [+-]\d\.\d{{4}} \| \[[+-]\d\.\d{{4}}, [+-]\d\.\d{{4}}\] "
+                         rf"\| (excludes|includes) 0 \|", out), pair
 
 
 def test_empty_prompts_are_refused():

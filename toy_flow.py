@@ -17,6 +17,7 @@ chasing the offset peak too hard pulls samples off the modes, so reward hacking 
 import argparse
 import ast
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -39,6 +40,7 @@ MODE_WEIGHTS = (1.0, 0.5, 0.0)  # reward for landing in sub-mode 0 / 1 / 2 of th
 REWARD_OFFSET = 0.3  # the in-mode reward peak sits 2 std outward of the mode centre
 REWARD_WIDTH = 0.3
 ON_MODE_STDS = 3.0
+EXTRA_STD = MODE_STD  # std of the D − 2 dimensions the reward ignores (--dim > 2)
 
 # Toy hyper-parameters. They differ from FLUX's on purpose: the log-prob is averaged over D = 2
 # elements here, not ~1e5, so one update moves the ratio by orders of magnitude more.
@@ -75,15 +77,37 @@ def mode_centres():
     return RING_RADIUS * torch.stack([angle.cos(), angle.sin()], dim=-1)
 
 
-def sample_data(n, generator=None):
-    """n data points and their classes: a uniform class, a uniform sub-mode, Gaussian noise."""
+@functools.lru_cache(maxsize=None)
+def embedding(dim):
+    """(D, D) fixed random orthogonal map Q: the 2-D problem lives on the plane of Q's first two
+    columns, the other D − 2 directions hold narrow noise the reward ignores (D = 2: identity)."""
+    if dim == 2:
+        return torch.eye(2)
+    q, r = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(2024)))
+    return q * torch.sign(torch.diagonal(r))  # (D, D)
+
+
+def project(x):
+    """(N, D) → (N, 2): the toy plane's coordinates (D = 2: x itself)."""
+    return x if x.shape[-1] == 2 else (x @ embedding(x.shape[-1]).to(x))[:, :2]
+
+
+def sample_data(n, generator=None, dim=2):
+    """n data points and their classes: a uniform class, a uniform sub-mode, Gaussian noise;
+    for dim > 2 embedded by `embedding(dim)` with EXTRA_STD noise in the other directions."""
     c = torch.randint(NUM_CLASSES, (n,), generator=generator)
     j = torch.randint(MODES_PER_CLASS, (n,), generator=generator)
-    return mode_centres()[c, j] + MODE_STD * torch.randn(n, 2, generator=generator), c
+    x = mode_centres()[c, j] + MODE_STD * torch.randn(n, 2, generator=generator)
+    if dim > 2:
+        extra = EXTRA_STD * torch.randn(n, dim - 2, generator=generator)
+        x = torch.cat([x, extra], dim=1) @ embedding(dim).T  # (N, D)
+    return x, c
 
 
 def reward(x, c):
-    """(N, 2), (N,) → (N,): Σ_j w_j · exp(−|x − peak_j|² / (2·width²)) over the class's modes."""
+    """(N, D), (N,) → (N,): Σ_j w_j · exp(−|x − peak_j|² / (2·width²)) over the class's modes,
+    on the toy plane (project(x))."""
+    x = project(x)
     centres = mode_centres().to(x.device)[c]  # (N, 3, 2)
     peaks = centres * (1 + REWARD_OFFSET / RING_RADIUS)  # pushed radially outward
     w = torch.tensor(MODE_WEIGHTS, device=x.device)
@@ -98,7 +122,7 @@ def reward_fn(x, prompts):
 
 def on_mode(x, c):
     """(N,) bool: within ON_MODE_STDS std of one of class c's sub-modes (the fidelity metric)."""
-    d = (x[:, None, :] - mode_centres().to(x.device)[c]).norm(dim=-1)  # (N, 3)
+    d = (project(x)[:, None, :] - mode_centres().to(x.device)[c]).norm(dim=-1)  # (N, 3)
     return d.min(dim=-1).values < ON_MODE_STDS * MODE_STD
 
 
@@ -109,28 +133,29 @@ def on_mode(x, c):
 class ToyFlow(nn.Module):
     """v_θ(x, σ, c): an MLP on [x, Fourier(σ), class embedding] (3 hidden layers of 128)."""
 
-    def __init__(self, hidden=128, num_freqs=8, class_dim=32):
+    def __init__(self, hidden=128, num_freqs=8, class_dim=32, dim=2):
         super().__init__()
+        self.dim = dim
         self.register_buffer("freqs", 2.0 ** torch.arange(num_freqs) * math.pi)
         self.embed = nn.Embedding(NUM_CLASSES, class_dim)
         self.net = nn.Sequential(
-            nn.Linear(2 + 2 * num_freqs + class_dim, hidden), nn.SiLU(),
+            nn.Linear(dim + 2 * num_freqs + class_dim, hidden), nn.SiLU(),
             nn.Linear(hidden, hidden), nn.SiLU(),
             nn.Linear(hidden, hidden), nn.SiLU(),
-            nn.Linear(hidden, 2),
+            nn.Linear(hidden, dim),
         )
 
     def forward(self, x, sigma, c):
         s = sigma[:, None] * self.freqs  # (N, F)
         h = torch.cat([x, s.sin(), s.cos(), self.embed(c)], dim=-1)
-        return self.net(h)  # (N, 2)
+        return self.net(h)  # (N, D)
 
 
-def pretrain(steps=10000, batch=256, lr=1e-3, seed=0, progress=True):
+def pretrain(steps=10000, batch=256, lr=1e-3, seed=0, progress=True, dim=2):
     """Flow matching: x_σ = (1 − σ)·x0 + σ·ε, regress v on ε − x0, σ ~ U(0, 1)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = ToyFlow()
+    model = ToyFlow(dim=dim)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     it = range(steps)
@@ -138,8 +163,8 @@ def pretrain(steps=10000, batch=256, lr=1e-3, seed=0, progress=True):
         from tqdm.auto import tqdm
         it = tqdm(it, desc="pretrain flow", dynamic_ncols=True)
     for _ in it:
-        x0, c = sample_data(batch, g)
-        eps = torch.randn(batch, 2, generator=g)
+        x0, c = sample_data(batch, g, dim)
+        eps = torch.randn(batch, dim, generator=g)
         sigma = torch.rand(batch, generator=g)
         x = (1 - sigma[:, None]) * x0 + sigma[:, None] * eps
         loss = ((model(x, sigma, c) - (eps - x0)) ** 2).mean()
@@ -150,16 +175,20 @@ def pretrain(steps=10000, batch=256, lr=1e-3, seed=0, progress=True):
     return model.eval()
 
 
-def load_or_pretrain(cache_dir=".cache", steps=10000, seed=0, retrain=False, progress=True):
+def load_or_pretrain(cache_dir=".cache", steps=10000, seed=0, retrain=False, progress=True,
+                     dim=2):
     """The pretrained toy flow, from cache_dir if a matching file exists, else trained and saved."""
-    spec = json.dumps(dict(steps=steps, seed=seed, modes=mode_centres().tolist(), std=MODE_STD,
-                           torch=torch.__version__.split("+")[0]), sort_keys=True)
+    spec = dict(steps=steps, seed=seed, modes=mode_centres().tolist(), std=MODE_STD,
+                torch=torch.__version__.split("+")[0])
+    if dim != 2:  # D = 2 keeps the key it always had
+        spec.update(dim=dim, extra_std=EXTRA_STD)
+    spec = json.dumps(spec, sort_keys=True)
     path = Path(cache_dir) / f"toy_flow_{hashlib.sha1(spec.encode()).hexdigest()[:10]}.pt"
     if path.exists() and not retrain:
-        model = ToyFlow()
+        model = ToyFlow(dim=dim)
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
-    model = pretrain(steps=steps, seed=seed, progress=progress)
+    model = pretrain(steps=steps, seed=seed, progress=progress, dim=dim)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)
@@ -180,7 +209,7 @@ def velocity_fn(model):
 def sde_samples(model, classes, sde_steps, eta=0.7, num_steps=16, shift=1.0, seed=1234):
     """Samples with an SDE step at every grid index in sde_steps and ODE steps elsewhere."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(classes), 2, generator=g)
+    x = torch.randn(len(classes), model.dim, generator=g)
     sigmas = g2rpo.sigma_schedule(num_steps, shift)
     for i in range(num_steps):
         v = model(x, sigmas[i].expand(len(x)), classes)
@@ -226,8 +255,9 @@ def credited_noise_share(model, step, sde_steps, classes, outer=16, inner=16, et
     C, A, B = len(classes), outer, inner
     sigmas = g2rpo.sigma_schedule(num_steps, shift)
     c = torch.as_tensor(classes).repeat_interleave(A * B)  # rows (C, A, B)
-    x = torch.randn(C, 1, 1, 2, generator=g).expand(C, A, B, 2).reshape(-1, 2)
-    credited = torch.randn(C, A, 1, 2, generator=g).expand(C, A, B, 2).reshape(-1, 2)
+    D = model.dim
+    x = torch.randn(C, 1, 1, D, generator=g).expand(C, A, B, D).reshape(-1, D)
+    credited = torch.randn(C, A, 1, D, generator=g).expand(C, A, B, D).reshape(-1, D)
     for i in range(num_steps):
         v = model(x, sigmas[i].expand(len(x)), c)
         if i in sde_steps:
@@ -248,7 +278,7 @@ def run(base_model, method="g2rpo", seed=0, eval_every=10, progress=True, log=No
     """Fine-tune a copy of base_model with one method; returns (model, result dict)."""
     cfg = toy_config(method, seed, **overrides)
     torch.manual_seed(seed)
-    model = ToyFlow()
+    model = ToyFlow(dim=base_model.dim)
     model.load_state_dict(base_model.state_dict())
     curve = [dict(iteration=0, nfe=0, **evaluate(model, shift=cfg.shift))]
     nfe = [0]
@@ -259,7 +289,8 @@ def run(base_model, method="g2rpo", seed=0, eval_every=10, progress=True, log=No
             curve.append(dict(iteration=it + 1, nfe=nfe[0], **evaluate(model, shift=cfg.shift)))
 
     history = g2rpo.train(model, velocity_fn(model), reward_fn, list(range(NUM_CLASSES)), cfg,
-                          latent_shape=(2,), callback=callback, log=log, progress=progress)
+                          latent_shape=(model.dim,), callback=callback, log=log,
+                          progress=progress)
     return model, {"method": method, "seed": seed, "config": dataclasses.asdict(cfg),
                    "curve": curve, "history": history, "nfe": nfe[0]}
 
@@ -279,7 +310,7 @@ def plot(base_model, results, path, shift=1.0, runs=None):
     fig, axes = plt.subplots(1, len(panels) + 2, figsize=(4.2 * (len(panels) + 2), 4.4))
     centres = mode_centres().view(-1, 2)
     for ax, (title, model) in zip(axes, panels):
-        x = ode_samples(model, c, shift=shift, seed=7)
+        x = project(ode_samples(model, c, shift=shift, seed=7))
         ax.scatter(x[:, 0], x[:, 1], c=c, cmap="tab10", vmin=0, vmax=9, s=3, alpha=0.6)
         ax.scatter(centres[:, 0], centres[:, 1], marker="x", c="k", s=20)
         ax.set(title=title, xlim=(-4.5, 4.5), ylim=(-4.5, 4.5), aspect="equal",
@@ -306,6 +337,91 @@ def plot(base_model, results, path, shift=1.0, runs=None):
 def mean_std(values):
     t = torch.tensor(values, dtype=torch.float64)
     return f"{t.mean():.4f} ± {t.std() if len(t) > 1 else 0.0:.4f}"
+
+
+# Two-sided 95 % Student-t quantiles t_{0.975, df} for df = 1..30 (standard tables).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_975(df):
+    """t_{0.975, df}: the table up to 30, then the Cornish–Fisher expansion around z = 1.96."""
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def mean_ci(values):
+    """(mean, half-width of the 95 % confidence interval of the mean), Student t over n values."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if len(t) < 2:
+        return t.mean().item(), float("nan")
+    return t.mean().item(), t_quantile_975(len(t) - 1) * t.std().item() / math.sqrt(len(t))
+
+
+def ci_text(values, signed=False):
+    """'[lo, hi]' of the 95 % CI of the mean ('–' for one value); signed for differences."""
+    m, h = mean_ci(values)
+    f = "+.4f" if signed else ".4f"
+    return "–" if math.isnan(h) else f"[{m - h:{f}}, {m + h:{f}}]"
+
+
+def paired_difference(a, b):
+    """Mean and 95 % CI of a − b over seeds run on both (a, b lists in the same seed order);
+    'excludes 0' only when the interval does."""
+    d = [x - y for x, y in zip(a, b)]
+    m, h = mean_ci(d)
+    verdict = "–" if math.isnan(h) else ("excludes 0" if abs(m) > h else "includes 0")
+    return f"{m:+.4f}", ci_text(d, signed=True), verdict
+
+
+@torch.no_grad()
+def granularity_disagreement(model, granularities=(1, 2, 3), branch_steps=tuple(range(8)),
+                             prompts=64, group_size=12, eta=0.7, shift=1.0, seed=7):
+    """{λ: share of (k, prompt, member) whose group advantage at λ has the opposite sign of
+    λ = 1's}, from one singular-sampling rollout of `prompts` prompts (classes in turn)."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.arange(prompts) % NUM_CLASSES
+    sigmas = g2rpo.sigma_schedule(16, shift)
+    velocity = g2rpo.CountingVelocity(velocity_fn(model), 1 << 16)
+    x_T = torch.randn(prompts, model.dim, generator=g)
+    out = g2rpo.singular_stochastic_sampling(velocity, c, x_T, sigmas, branch_steps, granularities,
+                                             group_size, eta, g)
+    K, L = len(branch_steps), len(granularities)
+    members = c.repeat_interleave(group_size).repeat(K * L)
+    r = reward(out["samples"].reshape(-1, model.dim), members).view(K, L, prompts, group_size)
+    adv = g2rpo.group_advantages(r)  # (K, L, P, G)
+    return {lam: ((adv[:, 0] * adv[:, j]) < 0).float().mean().item()
+            for j, lam in enumerate(granularities) if j > 0}
+
+
+def mgai_vs_dim(dims, seeds, cache_dir=".cache", pretrain_steps=10000, log=print, **overrides):
+    """Does MGAI matter as the data dimension grows? For each D: the λ-disagreement rate, and
+    the final reward of G²RPO vs G²RPO w/o MGAI on the same seeds with the paired interval.
+    Returns one row per D and prints a markdown table."""
+    rows = []
+    for dim in dims:
+        base = load_or_pretrain(cache_dir, pretrain_steps, progress=False, dim=dim)
+        dis = granularity_disagreement(base, shift=TOY["shift"])
+        final = {m: [run(base, m, s, progress=False, eval_every=10**9, **overrides)[1]["curve"][-1]
+                     ["reward"] for s in seeds] for m in ("g2rpo", "g2rpo_wo_mgai")}
+        diff, ci, verdict = paired_difference(final["g2rpo"], final["g2rpo_wo_mgai"])
+        rows.append(dict(dim=dim, disagreement=dis, g2rpo=final["g2rpo"],
+                         g2rpo_wo_mgai=final["g2rpo_wo_mgai"], difference=diff, ci=ci,
+                         verdict=verdict, pretrained=evaluate(base, shift=TOY["shift"])))
+    if log is not None:
+        log(f"| D | pretrained reward / fidelity | sign disagreement λ=2 / λ=3 vs λ=1 | G²RPO | "
+            f"w/o MGAI | G²RPO − w/o MGAI | 95% CI | |  ({len(seeds)} paired seeds)\n"
+            f"|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            log(f"| {r['dim']} | {r['pretrained']['reward']:.4f} / "
+                f"{r['pretrained']['fidelity']:.3f} | {r['disagreement'][2]:.1%} / "
+                f"{r['disagreement'][3]:.1%} | {mean_std(r['g2rpo'])} | "
+                f"{mean_std(r['g2rpo_wo_mgai'])} | {r['difference']} | {r['ci']} | "
+                f"{r['verdict']} |")
+    return rows
 
 
 def config_field_help():
@@ -348,6 +464,12 @@ def parse_args(argv=None):
     a("--cache-dir", default=".cache", help="where the pretrained flow is cached (default: .cache)")
     a("--pretrain-steps", type=int, default=10000, help="Adam steps of pretraining (default: 10000)")
     a("--retrain", action="store_true", help="ignore the cached pretrained flow")
+    a("--dim", type=int, default=2,
+      help="data dimension D: the 2-D problem embedded by a fixed random orthogonal map, plus "
+           "D − 2 narrow directions the reward ignores (default: 2)")
+    a("--mgai-vs-dim", type=_int_tuple, default=None, metavar="D1,D2,...",
+      help="the MGAI study instead of a run: for each D, λ-disagreement and G²RPO vs G²RPO w/o "
+           "MGAI over --seeds paired seeds (README, 'Does MGAI matter as D grows?')")
     a("--verbose", action="store_true", help="print one metrics line per iteration")
     group = p.add_argument_group("algorithm (g2rpo.Config; the toy's defaults in brackets)")
     docs, toy = config_field_help(), toy_config("g2rpo")
@@ -372,6 +494,9 @@ def parse_args(argv=None):
     for flag, value in (("--seeds", args.seeds), ("--pretrain-steps", args.pretrain_steps)):
         if value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
+    for value in (args.dim, *(args.mgai_vs_dim or ())):
+        if value < 2:
+            p.error(f"--dim and --mgai-vs-dim need D >= 2, got {value}")
     for method in (METHODS if args.method == "all" else [args.method]):
         try:
             cfg = toy_config(method, args.seed, **args.overrides)
@@ -390,12 +515,38 @@ def parse_args(argv=None):
     return args
 
 
+def print_comparison(table, num_seeds):
+    """Per method: mean and 95 % CI over seeds; then the paired differences on the same seeds."""
+    final = {m: {k: [r["curve"][-1][k] for r in rs] for k in ("reward", "fidelity")}
+             for m, rs in table.items()}
+    iterations = next(iter(table.values()))[0]["config"]["num_iterations"]
+    print(f"\n| method | final reward | 95% CI | fidelity | 95% CI | model evals |  ({num_seeds} "
+          f"seeds, {iterations} iterations)\n|---|---|---|---|---|---|")
+    for m, rs in table.items():
+        print(f"| {m} | {mean_ci(final[m]['reward'])[0]:.4f} | {ci_text(final[m]['reward'])} | "
+              f"{mean_ci(final[m]['fidelity'])[0]:.4f} | {ci_text(final[m]['fidelity'])} | "
+              f"{rs[0]['nfe']:,} |")
+    pairs = [(a, b) for a, b in (("g2rpo", "full_sde"), ("g2rpo", "g2rpo_wo_mgai"),
+                                 ("g2rpo_wo_mgai", "full_sde")) if a in table and b in table]
+    if pairs and num_seeds > 1:
+        print("\n| paired difference (same seeds) | final reward | 95% CI | |\n|---|---|---|---|")
+        for a, b in pairs:
+            print(f"| {a} − {b} | "
+                  + " | ".join(paired_difference(final[a]["reward"], final[b]["reward"])) + " |")
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
     start = time.time()
-    base = load_or_pretrain(args.cache_dir, args.pretrain_steps, retrain=args.retrain)
+    if args.mgai_vs_dim:
+        mgai_vs_dim(args.mgai_vs_dim, range(args.seed, args.seed + args.seeds), args.cache_dir,
+                    args.pretrain_steps, **args.overrides)
+        print(f"(total {time.time() - start:.1f} s)")
+        return
+    base = load_or_pretrain(args.cache_dir, args.pretrain_steps, retrain=args.retrain,
+                            dim=args.dim)
     before = evaluate(base, shift=TOY["shift"])
     print(f"pretrained flow: reward {before['reward']:.4f}  fidelity {before['fidelity']:.3f}"
           f"  ({time.time() - start:.1f} s)")
@@ -419,12 +570,7 @@ def main(argv=None):
             if seed == args.seed:
                 results.append((model, r))
     if args.seeds > 1 or len(methods) > 1:
-        iterations = table[methods[0]][0]["config"]["num_iterations"]
-        print(f"\n| method | final reward | fidelity | model evals | ({args.seeds} seeds, "
-              f"{iterations} iterations)\n|---|---|---|---|")
-        for method, rs in table.items():
-            print(f"| {method} | {mean_std([r['curve'][-1]['reward'] for r in rs])} | "
-                  f"{mean_std([r['curve'][-1]['fidelity'] for r in rs])} | {rs[0]['nfe']:,} |")
+        print_comparison(table, args.seeds)
     plot(base, results, args.out, shift=args.overrides.get("shift", TOY["shift"]), runs=table)
     print(f"saved {args.out} and {metrics_path}  (total {time.time() - start:.1f} s)")
 
