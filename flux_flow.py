@@ -170,7 +170,7 @@ def flux_sigmas(pipe, num_steps, height, width, schedule="static", shift=3.0):
 
 
 def sdpa_backends(spec):
-    """'flash,efficient,math' → that tuple of names; 'all' → None (PyTorch picks, cuDNN included)."""
+    """'flash,efficient,math' → that tuple of names; 'all' → None (PyTorch's pick, cuDNN too)."""
     if spec is None or spec == "all":
         return None
     chosen = [n.strip() for n in spec.split(",") if n.strip()] if isinstance(spec, str) else spec

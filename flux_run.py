@@ -202,7 +202,7 @@ def _rng_state(generator):
 
 
 def _write(obj, path):
-    """torch.save through a temporary file and a rename; the old file stays until the new is whole."""
+    """torch.save via a temporary file and a rename: the old file stays until the new is whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:

@@ -461,8 +461,10 @@ def parse_args(argv=None):
     a("--out", default="toy_g2rpo.png",
       help="PNG: samples before/after, curves; the per-iteration metrics go to the same name "
            "with .jsonl (default: toy_g2rpo.png)")
-    a("--cache-dir", default=".cache", help="where the pretrained flow is cached (default: .cache)")
-    a("--pretrain-steps", type=int, default=10000, help="Adam steps of pretraining (default: 10000)")
+    a("--cache-dir", default=".cache",
+      help="where the pretrained flow is cached (default: .cache)")
+    a("--pretrain-steps", type=int, default=10000,
+      help="Adam steps of pretraining (default: 10000)")
     a("--retrain", action="store_true", help="ignore the cached pretrained flow")
     a("--dim", type=int, default=2,
       help="data dimension D: the 2-D problem embedded by a fixed random orthogonal map, plus "
