@@ -185,14 +185,15 @@ def sdpa_backends(spec):
 
 
 def attention_context(backends):
-    """A context in which scaled_dot_product_attention may use only `backends` (None: any).
+    """A context in which scaled_dot_product_attention may use only `backends`, names already
+    checked by sdpa_backends (None: any).
 
     torch restores the previous flags on exit, so nothing outside the context (VAE, rewards,
     other code in the process) sees the choice.
     """
     if backends is None:
         return contextlib.nullcontext()
-    return sdpa_kernel([SDPA_BACKENDS[n] for n in sdpa_backends(backends)])
+    return sdpa_kernel([SDPA_BACKENDS[n] for n in backends])
 
 
 def _enabled_sdpa_backends():

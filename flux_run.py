@@ -38,6 +38,23 @@ LOCK = ".lock"
 # The output directory.
 
 
+def _replace_file(path, write):
+    """write(tmp) to a temporary file beside path, then rename it over path: the old file stays
+    until the new one is whole, and a failed write leaves no temporary file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path, text):
+    _replace_file(path, lambda tmp: tmp.write_text(text))
+
+
 def check_writable_dir(path, flag="--output-dir"):
     """Refuse a path that is a file, or whose nearest existing ancestor is not writable."""
     path = Path(path)
@@ -188,29 +205,11 @@ def check_ranks_in_sync(params, out, is_main):
 # Checkpoints.
 
 
-def _write_text(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _rng_state(generator):
     state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
-
-
-def _write(obj, path):
-    """torch.save via a temporary file and a rename: the old file stays until the new is whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path, transformer, optimizer, generator, iteration, fp, world_size):
@@ -230,11 +229,11 @@ def save_checkpoint(path, transformer, optimizer, generator, iteration, fp, worl
         ckpt = {"model": model_sd, "optimizer": optim_sd, "rng": rng, "iteration": iteration,
                 "world_size": world_size, "fingerprint": fp}
         try:
-            _write(ckpt, path)
+            _replace_file(path, lambda tmp: torch.save(ckpt, tmp))
         except OSError as e:
             rescue = Path(tempfile.gettempdir()) / f"g2rpo-rescue-{os.getpid()}-{path.name}"
             try:
-                _write(ckpt, rescue)
+                _replace_file(rescue, lambda tmp: torch.save(ckpt, tmp))
                 saved = f"this iteration's state was saved to {rescue} instead (--resume {rescue})"
             except OSError as e2:
                 saved = f"a rescue copy in {rescue} failed too ({e2})"
@@ -268,7 +267,7 @@ def read_checkpoint(path):
     state = [v for s in ckpt["optimizer"].get("state", {}).values() for v in s.values()
              if torch.is_tensor(v)]
     for what, tensors in (("weights", weights), ("optimizer state", state)):
-        if not g2rpo._all_finite(tensors):
+        if not g2rpo.all_finite(tensors):
             raise ValueError(f"checkpoint {str(path)!r} holds non-finite {what}; refusing to "
                              f"resume from it")
     return ckpt

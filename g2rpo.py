@@ -293,7 +293,8 @@ def group_advantages(rewards, eps=1e-8):
         raise ValueError(f"a group needs >= 2 rewards, got group dim {rewards.shape[-1]}")
     rewards = rewards.float()
     if not torch.isfinite(rewards).all():
-        raise ValueError(f"rewards must be finite, got {rewards[~torch.isfinite(rewards)][:4].tolist()}")
+        bad = rewards[~torch.isfinite(rewards)][:4].tolist()
+        raise ValueError(f"rewards must be finite, got {bad}")
     mean = rewards.mean(dim=-1, keepdim=True)
     std = rewards.std(dim=-1, keepdim=True)  # unbiased, as torch.std and the official code
     adv = (rewards - mean) / (std + eps)
@@ -550,7 +551,7 @@ def policy_log_prob(velocity_fn, cond, x, x_next, sigma, sigma_next, eta):
     return log_prob.view(P, G)
 
 
-def _all_finite(tensors):
+def all_finite(tensors):
     """True when every tensor (DTensors: this process's shard) is finite; one sync per device."""
     by_device = {}
     for t in tensors:
@@ -571,13 +572,13 @@ def _clip_and_step(params, optimizer, max_grad_norm, where):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"non-finite gradient norm {grad_norm.item()} at {where}; "
                                  f"the optimizer step was skipped and the weights are unchanged")
-    if not _all_finite(optimizer_state_tensors(optimizer)):
+    if not all_finite(optimizer_state_tensors(optimizer)):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"the optimizer state holds non-finite values at {where}; the "
                                  f"step was skipped and the weights are unchanged")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if not _all_finite(params):  # finite inputs cannot get here; a custom optimizer might
+    if not all_finite(params):  # finite inputs cannot get here; a custom optimizer might
         raise FloatingPointError(f"the optimizer step at {where} produced non-finite weights")
     return grad_norm.item()
 
