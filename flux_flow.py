@@ -7,10 +7,10 @@
     # evaluation only: ODE samples for the held-out prompts, mean rewards, an image grid
     python flux_flow.py --model ... --eval --iterations 0
 
-Everything FLUX-specific lives here; g2rpo.py stays model-agnostic; run directories, checkpoints
-and signals are in flux_run.py. Latents are kept in FLUX's
-packed layout (N, S, 64) in float32 between steps; the transformer runs in --dtype (bf16 autocast
-on GPU) and log-probabilities are computed in float32.
+Everything FLUX-specific lives here; g2rpo.py stays model-agnostic; the reward models are in
+flux_rewards.py; run directories, checkpoints, export and signals in flux_run.py. Latents are kept
+in FLUX's packed layout (N, S, 64) in float32 between steps; the transformer runs in --dtype
+(bf16 autocast on GPU) and log-probabilities are computed in float32.
 """
 
 import argparse
@@ -19,6 +19,7 @@ import gc
 import json
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flux_run
 import g2rpo
+from flux_rewards import load_rewards, reward_names
 
 BUILTIN_PROMPTS = [
     "a red fox sitting in fresh snow, golden hour",
@@ -55,9 +57,9 @@ BUILTIN_EVAL_PROMPTS = [
 ]
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                 "to_add_out"]
-REWARD_NAMES = ("clip", "pickscore", "hps")
 # cuDNN fused attention's bf16 backward gives NaN/inf gradients or illegal memory accesses on
-# Hopper GPUs (issue 7; pytorch/pytorch#196678): the transformer runs without it by default.
+# Hopper GPUs (seen on an H200, torch 2.11.0+cu130; pytorch/pytorch#196678): the transformer
+# runs without it by default.
 DEFAULT_ATTENTION = ("flash", "efficient", "math")
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -290,103 +292,7 @@ def sample(pipe, velocity, encoder, prompts, height, width, sigmas, generator):
 
 
 # ----------------------------------------------------------------------------------------------
-# Rewards: images in [0, 1] (B, 3, H, W) and prompts → (B,).
-
-
-class ClipReward:
-    """Cosine similarity of CLIP image and text embeddings (CLIP score; PickScore with scale).
-
-    PickScore is the same computation on the PickScore_v1 CLIP with its learned logit scale:
-    exp(logit_scale)·cos / 100 (so values sit near the paper's ~0.22).
-    """
-
-    def __init__(self, model_id, processor_id=None, device="cpu", pickscore=False):
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
-
-        try:
-            self.model = CLIPModel.from_pretrained(model_id).to(device).eval().requires_grad_(False)
-            proc_id = processor_id or model_id
-            self.tokenizer = AutoTokenizer.from_pretrained(proc_id)
-            ip = CLIPImageProcessor.from_pretrained(proc_id)
-        except OSError as e:
-            raise OSError(f"could not load reward model {model_id!r} (processor "
-                          f"{processor_id or model_id!r}): {e}. Download it first (there is no "
-                          f"network here at run time) or pass a local folder.") from e
-        crop = ip.crop_size  # a dict, or transformers 5's SizeDict, or an int in old configs
-        self.size = (crop, crop) if isinstance(crop, int) else (crop["height"], crop["width"])
-        self.mean = torch.tensor(ip.image_mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(ip.image_std, device=device).view(1, 3, 1, 1)
-        self.pickscore, self.device = pickscore, device
-
-    def preprocess(self, images):
-        """Resize the shorter side to the crop size (bicubic), centre-crop, normalise."""
-        h, w = images.shape[-2:]
-        scale = max(self.size[0] / h, self.size[1] / w)
-        size = (max(self.size[0], round(h * scale)), max(self.size[1], round(w * scale)))
-        x = torch.nn.functional.interpolate(images, size=size, mode="bicubic", antialias=True,
-                                            align_corners=False)
-        top, left = (size[0] - self.size[0]) // 2, (size[1] - self.size[1]) // 2
-        x = x[..., top : top + self.size[0], left : left + self.size[1]]
-        return (x.clamp(0, 1) - self.mean) / self.std
-
-    @torch.no_grad()
-    def __call__(self, images, prompts):
-        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                             max_length=self.model.config.text_config.max_position_embeddings,
-                             return_tensors="pt").to(self.device)
-        feats = lambda out: out if torch.is_tensor(out) else out.pooler_output
-        t = feats(self.model.get_text_features(**tok)).float()
-        i = feats(self.model.get_image_features(
-            pixel_values=self.preprocess(images.to(self.device).float()))).float()
-        cos = torch.nn.functional.cosine_similarity(i, t, dim=-1)
-        return cos * self.model.logit_scale.exp().float() / 100 if self.pickscore else cos
-
-
-class HPSReward:
-    """HPS-v2.1 through the `hpsv2` package, if the user installed it (never a dependency)."""
-
-    def __init__(self, version="v2.1"):
-        try:
-            import hpsv2
-        except ImportError as e:
-            raise ImportError("the 'hps' reward needs the hpsv2 package and its HPS-v2.1 "
-                              "checkpoint: pip install hpsv2 (README, section FLUX.1, Rewards)") from e
-        self.hpsv2, self.version = hpsv2, version
-
-    @torch.no_grad()
-    def __call__(self, images, prompts):
-        from PIL import Image
-
-        out = []
-        for img, p in zip(images, prompts):
-            arr = (img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-            out.append(float(self.hpsv2.score([Image.fromarray(arr)], p,
-                                              hps_version=self.version)[0]))
-        return torch.tensor(out)
-
-
-def reward_names(spec):
-    """'clip,pickscore' → ['clip', 'pickscore'], refusing unknown or missing names."""
-    names = [n.strip() for n in spec.split(",") if n.strip()] if isinstance(spec, str) else spec
-    if not names:
-        raise ValueError("at least one reward is needed (--rewards clip,pickscore,hps)")
-    for n in names:
-        if n not in REWARD_NAMES:
-            raise ValueError(f"unknown reward {n!r}; choose from {', '.join(REWARD_NAMES)}")
-    return names
-
-
-def load_rewards(names, device, clip_model, pickscore_model, pickscore_processor):
-    """Reward objects for a comma-separated list of names (clip, pickscore, hps)."""
-    rewards = {}
-    for n in reward_names(names):
-        if n == "clip":
-            rewards[n] = ClipReward(clip_model, device=device)
-        elif n == "pickscore":
-            rewards[n] = ClipReward(pickscore_model, pickscore_processor, device, pickscore=True)
-        else:
-            rewards[n] = HPSReward()
-    return rewards
+# Rewards (the models themselves: flux_rewards.py).
 
 
 def make_reward_fn(pipe, rewards, height, width, decode_batch=4):
@@ -583,7 +489,16 @@ def parse_args(argv=None):
     a("--overwrite", action="store_true",
       help="replace the run already in --output-dir (its files are deleted)")
     a("--save-every", type=int, default=50, help="checkpoint every N iterations (and at the end)")
-    a("--resume", help="checkpoint to continue from (exactly)")
+    a("--async-save", action="store_true",
+      help="write checkpoints in the background (dcp.async_save) while training goes on; costs a "
+           "host-memory copy of each process's shards")
+    a("--export-every", type=int, default=0,
+      help="export the weights for diffusers every N iterations (0: at the end of the run only; "
+           "a LoRA is also exported with every checkpoint)")
+    a("--max-shard-size", default="10GB",
+      help="largest safetensors file of a full fine-tune's export (save_pretrained's units)")
+    a("--resume", help="checkpoint directory to continue from (<output-dir>/checkpoint); exact on "
+                       "the same number of processes, and on another one but for sampling noise")
     a("--eval", action="store_true",
       help="evaluate on the held-out prompts before and after training (with --iterations 0: "
            "once)")
@@ -620,6 +535,13 @@ def check_args(args):
         raise ValueError(f"--eval-every must be >= 0 (0: off), got {args.eval_every}")
     args.eval = args.eval or args.eval_every > 0
     flux_run.check_report_to(args.report_to)
+    if args.export_every < 0:
+        raise ValueError(f"--export-every must be >= 0 (0: at the end only), got "
+                         f"{args.export_every}")
+    try:
+        flux_run.parse_size(args.max_shard_size)
+    except ValueError as e:
+        raise ValueError(f"--max-shard-size: {e}") from None
     for flag, value in (("--save-every", args.save_every), ("--decode-batch", args.decode_batch),
                         ("--max-sequence-length", args.max_sequence_length)):
         if value < 1:
@@ -636,12 +558,12 @@ def check_args(args):
     read_prompts(args.prompts)
     read_prompts(args.eval_prompts, BUILTIN_EVAL_PROMPTS)
     if args.resume is not None:
-        resume = Path(args.resume)
-        if not resume.is_file():
-            raise FileNotFoundError(f"--resume {args.resume!r}: "
-                                    + ("is a directory" if resume.is_dir() else "does not exist"))
         if args.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
+        try:
+            flux_run.read_checkpoint(args.resume)  # its files; its fingerprint once FLUX loads
+        except flux_run.CheckpointError as e:
+            raise ValueError(f"--resume: {e}") from None
     flux_run.check_writable_dir(args.output_dir)
 
 
@@ -649,11 +571,14 @@ def main(argv=None):
     """Parse, train (and evaluate); under torchrun, tear the process group down cleanly."""
     args = parse_args(argv)
     rank, world, device = init_distributed()
-    result = train_flux(args, rank, world, device)
-    if dist.is_initialized():
-        gc.collect()  # free DDP / FSDP state (closures hold it) before its process group goes
-        dist.barrier()
-        dist.destroy_process_group()
+    try:
+        result = train_flux(args, rank, world, device)
+        if dist.is_initialized():
+            gc.collect()  # free DDP / FSDP state (closures hold it) before its process group goes
+            dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return result
 
 
@@ -701,7 +626,7 @@ def _train_flux(args, rank, world, device, run):
     out, ckpt_path = run.path, run.path / flux_run.CHECKPOINT
     start = 0
     if args.resume:
-        start = flux_run.load_checkpoint(args.resume, model, optimizer, generator, fp, world,
+        start = flux_run.load_checkpoint(args.resume, model, optimizer, generator, fp, args.seed,
                                          lr=cfg.lr, log=say)
         say(f"resumed from {args.resume} at iteration {start}")
     run.start(start)  # metrics.jsonl keeps only the iterations before `start`
@@ -728,30 +653,45 @@ def _train_flux(args, rank, world, device, run):
             + "  ".join(f"{n} {v:.4f}" for n, v in scores.items()) + f"  ({path})")
 
     stopper = flux_run.GracefulStop(log=say)
+    checkpointer = flux_run.Checkpointer(ckpt_path, args.async_save, log=say)
+    max_shard = flux_run.parse_size(args.max_shard_size)
 
     def callback(it, metrics):
         metrics.update(flux_run.all_reduce_metrics(metrics, world))  # train's history sees them
         run.log_metrics(metrics)  # rows after the last checkpoint are dropped on resume
         tracker.scalars(metrics)
         stop = stopper.should_stop(world)
-        if stop or (it + 1) % args.save_every == 0 or it + 1 == cfg.num_iterations:
-            flux_run.save_checkpoint(ckpt_path, model, optimizer, generator, it, fp, world)
-            flux_run.export_weights(out, model, raw, args.lora_rank)
+        end = it + 1 == cfg.num_iterations
+        saved = stop or (it + 1) % args.save_every == 0 or end
+        if saved:
+            checkpointer.save(model, optimizer, generator, it, fp)
+        # A LoRA is small: exported with every checkpoint. A full transformer (24 GB in bf16 at
+        # FLUX.1-dev's size): at the end and every --export-every iterations only.
+        if end or (saved and args.lora_rank) or (args.export_every
+                                                 and (it + 1) % args.export_every == 0):
+            path = flux_run.export_weights(out, model, raw, args.lora_rank, dtype, max_shard)
+            if path is not None and not args.lora_rank:
+                say(f"exported the transformer after {it + 1} iterations ({dtype}): {path}")
         if args.eval_every and (it + 1) % args.eval_every == 0 and not stop:
             run_eval(it + 1)
         return stop
 
     reward_fn = make_reward_fn(pipe, rewards, args.height, args.width, args.decode_batch)
+    history = []
     try:
         if args.eval:
             run_eval(start)
-        with stopper:
-            history = g2rpo.train(model, velocity, reward_fn, prompts, cfg,
-                                  latent_shape(pipe, args.height, args.width),
-                                  encode_prompts=encoder, optimizer=optimizer,
-                                  generator=generator, start_iteration=start, callback=callback,
-                                  log=print if is_main else None, progress=is_main,
-                                  sigmas=sigmas)
+        if args.resume and start >= cfg.num_iterations:
+            say(f"checkpoint is at iteration {start} of {cfg.num_iterations}: nothing to train")
+        else:
+            with stopper:
+                history = g2rpo.train(model, velocity, reward_fn, prompts, cfg,
+                                      latent_shape(pipe, args.height, args.width),
+                                      encode_prompts=encoder, optimizer=optimizer,
+                                      generator=generator, start_iteration=start,
+                                      callback=callback, log=print if is_main else None,
+                                      progress=is_main, sigmas=sigmas)
+        checkpointer.close()  # an asynchronous save in flight is finished and moved into place
         end = history[-1]["iteration"] + 1 if history else start
         if stopper.requested:
             say(f"stopped by {stopper.requested} after iteration {end - 1}; checkpoint written "
@@ -760,10 +700,16 @@ def _train_flux(args, rank, world, device, run):
             run_eval(end)
     finally:
         tracker.close()
+        checkpointer.close()  # no-op unless training raised with a save in flight
     if dist.is_initialized():
         flux_run.check_ranks_in_sync(params, out, is_main)
     return history, evaluations
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except flux_run.CheckpointError as e:  # a refused resume: one line, not a traceback
+        if os.environ.get("RANK", "0") == "0":
+            print(f"flux_flow.py: error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import flux_flow
+import flux_rewards
 import flux_run
 import g2rpo
 
@@ -146,7 +147,7 @@ def test_prompt_encoder_caches_and_matches_encode_prompt(tiny_flux):
 def test_clip_reward_is_clip_models_cosine(tiny_clip):
     from transformers import CLIPModel
 
-    reward = flux_flow.ClipReward(tiny_clip)
+    reward = flux_rewards.ClipReward(tiny_clip)
     images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     prompts = ["a cat", "a dog", "sun"]
     model = CLIPModel.from_pretrained(tiny_clip).eval()
@@ -158,13 +159,13 @@ def test_clip_reward_is_clip_models_cosine(tiny_clip):
                     pixel_values=(images - mean) / std)
     expected = out.logits_per_image.diagonal() / model.logit_scale.exp()
     torch.testing.assert_close(reward(images, prompts), expected)
-    pick = flux_flow.ClipReward(tiny_clip, pickscore=True)
+    pick = flux_rewards.ClipReward(tiny_clip, pickscore=True)
     torch.testing.assert_close(pick(images, prompts), out.logits_per_image.diagonal() / 100)
 
 
 # ----------------------------------------------------------------------------------------------
 # Attention backends: cuDNN attention stays out of the transformer (its bf16 backward fails on
-# Hopper GPUs, issue 7). torch's flags are readable on a CPU, so the choice is checked here.
+# Hopper GPUs). torch's flags are readable on a CPU, so the choice is checked here.
 
 
 def tiny_inputs(pipe, n=2):
@@ -222,7 +223,18 @@ def test_attention_backend_names(spec, expected):
 
 
 def checkpoint(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint directory read whole into one process (DCP's own converter): model,
+    optimizer, rng by rank, and g2rpo.json's iteration, world_size and fingerprint."""
+    import tempfile
+    import warnings
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
+        dcp_to_torch_save(path, Path(tmp) / "whole.pt")
+        state = torch.load(Path(tmp) / "whole.pt", weights_only=False)
+    return {**state, **json.loads((Path(path) / "g2rpo.json").read_text())}
 
 
 @pytest.mark.parametrize("lora,dtype", [(True, "fp32"), (False, "fp32"), (True, "bf16")])
@@ -235,7 +247,7 @@ def test_one_iteration_gives_finite_metrics_and_changes_the_weights(tiny_flux, t
     for k in ("reward", "reward_std", "loss", "clip_frac", "approx_kl", "grad_norm"):
         assert torch.isfinite(torch.tensor(m[k])), (k, m[k])
     assert m["ratio_dev_first"] < (1e-5 if dtype == "fp32" else 1e-2)
-    saved = checkpoint(tmp_path / "checkpoint.pt")["model"]
+    saved = checkpoint(tmp_path / "checkpoint")["model"]
     original = flux_flow.load_pipeline(tiny_flux).transformer.state_dict()
     if lora:
         assert saved and all("lora" in k for k in saved)
@@ -263,11 +275,11 @@ def assert_resume_is_bit_exact(flux, clip, tmp_path, *extra):
     flux_flow.main(train_args(flux, clip, straight, "--iterations", "2", *extra))
     flux_flow.main(train_args(flux, clip, split, "--iterations", "1", *extra))
     history, _ = flux_flow.main(train_args(flux, clip, split, "--iterations", "2", *extra,
-                                           "--resume", str(split / "checkpoint.pt")))
+                                           "--resume", str(split / "checkpoint")))
     assert [m["iteration"] for m in history] == [1]
     logged = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in logged] == [0, 1]  # the resumed run appends
-    a, b = checkpoint(straight / "checkpoint.pt"), checkpoint(split / "checkpoint.pt")
+    a, b = checkpoint(straight / "checkpoint"), checkpoint(split / "checkpoint")
     assert a["iteration"] == b["iteration"] == 1
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -276,7 +288,7 @@ def assert_resume_is_bit_exact(flux, clip, tmp_path, *extra):
     for k in sa:
         for name in sa[k]:
             assert torch.equal(torch.as_tensor(sa[k][name]), torch.as_tensor(sb[k][name]))
-    assert torch.equal(a["rng"][0]["generator"], b["rng"][0]["generator"])
+    assert torch.equal(a["rng"]["rank0"]["generator"], b["rng"]["rank0"]["generator"])
 
 
 def test_resume_continues_bit_for_bit(tiny_flux, tiny_clip, tmp_path):
@@ -286,7 +298,7 @@ def test_resume_continues_bit_for_bit(tiny_flux, tiny_clip, tmp_path):
 def test_checkpoint_of_another_config_is_refused(tiny_flux, tiny_clip, tmp_path, capsys):
     flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
                               "--lora-rank", "4"))
-    ckpt = str(tmp_path / "checkpoint.pt")
+    ckpt = str(tmp_path / "checkpoint")
     with pytest.raises(ValueError, match="differs in: lora_alpha, lora_rank"):
         flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "b", "--iterations", "2",
                                   "--lora-rank", "2", "--resume", ckpt))
@@ -310,32 +322,84 @@ def test_a_changed_learning_rate_is_applied_on_resume_and_logged(tiny_flux, tiny
                               "--lora-rank", "4", "--lr", "1e-3"))
     flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2",
                               "--lora-rank", "4", "--lr", "5e-4", "--resume",
-                              str(tmp_path / "checkpoint.pt")))
+                              str(tmp_path / "checkpoint")))
     assert "learning rate: checkpoint 0.001, this run 0.0005: applying 0.0005" in capsys.readouterr().out
-    groups = checkpoint(tmp_path / "checkpoint.pt")["optimizer"]["param_groups"]
+    groups = checkpoint(tmp_path / "checkpoint")["optimizer"]["param_groups"]
     assert {g["lr"] for g in groups} == {5e-4}
+
+
+def tiny_lora_state(flux):
+    """(model, optimizer, generator) of a tiny LoRA set-up with one optimizer step taken."""
+    pipe = flux_flow.load_pipeline(flux)
+    model = pipe.transformer
+    flux_flow.setup_trainable(model, 2, 2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    return model, opt, torch.Generator().manual_seed(0)
+
+
+def files(path):
+    return {f.name: f.read_bytes() for f in sorted(Path(path).iterdir())}
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tiny_flux, tmp_path,
                                                                    monkeypatch):
-    pipe = flux_flow.load_pipeline(tiny_flux)
-    model = pipe.transformer
-    flux_flow.setup_trainable(model, 2, 2)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    g = torch.Generator().manual_seed(0)
-    path = tmp_path / "checkpoint.pt"
-    flux_run.save_checkpoint(path, model, opt, g, 0, {"x": 1}, 1)
-    before = path.read_bytes()
+    model, opt, g = tiny_lora_state(tiny_flux)
+    path = tmp_path / "checkpoint"
+    flux_run.Checkpointer(path).save(model, opt, g, 0, {"x": 1})
+    before = files(path)
+    real_save = flux_run.dcp.save
 
-    def broken_save(obj, f):
-        Path(f).write_bytes(b"partial")
+    def broken_save(state, checkpoint_id, **kw):
+        real_save(state, checkpoint_id=checkpoint_id, **kw)
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(torch, "save", broken_save)
+    monkeypatch.setattr(flux_run.dcp, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        flux_run.save_checkpoint(path, model, opt, g, 1, {"x": 1}, 1)
-    assert path.read_bytes() == before
-    assert checkpoint(path)["iteration"] == 0
+        flux_run.Checkpointer(path).save(model, opt, g, 1, {"x": 1})
+    assert files(path) == before and checkpoint(path)["iteration"] == 0
+
+
+KILLED_SAVE = """
+import os, signal, sys
+from pathlib import Path
+import torch
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
+sys.path.insert(0, {here!r})
+import flux_run, test_flux_flow
+
+model, opt, g = test_flux_flow.tiny_lora_state({flux!r})
+path = Path({path!r})
+flux_run.Checkpointer(path).save(model, opt, g, 0, {{"x": 1}})
+real_write = FileSystemWriter.write_data
+
+def write_half_then_die(self, plan, planner):
+    real_write(self, plan, planner).wait()
+    shard = next(Path(self.path).glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+FileSystemWriter.write_data = write_half_then_die
+flux_run.Checkpointer(path).save(model, opt, g, 1, {{"x": 1}})
+"""
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_resumable(tiny_flux, tmp_path):
+    path = tmp_path / "checkpoint"
+    script = KILLED_SAVE.format(here=str(HERE), flux=tiny_flux, path=str(path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    half = tmp_path / "checkpoint.tmp"
+    assert half.is_dir() and not (half / ".metadata").exists()  # died half-way through
+    model, opt, g = tiny_lora_state(tiny_flux)
+    assert flux_run.load_checkpoint(path, model, opt, g, {"x": 1}, seed=0) == 1  # iteration 0
+    flux_run.Checkpointer(path).save(model, opt, g, 1, {"x": 1})  # the next save starts afresh
+    assert checkpoint(path)["iteration"] == 1 and not half.exists()
 
 
 @pytest.mark.parametrize("lora_rank,dtype", [("4", "fp32"), ("0", "bf16")])
@@ -358,8 +422,111 @@ def test_torchrun_two_processes_keep_ranks_identical(tiny_flux, tiny_clip, tmp_p
     assert [m["iteration"] for m in metrics] == [0, 1]
     assert all(type(m["iteration"]) is int for m in metrics)  # not averaged into a float
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
-    saved = checkpoint(out / "checkpoint.pt")["model"]
+    saved = checkpoint(out / "checkpoint")["model"]
     assert saved and all(v.dtype == torch.float32 for v in saved.values())  # fp32 master weights
+    assert sorted((out / "checkpoint").glob("*.distcp")) == [out / "checkpoint" / "__0_0.distcp",
+                                                              out / "checkpoint" / "__1_0.distcp"]
+    if lora_rank == "0":  # exported in the compute dtype, gathered from both ranks' shards
+        from safetensors.torch import load_file
+
+        exported = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+        assert exported.keys() == saved.keys()
+        for k, v in exported.items():
+            assert v.dtype == torch.bfloat16 and torch.equal(v, saved[k].bfloat16()), k
+
+
+def torchrun(args, port_offset, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(29600 + port_offset + os.getpid() % 1000),
+           str(HERE / "flux_flow.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def assert_loaded_exactly(flux, path, lora_rank):
+    """A fresh one-process model and AdamW hold exactly the checkpoint's weights and state."""
+    pipe = flux_flow.load_pipeline(flux)
+    model = pipe.transformer
+    flux_flow.setup_trainable(model, int(lora_rank), max(int(lora_rank), 1))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    fp = checkpoint(path)["fingerprint"]
+    said = []
+    flux_run.load_checkpoint(path, model, opt, torch.Generator(), fp, seed=0, log=said.append)
+    assert any(s.startswith("elastic resume: checkpoint written by 2 process(es), this run has 1")
+               for s in said), said
+    saved, names = checkpoint(path), dict(model.named_parameters())
+    assert set(saved["model"]) == {n for n, p in names.items() if p.requires_grad}
+    for k, v in saved["model"].items():
+        assert torch.equal(names[k].detach(), v), k
+    by_param = {id(p): s for p, s in opt.state.items()}
+    for k, state in saved["optimizer"]["state"].items():
+        for name, v in state.items():
+            assert torch.equal(torch.as_tensor(by_param[id(names[k])][name]), v), (k, name)
+
+
+@pytest.mark.parametrize("lora_rank", ["4", "0"])  # DDP + LoRA; FSDP2 full fine-tune
+def test_elastic_resume_one_to_two_and_two_to_one_processes(tiny_flux, tiny_clip, tmp_path,
+                                                            lora_rank):
+    out = tmp_path / "run"
+    args = train_args(tiny_flux, tiny_clip, out, "--lora-rank", lora_rank)
+    flux_flow.main(args + ["--iterations", "1"])  # 1 process
+    ckpt = out / "checkpoint"
+    # 1 → 2: the weights arrive whole on both ranks (their checksums equal the checkpoint's).
+    stdout = torchrun(args + ["--iterations", "1", "--resume", str(ckpt)], int(lora_rank),
+                      tmp_path)
+    assert "checkpoint is at iteration 1 of 1: nothing to train" in stdout
+    params = checkpoint(ckpt)["model"].values()
+    expected = torch.stack([p.double().sum() for p in params]).sum().item()
+    sums = json.loads((out / "rank_checksums.json").read_text())
+    assert sums == pytest.approx([expected] * 2, rel=1e-12, abs=1e-12)
+    # ... and training goes on under 2 processes, saying the sampling noise is new.
+    stdout = torchrun(args + ["--iterations", "2", "--resume", str(ckpt)], int(lora_rank) + 1,
+                      tmp_path)
+    assert stdout.count("elastic resume: checkpoint written by 1 process(es), this run has 2; "
+                        "weights and optimizer state continue exactly, sampling noise does "
+                        "not") == 1
+    assert checkpoint(ckpt)["world_size"] == 2
+    # 2 → 1: DCP reshards every weight and every AdamW moment exactly, then training goes on.
+    assert_loaded_exactly(tiny_flux, ckpt, lora_rank)
+    flux_flow.main(args + ["--iterations", "3", "--resume", str(ckpt)])
+    assert [m["iteration"] for m in metrics_rows(out)] == [0, 1, 2]  # no gap, no duplicate
+    assert checkpoint(ckpt)["iteration"] == 2 and checkpoint(ckpt)["world_size"] == 1
+
+
+def test_async_save_writes_what_a_synchronous_save_writes(tiny_flux, tiny_clip, tmp_path):
+    for name, extra in (("sync", []), ("async", ["--async-save"])):
+        flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / name, "--iterations", "3",
+                                  "--save-every", "1", "--lora-rank", "0", *extra))
+    a, b = (checkpoint(tmp_path / name / "checkpoint") for name in ("sync", "async"))
+    assert a["iteration"] == b["iteration"] == 2
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["optimizer"]["state"]:
+        for name, v in a["optimizer"]["state"][k].items():
+            assert torch.equal(v, b["optimizer"]["state"][k][name]), (k, name)
+    assert not (tmp_path / "async" / "checkpoint.tmp").exists()
+
+
+def test_a_finished_run_says_there_is_nothing_to_train_and_a_refused_resume_is_one_line(
+        tiny_flux, tiny_clip, tmp_path, capsys):
+    args = train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2", "--lora-rank", "4")
+    flux_flow.main(args)
+    before = files(tmp_path / "checkpoint")
+    capsys.readouterr()
+    history, _ = flux_flow.main(args + ["--resume", str(tmp_path / "checkpoint")])
+    assert history == []
+    assert "checkpoint is at iteration 2 of 2: nothing to train" in capsys.readouterr().out
+    assert files(tmp_path / "checkpoint") == before  # nothing rewritten
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, str(HERE / "flux_flow.py"), *args, "--eta", "0.5",
+                        "--resume", str(tmp_path / "checkpoint")], capture_output=True,
+                       text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f"flux_flow.py: error: checkpoint '{tmp_path / 'checkpoint'}' was made for another model "
+        f"or config; it differs in: eta")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,7 +563,10 @@ def parse_error(argv, capsys):
     (["--branch-steps", "0,15"], "--branch-steps: branch step 15 is outside 0..2"),
     (["--rewards", "clip,aesthetic"], "unknown reward 'aesthetic'"),
     (["--attention-backends", "flash,cudnn2"], "unknown attention backend 'cudnn2'"),
-    (["--resume", "nope.pt"], "--resume 'nope.pt': does not exist"),
+    (["--resume", "nope"], "--resume: checkpoint 'nope' does not exist"),
+    (["--export-every", "-1"], "--export-every must be >= 0 (0: at the end only), got -1"),
+    (["--max-shard-size", "10XB"], "--max-shard-size: expected a size such as 10GB"),
+    (["--max-shard-size", "0"], "--max-shard-size: a size must be at least 1 byte, got '0'"),
 ])
 def test_every_flag_is_checked_before_any_model_loads(tmp_path, capsys, extra, message):
     # --model points nowhere: reaching the loader would give another error.
@@ -425,8 +595,10 @@ def test_paths_are_checked_before_any_model_loads(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     assert "holds no prompts" in parse_error(base + ["--eval-prompts", str(empty)], capsys)
+    assert f"--resume: checkpoint '{latin1}' is a single file, as flux_flow.py wrote before" in (
+        parse_error(base + ["--resume", str(latin1)], capsys))
     assert "exclude each other" in parse_error(
-        base + ["--resume", str(latin1), "--overwrite"], capsys)
+        base + ["--resume", str(tmp_path), "--overwrite"], capsys)
 
 
 def test_prompt_files_drop_a_utf8_bom(tmp_path):
@@ -454,11 +626,11 @@ def test_model_loading_errors_name_what_is_missing_and_rewards_load_first(tiny_f
     if importlib.util.find_spec("hpsv2") is None:
         with pytest.raises(ImportError, match="needs the hpsv2 package"):
             flux_flow.main(base + ["--rewards", "hps"])
-    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / ".lock").exists()
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / ".lock").exists()
 
 
 # ----------------------------------------------------------------------------------------------
-# The diffusers ecosystem: exported weights, tracking, evaluation during training (issue 9).
+# The diffusers ecosystem: exported weights, tracking, evaluation during training.
 
 
 def trained_pipeline(flux, ckpt, lora_rank, lora_alpha):
@@ -496,19 +668,29 @@ def test_exported_lora_loads_with_load_lora_weights_and_reproduces_the_trained_m
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
     fresh = flux_flow.load_pipeline(tiny_flux)
     fresh.load_lora_weights(str(tmp_path / "lora"))
-    trained = trained_pipeline(tiny_flux, tmp_path / "checkpoint.pt", 4, 8)
+    trained = trained_pipeline(tiny_flux, tmp_path / "checkpoint", 4, 8)
     assert_same_model(fresh, trained, flux_flow.load_pipeline(tiny_flux))
 
 
-def test_exported_full_transformer_loads_with_from_pretrained(tiny_flux, tiny_clip, tmp_path):
+def test_exported_full_transformer_loads_with_from_pretrained(tiny_flux, tiny_clip, tmp_path,
+                                                               capsys):
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
-                              "--lora-rank", "0"))
+    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "3",
+                              "--save-every", "1", "--lora-rank", "0", "--max-shard-size", "50KB"))
+    out = capsys.readouterr().out  # exported once, at the end: not with every checkpoint
+    assert out.count("exported the transformer") == 1 and "after 3 iterations" in out
+    index = json.loads((tmp_path / "transformer" /
+                        "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    assert shards[0] == f"diffusion_pytorch_model-00001-of-{len(shards):05d}.safetensors"
+    sizes = [(tmp_path / "transformer" / s).stat().st_size for s in shards]
+    assert max(sizes) < 50_000 + 20_000  # one shard's tensors + the safetensors header
     transformer = FluxTransformer2DModel.from_pretrained(str(tmp_path / "transformer"))
     fresh = FluxPipeline.from_pretrained(tiny_flux, transformer=transformer)
     fresh.set_progress_bar_config(disable=True)
-    trained = trained_pipeline(tiny_flux, tmp_path / "checkpoint.pt", 0, 1)
+    trained = trained_pipeline(tiny_flux, tmp_path / "checkpoint", 0, 1)
     assert_same_model(fresh, trained, flux_flow.load_pipeline(tiny_flux))
 
 
@@ -545,7 +727,7 @@ def test_evaluation_schedule_and_captioned_grids(tiny_flux, tiny_clip, tmp_path)
     _, evals = flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "only", "--iterations",
                                          "0", "--eval"))
     assert [e["iteration"] for e in evals] == [0]  # an eval-only run evaluates once
-    assert not (tmp_path / "only" / "checkpoint.pt").exists()
+    assert not (tmp_path / "only" / "checkpoint").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
@@ -557,7 +739,7 @@ def test_report_to_wandb_without_wandb_is_a_clear_error(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
-# Long runs that lose nothing: output directories, kills, signals, seeds (issue 8).
+# Long runs that lose nothing: output directories, kills, signals, seeds.
 
 
 def metrics_rows(out):
@@ -568,14 +750,14 @@ def test_an_output_directory_holding_a_run_is_refused_unless_resumed_or_overwrit
         tiny_flux, tiny_clip, tmp_path):
     args = train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1", "--lora-rank", "4")
     flux_flow.main(args)
-    before = (tmp_path / "checkpoint.pt").read_bytes()
-    with pytest.raises(FileExistsError, match=r"already holds a run \(checkpoint.pt, metrics.jsonl\)"
+    before = files(tmp_path / "checkpoint")
+    with pytest.raises(FileExistsError, match=r"already holds a run \(checkpoint, metrics.jsonl\)"
                                               r".*--resume .*--overwrite"):
         flux_flow.main(args)
-    assert (tmp_path / "checkpoint.pt").read_bytes() == before and len(metrics_rows(tmp_path)) == 1
+    assert files(tmp_path / "checkpoint") == before and len(metrics_rows(tmp_path)) == 1
     flux_flow.main(args + ["--overwrite", "--seed", "1"])
     assert [m["iteration"] for m in metrics_rows(tmp_path)] == [0]  # replaced, not appended
-    assert (tmp_path / "checkpoint.pt").read_bytes() != before
+    assert files(tmp_path / "checkpoint") != before
     assert not (tmp_path / ".lock").exists()  # cleared on exit
 
 
@@ -595,7 +777,7 @@ def test_metrics_never_hold_an_iteration_twice_after_a_kill_and_resume(tiny_flux
     with open(tmp_path / "metrics.jsonl", "a") as f:  # a kill after logging 2 and 3, unsaved
         for it in (2, 3):
             f.write(json.dumps({"iteration": it, "reward": 0.0}) + "\n")
-    flux_flow.main(args + ["--iterations", "4", "--resume", str(tmp_path / "checkpoint.pt")])
+    flux_flow.main(args + ["--iterations", "4", "--resume", str(tmp_path / "checkpoint")])
     rows = metrics_rows(tmp_path)
     assert [m["iteration"] for m in rows] == [0, 1, 2, 3]
     assert all(type(m["iteration"]) is int for m in rows)
@@ -608,61 +790,98 @@ def test_same_seed_gives_the_same_lora_weights(tiny_flux, tiny_clip, tmp_path):
         torch.manual_seed(len(name) * 1000 + ord(name))  # a different global RNG state each time
         flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / name, "--iterations", "1",
                                   "--lora-rank", "4", "--seed", "3"))
-        sd.append(checkpoint(tmp_path / name / "checkpoint.pt")["model"])
+        sd.append(checkpoint(tmp_path / name / "checkpoint")["model"])
     assert sd[0].keys() == sd[1].keys()
     for k in sd[0]:
         assert torch.equal(sd[0][k], sd[1][k]), k
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"", "is empty (0 bytes)"),
-    (b"not a checkpoint at all", "is not a g2rpo checkpoint that torch.load can read"),
-    (None, "is not a g2rpo checkpoint: it lacks fingerprint"),
+@pytest.mark.parametrize("damage,message", [
+    ("no_metadata", "lacks .metadata: not a finished torch.distributed.checkpoint save"),
+    ("no_shard", "lacks shard file(s) __0_0.distcp (of 1)"),
+    ("no_meta", "lacks g2rpo.json: not a g2rpo checkpoint"),
+    ("bad_metadata", ".metadata cannot be read"),
+    ("no_fields", "g2rpo.json lacks fingerprint"),
+    ("legacy", "is a single file, as flux_flow.py wrote before checkpoints became"),
+    ("missing", "does not exist"),
 ])
-def test_unreadable_checkpoints_are_named(tmp_path, content, message):
-    path = tmp_path / "ckpt.pt"
-    if content is None:
-        torch.save({"model": {}, "optimizer": {}, "rng": [], "iteration": 0, "world_size": 1}, path)
+def test_unreadable_checkpoints_are_named(tiny_flux, tmp_path, damage, message):
+    model, opt, g = tiny_lora_state(tiny_flux)
+    path = tmp_path / "checkpoint"
+    flux_run.Checkpointer(path).save(model, opt, g, 0, {"x": 1})
+    if damage == "no_metadata":
+        (path / ".metadata").unlink()
+    elif damage == "no_shard":
+        (path / "__0_0.distcp").unlink()
+    elif damage == "no_meta":
+        (path / "g2rpo.json").unlink()
+    elif damage == "bad_metadata":
+        (path / ".metadata").write_bytes(b"garbage")
+    elif damage == "no_fields":
+        (path / "g2rpo.json").write_text(json.dumps({"iteration": 0, "world_size": 1}))
+    elif damage == "legacy":
+        path = tmp_path / "checkpoint.pt"
+        torch.save({"model": {}}, path)
     else:
-        path.write_bytes(content)
-    with pytest.raises(ValueError, match=f"checkpoint '{path}' {re.escape(message)}"):
-        flux_run.read_checkpoint(path)
+        path = tmp_path / "elsewhere"
+    with pytest.raises(flux_run.CheckpointError, match=f"checkpoint '{path}'.*"
+                                                       f"{re.escape(message)}"):
+        flux_run.load_checkpoint(path, model, opt, g, {"x": 1}, seed=0)
 
 
-def test_a_checkpoint_with_non_finite_optimizer_state_is_refused(tiny_flux, tiny_clip, tmp_path):
+def test_a_run_directory_given_to_resume_points_at_its_checkpoint(tiny_flux, tmp_path):
+    model, opt, g = tiny_lora_state(tiny_flux)
+    flux_run.Checkpointer(tmp_path / "checkpoint").save(model, opt, g, 0, {"x": 1})
+    with pytest.raises(flux_run.CheckpointError,
+                       match=f"is a run directory, not a checkpoint: --resume {tmp_path}/checkpoint"):
+        flux_run.find_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("what", ["weights", "optimizer state"])
+def test_a_checkpoint_with_non_finite_values_is_refused(tiny_flux, tiny_clip, tmp_path, what):
+    import torch.distributed.checkpoint as dcp
+
     flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
                               "--lora-rank", "4"))
-    ckpt = checkpoint(tmp_path / "checkpoint.pt")
-    state = next(iter(ckpt["optimizer"]["state"].values()))
-    state["exp_avg"].fill_(float("nan"))
-    bad = tmp_path / "bad.pt"
-    torch.save(ckpt, bad)
-    with pytest.raises(ValueError, match=f"checkpoint '{bad}' holds non-finite optimizer state"):
+    ckpt = checkpoint(tmp_path / "checkpoint")
+    if what == "weights":
+        next(iter(ckpt["model"].values())).fill_(float("inf"))
+    else:
+        next(iter(ckpt["optimizer"]["state"].values()))["exp_avg"].fill_(float("nan"))
+    bad = tmp_path / "bad"
+    with pytest.warns(UserWarning, match="single process"):  # intended here
+        dcp.save({k: ckpt[k] for k in ("model", "optimizer", "rng")}, checkpoint_id=bad,
+                 no_dist=True)
+    (bad / "g2rpo.json").write_bytes((tmp_path / "checkpoint" / "g2rpo.json").read_bytes())
+    with pytest.raises(ValueError, match=f"checkpoint '{bad}' holds non-finite {what}"):
         flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "b", "--iterations", "2",
                                   "--lora-rank", "4", "--resume", str(bad)))
 
 
 def test_a_failed_save_names_the_path_and_keeps_the_state_in_a_rescue_file(tiny_flux, tmp_path,
                                                                           monkeypatch):
-    pipe = flux_flow.load_pipeline(tiny_flux)
-    flux_flow.setup_trainable(pipe.transformer, 2, 2)
-    opt = torch.optim.AdamW([p for p in pipe.transformer.parameters() if p.requires_grad])
-    g = torch.Generator().manual_seed(0)
-    path = tmp_path / "run" / "checkpoint.pt"
-    real_save = torch.save
+    from torch.distributed.checkpoint.filesystem import FileSystem
 
-    def read_only_run_dir(obj, f):
-        if Path(f).parent == path.parent:
+    model, opt, g = tiny_lora_state(tiny_flux)
+    path = tmp_path / "run" / "checkpoint"
+    real_stream = FileSystem.create_stream
+
+    def read_only_run_dir(self, p, mode):  # every shard write in the run directory fails
+        if tmp_path / "run" in Path(p).parents and "w" in mode:
             raise OSError(30, "Read-only file system")
-        real_save(obj, f)
+        return real_stream(self, p, mode)
 
-    monkeypatch.setattr(torch, "save", read_only_run_dir)
+    monkeypatch.setattr(FileSystem, "create_stream", read_only_run_dir)
     with pytest.raises(OSError, match=f"could not write checkpoint '{path}': Read-only file "
                                       f"system; this iteration's state was saved to") as e:
-        flux_run.save_checkpoint(path, pipe.transformer, opt, g, 4, {"x": 1}, 1)
+        flux_run.Checkpointer(path).save(model, opt, g, 4, {"x": 1})
     rescue = Path(str(e.value).split("saved to ")[1].split(" instead")[0])
-    assert flux_run.read_checkpoint(rescue)["iteration"] == 4
-    rescue.unlink()
+    assert checkpoint(rescue)["iteration"] == 4
+    assert not path.exists() and not path.with_name("checkpoint.tmp").exists()
+    fresh, fresh_opt, fresh_g = tiny_lora_state(tiny_flux)
+    assert flux_run.load_checkpoint(rescue, fresh, fresh_opt, fresh_g, {"x": 1}, seed=0) == 5
+    import shutil
+    shutil.rmtree(rescue)
 
 
 def run_in_background(args, tmp_path):
@@ -693,10 +912,10 @@ def test_sigterm_or_ctrl_c_finishes_the_iteration_saves_and_exits_0(tiny_flux, t
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, stdout[-3000:]
     assert f"stopped by {sig.name} after iteration" in stdout
-    assert f"--resume {out / 'checkpoint.pt'}" in stdout
+    assert f"--resume {out / 'checkpoint'}" in stdout
     last = metrics_rows(out)[-1]["iteration"]
     assert [m["iteration"] for m in metrics_rows(out)] == list(range(last + 1))
-    assert checkpoint(out / "checkpoint.pt")["iteration"] == last < 499
+    assert checkpoint(out / "checkpoint")["iteration"] == last < 499
     assert not (out / ".lock").exists()
 
 
@@ -712,3 +931,16 @@ def test_a_second_ctrl_c_stops_at_once_and_handlers_are_restored():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_checkpoint_memory_benchmark_runs_and_reports_each_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, str(HERE / "bench_checkpoint.py"), "--procs", "2",
+                        "--layers", "1,1", "--heads", "2"], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("    2 ")]
+    assert [row[1] for row in rows] == ["0", "1"]  # one row per process
+    for row in rows:
+        save_before, save_peak, load_before, load_peak = (float(row[i]) for i in (6, 7, 11, 12))
+        assert save_peak >= save_before > 0 and load_peak >= load_before > 0

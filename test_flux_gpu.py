@@ -1,4 +1,4 @@
-"""FLUX on a CUDA GPU: the checks the CPU tests cannot make (issue 7). Skipped without CUDA.
+"""FLUX on a CUDA GPU: the checks the CPU tests cannot make. Skipped without CUDA.
 
     python -m pytest -q -m gpu          # on one H100 / H200: about 3 minutes
 
@@ -67,7 +67,7 @@ def test_gpu_two_iterations_train_with_finite_gradients(tiny_flux, tiny_clip, tm
             assert torch.isfinite(torch.tensor(m[k])), (k, m[k])
         assert m["grad_norm"] > 0
         assert m["ratio_dev_first"] < 1e-2  # bf16 sampling pass vs training pass
-    saved = checkpoint(tmp_path / "checkpoint.pt")["model"]
+    saved = checkpoint(tmp_path / "checkpoint")["model"]
     original = flux_flow.load_pipeline(tiny_flux).transformer.state_dict()
     if lora_rank != "0":
         assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at 0

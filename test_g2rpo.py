@@ -622,7 +622,7 @@ def test_toy_cli_has_one_flag_per_config_field_and_uses_them(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
-# The toy's statistics and its D-dimensional embedding (issue 10).
+# The toy's statistics and its D-dimensional embedding.
 
 
 def test_t_quantiles_match_closed_forms_and_the_table():
