@@ -796,6 +796,16 @@ def test_same_seed_gives_the_same_lora_weights(tiny_flux, tiny_clip, tmp_path):
         assert torch.equal(sd[0][k], sd[1][k]), k
 
 
+
+def test_a_kill_between_the_two_renames_of_a_save_is_recovered(tiny_flux, tmp_path):
+    model, opt, g = tiny_lora_state(tiny_flux)
+    path = tmp_path / "checkpoint"
+    flux_run.Checkpointer(path).save(model, opt, g, 0, {"x": 1})
+    path.rename(tmp_path / "checkpoint.old")  # the old one moved aside, the new one not yet in
+    assert flux_run.load_checkpoint(path, model, opt, g, {"x": 1}, seed=0) == 1
+    flux_run.Checkpointer(path).save(model, opt, g, 1, {"x": 1})
+    assert checkpoint(path)["iteration"] == 1 and not (tmp_path / "checkpoint.old").exists()
+
 @pytest.mark.parametrize("damage,message", [
     ("no_metadata", "lacks .metadata: not a finished torch.distributed.checkpoint save"),
     ("no_shard", "lacks shard file(s) __0_0.distcp (of 1)"),
