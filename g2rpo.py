@@ -29,6 +29,8 @@ Equation map (paper → function; equation numbers as in SPEC.md, "~" where it h
     Eq. ~12, clipped GRPO objective ........................ clipped_grpo_loss, policy_update
     Alg. 1 outer loop ...................................... train (rollout, train_iteration)
     Baseline (DanceGRPO / Flow-GRPO style, SPEC §8) ........ full_sde_sampling
+    Baseline MixGRPO (arXiv 2507.21802): SDE in a sliding
+      window of steps, ODE elsewhere (SPEC §8) ............. mixgrpo_window, full_sde_sampling
 """
 
 import math
@@ -74,8 +76,19 @@ class Config:
     """True: one optimizer step per branch step k (official HPS script; the clip acts).
     False: one step per iteration, loss averaged over k (paper Alg. 1; ratio is exactly 1)."""
     method: str = "g2rpo"
-    """"g2rpo" (singular sampling + MGAI) or "full_sde" (SDE at every step of M, terminal reward
-    broadcast to every step: the DanceGRPO / Flow-GRPO baseline)."""
+    """"g2rpo" (singular sampling + MGAI), "full_sde" (SDE at every step of M, terminal reward
+    broadcast to every step: the DanceGRPO / Flow-GRPO baseline) or "mixgrpo" (SDE only in a
+    window of consecutive steps that slides as training goes on, ODE elsewhere, terminal reward
+    broadcast to the window's steps: the MixGRPO baseline; M is not used)."""
+    window_size: int = 3
+    """MixGRPO: w, the SDE window's width in steps. MixGRPO's script: 4 of 25 steps, rescaled
+    to T = 16: 3."""
+    window_stride: int = 1
+    """MixGRPO: steps the window moves each time it moves (MixGRPO's script: prog_overlap_step
+    1, overlapping windows)."""
+    window_every: int = 25
+    """MixGRPO: iterations between two moves of the window (MixGRPO's script: iters_per_group
+    25, over 300 iterations as here)."""
     prompts_per_iteration: int = 1
     """P, prompts sampled (with replacement) per iteration (official: 1 per GPU)."""
     num_iterations: int = 300
@@ -89,6 +102,7 @@ class Config:
         check_config(self)
 
 
+METHODS = ("g2rpo", "full_sde", "mixgrpo")
 ETA_SANE = (0.1, 2.0)  # outside: log-ratios explode (η → 0) or the gradient vanishes (η ≫ 1)
 
 
@@ -122,7 +136,7 @@ def check_config(cfg):
     numpy / 0-d tensor numbers become int / float, sequences tuples. Raise ConfigError naming
     the field and the value; warn when eta is outside ETA_SANE."""
     for field in ("num_steps", "group_size", "prompts_per_iteration", "num_iterations",
-                  "batch_size", "seed"):
+                  "batch_size", "seed", "window_size", "window_stride", "window_every"):
         setattr(cfg, field, _number(field, getattr(cfg, field), int))
     for field in ("shift", "eta", "clip_range", "adv_clip", "lr", "weight_decay", "max_grad_norm"):
         setattr(cfg, field, _number(field, getattr(cfg, field), float))
@@ -135,7 +149,8 @@ def check_config(cfg):
         raise ConfigError("step_per_branch", f"step_per_branch must be True or False, got "
                                              f"{cfg.step_per_branch!r}")
     lows = {"num_steps": 2, "group_size": 2, "prompts_per_iteration": 1, "batch_size": 1,
-            "num_iterations": 0, "seed": 0}
+            "num_iterations": 0, "seed": 0, "window_size": 1, "window_stride": 1,
+            "window_every": 1}
     for field, low in lows.items():
         if getattr(cfg, field) < low:
             why = " (advantages need a group)" if field == "group_size" else ""
@@ -150,8 +165,14 @@ def check_config(cfg):
     if cfg.clip_range >= 1:
         raise ConfigError("clip_range", f"clip_range must be < 1 (the ratio is clipped to "
                                         f"[1 − ε, 1 + ε]), got {cfg.clip_range!r}")
-    if cfg.method not in ("g2rpo", "full_sde"):
-        raise ConfigError("method", f"method must be 'g2rpo' or 'full_sde', got {cfg.method!r}")
+    if cfg.method not in METHODS:
+        raise ConfigError("method", f"method must be one of {', '.join(map(repr, METHODS))}, "
+                                    f"got {cfg.method!r}")
+    if cfg.method == "mixgrpo" and cfg.window_size > cfg.num_steps - 2:
+        raise ConfigError("window_size", f"window_size {cfg.window_size} does not fit the grid: a "
+                                         f"MixGRPO window lies within steps 0..{cfg.num_steps - 3} "
+                                         f"of T = {cfg.num_steps} (at most {cfg.num_steps - 2} "
+                                         f"steps)")
     for field, check in (("granularities", lambda: check_granularities(cfg.granularities)),
                          ("branch_steps", lambda: check_branch_steps(cfg.branch_steps,
                                                                      cfg.num_steps))):
@@ -486,14 +507,34 @@ def full_sde_sampling(velocity, cond, x_T, sigmas, sde_steps, group_size, eta, g
     }
 
 
+def mixgrpo_window(iteration, num_steps, window_size, window_stride=1, window_every=25):
+    """MixGRPO's sliding window: the steps that take an SDE step (and are trained) at `iteration`.
+
+    The window starts at step 0, moves by window_stride every window_every iterations, and rolls
+    back to 0 once it would leave steps 0..T−3 (MixGRPO's "progressive" strategy with overlap and
+    roll-back; T−2 and T−1 are never trained there either). A function of the iteration alone.
+
+    >>> [mixgrpo_window(it, 8, 3, 1, 2) for it in (0, 1, 2, 5, 6, 8)]
+    [(0, 1, 2), (0, 1, 2), (1, 2, 3), (2, 3, 4), (3, 4, 5), (0, 1, 2)]
+    """
+    last_start = num_steps - 2 - window_size  # the window's last step must be ≤ T − 3
+    if last_start < 0:
+        raise ValueError(f"window_size {window_size} does not fit T = {num_steps}: a window lies "
+                         f"within steps 0..{num_steps - 3}")
+    # Differs from MixGRPO: its last windows shrink at the end of the grid; ours stay whole.
+    positions = last_start // window_stride + 1
+    start = (iteration // window_every) % positions * window_stride
+    return tuple(range(start, start + window_size))
+
+
 def count_model_evals(num_steps, branch_steps, granularities, group_size, method="g2rpo"):
     """Model evaluations (rows) per prompt in one rollout, from the schedules alone.
 
     g2rpo: T for the anchor (its states also give v at every x_k), plus per member the distinct
     states visited by the ODE completions (all λ share the evaluations at k+1 and k+2).
-    full_sde: T per member.
+    full_sde, mixgrpo: T per member (SDE or ODE, every step is one evaluation).
     """
-    if method == "full_sde":
+    if method in ("full_sde", "mixgrpo"):
         return num_steps * group_size
     per_member = 0
     for k in branch_steps:
@@ -584,9 +625,10 @@ def _clip_and_step(params, optimizer, max_grad_norm, where):
 
 
 def policy_update(params, optimizer, velocity_fn, rollout, sigmas, cfg):
-    """Eq. 12 on one rollout: one optimizer step per branch step k, or one for all of them."""
-    ks = list(cfg.branch_steps)
-    stats = {"loss": [], "clip_frac": [], "approx_kl": [], "grad_norm": []}
+    """Eq. 12 on one rollout: one optimizer step per trained step k (the branch steps; MixGRPO:
+    the window's steps), or one for all of them."""
+    ks = list(rollout["steps"])
+    stats = {"loss": [], "clip_frac": [], "approx_kl": [], "grad_norm": [], "train_rows": 0}
     optimizer.zero_grad(set_to_none=True)
     for j, k in enumerate(ks):
         log_prob = policy_log_prob(velocity_fn, rollout["cond"], rollout["x"][j],
@@ -600,6 +642,7 @@ def policy_update(params, optimizer, velocity_fn, rollout, sigmas, cfg):
             stats["ratio_dev_first"] = s["ratio_max_dev"]  # must be ~0: same weights made x'
         for name in ("clip_frac", "approx_kl"):
             stats[name].append(s[name])
+        stats["train_rows"] += rollout["x"][j].shape[0] * rollout["x"][j].shape[1]  # P·S rows
         stats["loss"].append(loss.item())
         if cfg.step_per_branch:
             loss.backward()
@@ -613,10 +656,13 @@ def policy_update(params, optimizer, velocity_fn, rollout, sigmas, cfg):
     return {name: (sum(v) / len(v) if isinstance(v, list) else v) for name, v in stats.items()}
 
 
-def rollout(velocity_fn, reward_fn, prompts, cond, cfg, sigmas, latent_shape, generator):
+def rollout(velocity_fn, reward_fn, prompts, cond, cfg, sigmas, latent_shape, generator,
+            iteration=0):
     """Sample one iteration's groups and turn rewards into per-step advantages (K, P, G).
 
     prompts: list of P prompts (passed to reward_fn); cond: P rows for velocity_fn.
+    iteration: places MixGRPO's window (the other methods do not use it).
+    Returns (out, metrics); out["steps"] are the K steps that are trained.
     """
     P, G, ks = len(prompts), cfg.group_size, list(cfg.branch_steps)
     device = sigmas.device
@@ -639,6 +685,9 @@ def rollout(velocity_fn, reward_fn, prompts, cond, cfg, sigmas, latent_shape, ge
                    "reward_anchor": anchor_r.mean().item(),
                    "adv_abs_lambda": per_lam.mean(0).tolist()}
     else:
+        if cfg.method == "mixgrpo":  # SDE inside the window, ODE elsewhere
+            ks = list(mixgrpo_window(iteration, len(sigmas) - 1, cfg.window_size,
+                                     cfg.window_stride, cfg.window_every))
         out = full_sde_sampling(velocity, cond, x_T, sigmas, ks, G, cfg.eta, generator)
         r = score(reward_fn, out["samples"].flatten(0, 1), member_prompts, cfg.batch_size)
         rewards = r.view(P, G, -1).transpose(1, 2)  # (P, R, G)
@@ -648,15 +697,17 @@ def rollout(velocity_fn, reward_fn, prompts, cond, cfg, sigmas, latent_shape, ge
     zero_std = (rewards == rewards[..., :1]).all(dim=-1).float().mean().item()
     metrics.update(zero_std_frac=zero_std, adv_abs_k=adv.abs().mean(dim=(1, 2)).tolist(),
                    nfe=velocity.evals)
-    out.update(cond=cond, adv=adv, rewards=rewards)
+    if cfg.method == "mixgrpo":
+        metrics["window"] = ks
+    out.update(cond=cond, adv=adv, rewards=rewards, steps=ks)
     return out, metrics
 
 
 def train_iteration(params, optimizer, velocity_fn, reward_fn, prompts, cond, cfg, sigmas,
-                    latent_shape, generator):
+                    latent_shape, generator, iteration=0):
     """One G²RPO iteration: sample groups (no grad), then the clipped policy update."""
     out, metrics = rollout(velocity_fn, reward_fn, prompts, cond, cfg, sigmas, latent_shape,
-                           generator)
+                           generator, iteration)
     metrics.update(policy_update(params, optimizer, velocity_fn, out, sigmas, cfg))
     return metrics
 
@@ -724,7 +775,7 @@ def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prom
         batch = [prompts[i] for i in pick]
         start = time.perf_counter()
         metrics = train_iteration(params, optimizer, velocity_fn, reward_fn, batch,
-                                  encode_prompts(batch), cfg, sigmas, latent_shape, generator)
+                                  encode_prompts(batch), cfg, sigmas, latent_shape, generator, it)
         metrics.update(iteration=it, seconds=time.perf_counter() - start)
         history.append(metrics)
         stop = False

@@ -98,6 +98,34 @@ def test_gpu_torchrun_over_the_visible_gpus_keeps_ranks_identical(tiny_flux, tin
     assert all(torch.isfinite(torch.tensor([m["loss"], m["grad_norm"]])).all() for m in metrics)
 
 
+def test_gpu_sharded_checkpoints_async_save_export_and_elastic_resume(tiny_flux, tiny_clip,
+                                                                    tmp_path):
+    """FSDP2 full fine-tune over the visible GPUs (nccl; async_save's gloo side group), then a
+    one-process resume: elastic when more than one GPU wrote the checkpoint."""
+    nproc = torch.cuda.device_count() if CUDA else 1
+    out = tmp_path / "run"
+    args = train_args(tiny_flux, tiny_clip, out, "--lora-rank", "0", *GPU_DEFAULTS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(29800 + os.getpid() % 1000), str(HERE / "flux_flow.py"),
+           *args, "--iterations", "2", "--save-every", "1", "--async-save"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    saved = checkpoint(out / "checkpoint")
+    assert saved["iteration"] == 1 and saved["world_size"] == nproc
+    assert len(list((out / "checkpoint").glob("*.distcp"))) == nproc
+    from safetensors.torch import load_file
+
+    exported = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    for k, v in exported.items():  # bf16 compute dtype, gathered from every rank's shards
+        assert v.dtype == torch.bfloat16 and torch.equal(v, saved["model"][k].bfloat16()), k
+    history, _ = flux_flow.main(args + ["--iterations", "3", "--resume", str(out / "checkpoint")])
+    assert [m["iteration"] for m in history] == [2]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in rows] == [0, 1, 2]
+    assert checkpoint(out / "checkpoint")["world_size"] == 1
+
+
 def test_gpu_full_size_flux_dev_lora_gradients_are_finite_at_sigma_one_and_late():
     """The case that crashed: FLUX.1-dev's architecture (random bf16 weights), LoRA r = 64, 512²,
     one training pass at branch step 0 (σ = 1, pure noise) and one at branch step 7."""

@@ -284,6 +284,12 @@ def test_model_evaluations_match_the_formula():
     g2rpo.full_sde_sampling(velocity, torch.arange(2), torch.randn(2, 3),
                             g2rpo.sigma_schedule(16), range(8), 12, 0.7)
     assert velocity.evals == 2 * g2rpo.count_model_evals(16, range(8), (1,), 12, "full_sde")
+    # MixGRPO: every member runs all T steps (SDE in the window, ODE elsewhere).
+    assert g2rpo.count_model_evals(16, range(8), (1, 2, 3), 12, "mixgrpo") == 16 * 12
+    cfg = small_config(method="mixgrpo", window_size=2)
+    _, m = g2rpo.rollout(model, quadratic_reward, [1, 2, 3], torch.tensor([1, 2, 3]), cfg,
+                         g2rpo.sigma_schedule(8, 1.0), (3,), torch.Generator().manual_seed(3))
+    assert m["nfe"] == 3 * g2rpo.count_model_evals(8, (), (), 4, "mixgrpo")
 
 
 def small_config(**kw):
@@ -361,6 +367,96 @@ def test_rollout_advantages_are_per_step_and_summed_over_granularities():
 
 
 # ----------------------------------------------------------------------------------------------
+# The MixGRPO baseline: an SDE window that slides over the steps.
+
+
+def test_mixgrpo_window_moves_as_specified():
+    window = g2rpo.mixgrpo_window
+    # MixGRPO's script: T = 25, w = 4, stride 1, every 25 iterations; windows stay in 0..22.
+    assert {window(it, 25, 4, 1, 25) for it in range(25)} == {(0, 1, 2, 3)}
+    assert window(25, 25, 4, 1, 25) == (1, 2, 3, 4) and window(49, 25, 4, 1, 25) == (1, 2, 3, 4)
+    assert window(19 * 25, 25, 4, 1, 25) == (19, 20, 21, 22)  # the last whole window
+    assert window(20 * 25, 25, 4, 1, 25) == (0, 1, 2, 3)  # then it rolls back
+    # Stride 3 over T = 10, w = 2 (steps 0..7): starts 0, 3, 6, then 0 again.
+    assert [window(it, 10, 2, 3, 1) for it in range(4)] == [(0, 1), (3, 4), (6, 7), (0, 1)]
+    # The Config's defaults, rescaled to T = 16: 3 steps within 0..13.
+    cfg = g2rpo.Config(method="mixgrpo")
+    starts = {window(it, cfg.num_steps, cfg.window_size, cfg.window_stride, cfg.window_every)[0]
+              for it in range(1000)}
+    assert starts == set(range(12))
+
+
+def test_mixgrpo_trains_the_window_of_each_iteration_and_only_its_steps():
+    model = LinearVelocity()
+    trained = []  # σ of every call made with gradient (the training forward passes)
+
+    def velocity(x, sigma, c):
+        if torch.is_grad_enabled():
+            trained.append(sorted(set(sigma.tolist())))
+        return model(x, sigma, c)
+
+    cfg = small_config(method="mixgrpo", window_size=2, window_stride=1, window_every=2,
+                       num_iterations=5, num_steps=8)
+    history = g2rpo.train(model, velocity, quadratic_reward, [1, 2, 3], cfg, latent_shape=(3,),
+                          log=None, progress=False)
+    sigmas = g2rpo.sigma_schedule(8, 1.0)
+    assert [m["window"] for m in history] == [[0, 1], [0, 1], [1, 2], [1, 2], [2, 3]]
+    expected = [[sigmas[k].item()] for m in history for k in m["window"]]
+    assert trained == expected  # one training pass per window step, nothing else
+    assert all(m["train_rows"] == 2 * 3 * 4 for m in history)  # w · P · G rows
+    assert all(m["ratio_dev_first"] < 1e-5 for m in history)
+
+
+def test_mixgrpo_rollout_equals_a_per_member_loop_with_ode_steps_outside_the_window():
+    # The per-member reference for the full-SDE family: one sample per call, the SDE step with
+    # the noise the batched rollout drew, and outside the window plain ode_step (= η = 0).
+    model = LinearVelocity()
+    cfg = small_config(method="mixgrpo", window_size=3, window_every=1)
+    T, P, G = cfg.num_steps, 2, cfg.group_size
+    sigmas = g2rpo.sigma_schedule(T, cfg.shift)
+    prompts = [1, 2]
+    out, _ = g2rpo.rollout(model, quadratic_reward, prompts, torch.tensor(prompts), cfg, sigmas,
+                           (3,), torch.Generator().manual_seed(21), iteration=2)
+    window = g2rpo.mixgrpo_window(2, T, 3, 1, 1)
+    assert list(out["steps"]) == list(window) == [2, 3, 4]
+    g = torch.Generator().manual_seed(21)
+    x_T = torch.randn(P, 3, generator=g)
+    noise = {k: torch.randn(P * G, 3, generator=g).view(P, G, 3) for k in window}
+    for p in range(P):
+        for m in range(G):
+            x = x_T[p]
+            for i in range(T):
+                v = model(x[None], sigmas[i].view(1), torch.tensor([prompts[p]]))[0]
+                if i in window:
+                    j = window.index(i)
+                    torch.testing.assert_close(out["x"][j, p, m], x, rtol=0, atol=0)
+                    _, _, mean, std = g2rpo.sde_step(x[None], v[None], sigmas[i], sigmas[i + 1],
+                                                     cfg.eta, prev_sample=x[None])
+                    x = (mean + std * noise[i][p, m])[0]
+                    torch.testing.assert_close(out["x_next"][j, p, m], x)
+                else:
+                    x = g2rpo.ode_step(x, v, sigmas[i], sigmas[i + 1])
+            torch.testing.assert_close(out["samples"][p, m], x)
+    # The terminal reward's advantage is broadcast to every step of the window.
+    torch.testing.assert_close(out["adv"], out["adv"][:1].expand(3, P, G))
+
+
+@pytest.mark.parametrize("kw,field,match", [
+    (dict(num_steps=4, window_size=3), "window_size",
+     r"window_size 3 does not fit the grid: a MixGRPO window lies within steps 0..1 of T = 4"),
+    (dict(window_size=0), "window_size", "window_size must be an integer >= 1, got 0"),
+    (dict(window_stride=0), "window_stride", "window_stride must be an integer >= 1, got 0"),
+    (dict(window_every=1.5), "window_every", "window_every must be an integer, got 1.5"),
+])
+def test_a_mixgrpo_window_that_does_not_fit_is_refused_naming_the_field(kw, field, match):
+    with pytest.raises(g2rpo.ConfigError, match=match) as e:
+        g2rpo.Config(method="mixgrpo", **kw)
+    assert e.value.field == field
+    with pytest.raises(ValueError, match="window_size 15 does not fit T = 16"):
+        g2rpo.mixgrpo_window(0, 16, 15)
+
+
+# ----------------------------------------------------------------------------------------------
 # The copy-paste surface (README, "Copy one function").
 
 COPYABLE = {
@@ -369,6 +465,7 @@ COPYABLE = {
     "sde_step": ["_per_sample", "gaussian_log_prob"],
     "multi_granularity_advantages": ["group_advantages"],
     "granularity_schedule": ["check_granularities", "check_branch_steps", "_is_int"],
+    "mixgrpo_window": [],
 }
 
 
@@ -390,6 +487,7 @@ def test_copy_paste_surface(name):
         "sde_step": lambda f: f(x, v, 1.0, 0.9, 0.7, torch.Generator().manual_seed(0))[1],
         "multi_granularity_advantages": lambda f: f(x),
         "granularity_schedule": lambda f: torch.tensor(f(16, 7, 3)),
+        "mixgrpo_window": lambda f: torch.tensor([f(it, 16, 3, 1, 25) for it in range(400)]),
     }
     torch.manual_seed(0)
     ours = calls[name](getattr(g2rpo, name))
@@ -682,10 +780,20 @@ def test_toy_comparison_reports_confidence_intervals_and_paired_differences(tmp_
     toy_flow.main(["--method", "all", "--seeds", "2", "--iterations", "2", "--pretrain-steps",
                    "50", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "a.png")])
     out = capsys.readouterr().out
-    assert "| method | final reward | 95% CI | fidelity | 95% CI | model evals |" in out
-    for pair in ("g2rpo − full_sde", "g2rpo − g2rpo_wo_mgai"):
-        assert re.search(rf"\| {pair} \| [+-]\d\.\d{{4}} \| \[[+-]\d\.\d{{4}}, [+-]\d\.\d{{4}}\] "
-                         rf"\| (excludes|includes) 0 \|", out), pair
+    assert ("| method | final reward | 95% CI | fidelity | 95% CI | model evals / iteration "
+            "(rollout + training) |") in out
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ")]
+    for name in ("pretrained", "full_sde", "mixgrpo", "g2rpo_wo_mgai", "g2rpo"):
+        assert f"| {name}" in rows, name
+    # The same-budget table: the largest budget all reach is MixGRPO's (the cheapest iteration).
+    budget = 2 * (16 * 12 * 16 + 3 * 16 * 12)  # 2 iterations: T·G·P rollout + w·P·G training
+    assert f"| method | reward at {budget:,} model evals |" in out
+    assert re.search(r"\| mixgrpo \| [\d.]+ \| \[[\d.]+, [\d.]+\] \| [\d.]+ \| .* \| 2\.0 \|", out)
+    number, ci = r"[+-]\d\.\d{4}", r"\[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]"
+    for pair in ("g2rpo − full_sde", "g2rpo − mixgrpo", "g2rpo − g2rpo_wo_mgai",
+                 "mixgrpo − full_sde"):
+        assert re.search(rf"\| {pair} \| {number} \| {ci} \| (excludes|includes) 0 \| "
+                         rf"{number} \| {ci} \| (excludes|includes) 0 \|", out), pair
 
 
 def test_empty_prompts_are_refused():
@@ -707,3 +815,16 @@ def test_short_toy_run_raises_the_reward():
                              progress=False)
     after = result["curve"][-1]
     assert after["reward"] > before["reward"] + 0.1, (before, after)
+
+
+def test_short_mixgrpo_toy_run_raises_the_reward():
+    import toy_flow
+
+    base = toy_flow.pretrain(steps=1500, seed=0, progress=False)
+    before = toy_flow.evaluate(base, n_per_class=256)
+    _, result = toy_flow.run(base, "mixgrpo", seed=0, num_iterations=30, eval_every=30,
+                             progress=False)
+    every = toy_flow.TOY["window_every"]  # it slid toward cleaner steps
+    assert [m["window"][0] for m in result["history"]] == [it // every for it in range(30)]
+    after = result["curve"][-1]
+    assert after["reward"] > before["reward"] + 0.05, (before, after)

@@ -11,7 +11,9 @@ chasing the offset peak too hard pulls samples off the modes, so reward hacking 
 
     python toy_flow.py                         # G²RPO, one seed, PNG in toy_g2rpo.png
     python toy_flow.py --method full_sde       # the DanceGRPO / Flow-GRPO style baseline
-    python toy_flow.py --seeds 3 --method all  # comparison table, mean ± std over seeds
+    python toy_flow.py --method mixgrpo        # MixGRPO: SDE only in a sliding window of steps
+    python toy_flow.py --seeds 3 --method all  # comparison tables: 95 % CIs over seeds, per
+                                               # iteration and at the same model-evaluation budget
 """
 
 import argparse
@@ -52,9 +54,13 @@ TOY = dict(
     prompts_per_iteration=16,
     num_iterations=100,
     batch_size=1 << 16,
+    # MixGRPO's run moves its window 12 times (every 25 of 300 iterations) and so trains the
+    # first ~60 % of its 25 steps; every 13 of the toy's 100 covers the same share of 16 steps.
+    window_every=13,
 )
 METHODS = {
     "full_sde": dict(method="full_sde"),
+    "mixgrpo": dict(method="mixgrpo"),
     "g2rpo_wo_mgai": dict(method="g2rpo", granularities=(1,)),
     "g2rpo": dict(method="g2rpo", granularities=(1, 2, 3)),
 }
@@ -280,19 +286,34 @@ def run(base_model, method="g2rpo", seed=0, eval_every=10, progress=True, log=No
     torch.manual_seed(seed)
     model = ToyFlow(dim=base_model.dim)
     model.load_state_dict(base_model.state_dict())
-    curve = [dict(iteration=0, nfe=0, **evaluate(model, shift=cfg.shift))]
-    nfe = [0]
+    curve = [dict(iteration=0, nfe=0, evals=0, **evaluate(model, shift=cfg.shift))]
+    nfe, evals = [0], [0]
 
     def callback(it, m):
-        nfe[0] += m["nfe"]
+        nfe[0] += m["nfe"]  # rollout evaluations
+        evals[0] += m["nfe"] + m["train_rows"]  # ... plus the training passes' rows
         if (it + 1) % eval_every == 0 or it + 1 == cfg.num_iterations:
-            curve.append(dict(iteration=it + 1, nfe=nfe[0], **evaluate(model, shift=cfg.shift)))
+            curve.append(dict(iteration=it + 1, nfe=nfe[0], evals=evals[0],
+                              **evaluate(model, shift=cfg.shift)))
 
     history = g2rpo.train(model, velocity_fn(model), reward_fn, list(range(NUM_CLASSES)), cfg,
                           latent_shape=(model.dim,), callback=callback, log=log,
                           progress=progress)
     return model, {"method": method, "seed": seed, "config": dataclasses.asdict(cfg),
-                   "curve": curve, "history": history, "nfe": nfe[0]}
+                   "curve": curve, "history": history, "nfe": nfe[0], "evals": evals[0]}
+
+
+def at_budget(result, budget, key="reward"):
+    """`key` of a run once it has used `budget` model evaluations (rollout + training rows),
+    linearly interpolated between its evaluation points."""
+    points = result["curve"]
+    if budget > points[-1]["evals"]:
+        raise ValueError(f"budget {budget:,} is beyond the run's {points[-1]['evals']:,}")
+    for a, b in zip(points, points[1:]):
+        if b["evals"] >= budget:
+            w = (budget - a["evals"]) / (b["evals"] - a["evals"])
+            return a[key] + w * (b[key] - a[key])
+    return points[0][key]
 
 
 def plot(base_model, results, path, shift=1.0, runs=None):
@@ -307,7 +328,11 @@ def plot(base_model, results, path, shift=1.0, runs=None):
     c = torch.arange(NUM_CLASSES).repeat_interleave(256)
     panels = [("pretrained", base_model)] + [(f"{r['method']} (seed {r['seed']})", m)
                                              for m, r in results]
-    fig, axes = plt.subplots(1, len(panels) + 2, figsize=(4.2 * (len(panels) + 2), 4.4))
+    cols = max(len(panels), 3)
+    fig, grid = plt.subplots(2, cols, figsize=(4.2 * cols, 8.8), squeeze=False)
+    axes, curves = grid[0], grid[1]
+    for ax in [*axes[len(panels):], *curves[3:]]:
+        ax.axis("off")
     centres = mode_centres().view(-1, 2)
     for ax, (title, model) in zip(axes, panels):
         x = project(ode_samples(model, c, shift=shift, seed=7))
@@ -318,17 +343,21 @@ def plot(base_model, results, path, shift=1.0, runs=None):
     runs = runs or {r["method"]: [r] for _, r in results}
     for method, rs in runs.items():
         it = [p["iteration"] for p in rs[0]["curve"]]
-        for ax, key in ((axes[-2], "reward"), (axes[-1], "fidelity")):
+        evals = [p["evals"] for p in rs[0]["curve"]]
+        for ax, x, key, first in ((curves[0], it, "reward", 0), (curves[1], evals, "reward", 1),
+                                  (curves[2], it, "fidelity", 0)):  # a log axis has no 0
             values = torch.tensor([[p[key] for p in r["curve"]] for r in rs])  # (seeds, points)
-            mean = values.mean(0)
+            mean, x = values.mean(0)[first:], x[first:]
             label = method if len(rs) == 1 else f"{method} (mean ± std, {len(rs)} seeds)"
-            line, = ax.plot(it, mean, label=label)
+            line, = ax.plot(x, mean, label=label)
             if len(rs) > 1:
-                std = values.std(0)
-                ax.fill_between(it, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    axes[-2].set(title="eval reward (ODE samples)", xlabel="iteration", ylabel="mean reward")
-    axes[-1].set(title="fidelity", xlabel="iteration", ylabel="on-mode fraction")
-    axes[-2].legend(fontsize=9)
+                std = values.std(0)[first:]
+                ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    curves[0].set(title="eval reward (ODE samples)", xlabel="iteration", ylabel="mean reward")
+    curves[1].set(title="eval reward per model evaluation", xscale="log",
+                  xlabel="model evaluations (rollout + training rows)", ylabel="mean reward")
+    curves[2].set(title="fidelity", xlabel="iteration", ylabel="on-mode fraction")
+    curves[0].legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -517,24 +546,49 @@ def parse_args(argv=None):
     return args
 
 
-def print_comparison(table, num_seeds):
-    """Per method: mean and 95 % CI over seeds; then the paired differences on the same seeds."""
+COMPARED = (("g2rpo", "full_sde"), ("g2rpo", "mixgrpo"), ("g2rpo", "g2rpo_wo_mgai"),
+            ("mixgrpo", "full_sde"), ("g2rpo_wo_mgai", "full_sde"))
+
+
+def print_comparison(table, num_seeds, pretrained=None):
+    """Per method: mean and 95 % CI over seeds of the final reward and fidelity, and its cost;
+    then the same at the largest budget of model evaluations every method reaches; then the
+    paired differences (same seeds) at the end and at that budget."""
     final = {m: {k: [r["curve"][-1][k] for r in rs] for k in ("reward", "fidelity")}
              for m, rs in table.items()}
-    iterations = next(iter(table.values()))[0]["config"]["num_iterations"]
-    print(f"\n| method | final reward | 95% CI | fidelity | 95% CI | model evals |  ({num_seeds} "
-          f"seeds, {iterations} iterations)\n|---|---|---|---|---|---|")
+    budget = min(r["evals"] for rs in table.values() for r in rs)
+    same = {m: {k: [at_budget(r, budget, k) for r in rs] for k in ("reward", "fidelity")}
+            for m, rs in table.items()}
+    first = next(iter(table.values()))[0]
+    iterations = first["config"]["num_iterations"]
+    print(f"\n| method | final reward | 95% CI | fidelity | 95% CI | model evals / iteration "
+          f"(rollout + training) |  ({num_seeds} seeds, {iterations} iterations)"
+          f"\n|---|---|---|---|---|---|")
+    if pretrained is not None:
+        print(f"| pretrained | {pretrained['reward']:.4f} | – | {pretrained['fidelity']:.4f} "
+              f"| – | – |")
     for m, rs in table.items():
+        h = rs[0]["history"][0]
         print(f"| {m} | {mean_ci(final[m]['reward'])[0]:.4f} | {ci_text(final[m]['reward'])} | "
               f"{mean_ci(final[m]['fidelity'])[0]:.4f} | {ci_text(final[m]['fidelity'])} | "
-              f"{rs[0]['nfe']:,} |")
-    pairs = [(a, b) for a, b in (("g2rpo", "full_sde"), ("g2rpo", "g2rpo_wo_mgai"),
-                                 ("g2rpo_wo_mgai", "full_sde")) if a in table and b in table]
+              f"{h['nfe'] + h['train_rows']:,} ({h['nfe']:,} + {h['train_rows']:,}) |")
+    if len(table) > 1:
+        print(f"\n| method | reward at {budget:,} model evals | 95% CI | fidelity | 95% CI | "
+              f"iterations used |  (the largest budget every method reaches)\n"
+              f"|---|---|---|---|---|---|")
+        for m, rs in table.items():
+            per_it = rs[0]["evals"] / rs[0]["config"]["num_iterations"]
+            print(f"| {m} | {mean_ci(same[m]['reward'])[0]:.4f} | {ci_text(same[m]['reward'])} | "
+                  f"{mean_ci(same[m]['fidelity'])[0]:.4f} | {ci_text(same[m]['fidelity'])} | "
+                  f"{budget / per_it:.1f} |")
+    pairs = [(a, b) for a, b in COMPARED if a in table and b in table]
     if pairs and num_seeds > 1:
-        print("\n| paired difference (same seeds) | final reward | 95% CI | |\n|---|---|---|---|")
+        print("\n| paired difference (same seeds) | final reward | 95% CI | | at the same budget "
+              "| 95% CI | |\n|---|---|---|---|---|---|---|")
         for a, b in pairs:
             print(f"| {a} − {b} | "
-                  + " | ".join(paired_difference(final[a]["reward"], final[b]["reward"])) + " |")
+                  + " | ".join(paired_difference(final[a]["reward"], final[b]["reward"])) + " | "
+                  + " | ".join(paired_difference(same[a]["reward"], same[b]["reward"])) + " |")
 
 
 def main(argv=None):
@@ -559,20 +613,20 @@ def main(argv=None):
     seeds = range(args.seed, args.seed + args.seeds)
     for method in methods:
         for seed in seeds:
-            model, r = run(base, method, seed, log=print if args.verbose else None,
-                           **args.overrides)
+            model, r = run(base, method, seed, eval_every=2 if len(methods) > 1 else 10,
+                           log=print if args.verbose else None, **args.overrides)
             with open(metrics_path, "a") as f:  # one JSON line per iteration, as flux_flow
                 for m in r["history"]:
                     f.write(json.dumps({"method": method, "seed": seed, **m}) + "\n")
             end = r["curve"][-1]
             print(f"{method:14s} seed {seed}: reward {before['reward']:.4f} -> {end['reward']:.4f}"
                   f"  fidelity {before['fidelity']:.3f} -> {end['fidelity']:.3f}"
-                  f"  model evals {r['nfe']:,}")
+                  f"  model evals {r['evals']:,} (rollout {r['nfe']:,})")
             table.setdefault(method, []).append(r)
             if seed == args.seed:
                 results.append((model, r))
     if args.seeds > 1 or len(methods) > 1:
-        print_comparison(table, args.seeds)
+        print_comparison(table, args.seeds, before)
     plot(base, results, args.out, shift=args.overrides.get("shift", TOY["shift"]), runs=table)
     print(f"saved {args.out} and {metrics_path}  (total {time.time() - start:.1f} s)")
 
