@@ -228,15 +228,24 @@ def _rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _all_agree(ok):
-    """True on every rank when `ok` holds on every rank (one all-reduce; no-op on one process)."""
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([1 if ok else 0])
+def _world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _reduce_flag(flag, op):
+    """A bool combined over the ranks with `op` (MIN: all, MAX: any); itself on one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0])
     if dist.get_backend() == "nccl":
-        flag = flag.cuda()
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+        t = t.cuda()
+    dist.all_reduce(t, op=op)
+    return bool(t.item())
+
+
+def _all_agree(ok):
+    """True on every rank when `ok` holds on every rank (one all-reduce)."""
+    return _reduce_flag(ok, dist.ReduceOp.MIN)
 
 
 def _rng_state(generator):
@@ -308,7 +317,7 @@ class Checkpointer:
     def _save(self, final, model, optimizer, generator, iteration, fp, rescue_of=None):
         tmp = final.with_name(final.name + ".tmp")
         meta = {"format": "g2rpo-dcp-1", "iteration": iteration,
-                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "world_size": _world(),
                 "fingerprint": fp}
         error = None
         if _rank() == 0:
@@ -460,7 +469,7 @@ def load_checkpoint(path, model, optimizer, generator, fp, seed, lr=None, log=pr
         raise CheckpointError(f"checkpoint {str(path)!r} was made for another model or config; "
                               f"it differs in: {', '.join(diff)}"
                               + (f" ({details})" if details else ""))
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = _world()
     rank, elastic = _rank(), meta["world_size"] != world
     state = train_state(model, optimizer)  # initialises AdamW's state so DCP can fill it
     if not elastic:
@@ -598,7 +607,8 @@ def _export_transformer(tmp, model, raw, dtype, max_shard_size, is_main):
 
     state = model.state_dict()  # DTensors of this rank's shards under FSDP2: no copy yet
     item = torch.tensor([], dtype=dtype).element_size()
-    shards = _shard_plan({k: v.numel() * item for k, v in state.items()}, max_shard_size)
+    sizes = {k: v.numel() * item for k, v in state.items()}
+    shards = _shard_plan(sizes, max_shard_size)
     files = (["diffusion_pytorch_model.safetensors"] if len(shards) == 1 else
              [f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
               for i in range(len(shards))])
@@ -624,7 +634,7 @@ def _export_transformer(tmp, model, raw, dtype, max_shard_size, is_main):
                 error = e
         del shard
     if is_main and error is None and len(shards) > 1:
-        index = {"metadata": {"total_size": sum(v.numel() * item for v in state.values())},
+        index = {"metadata": {"total_size": sum(sizes.values())},
                  "weight_map": {k: f for names, f in zip(shards, files) for k in names}}
         try:
             (tmp / "diffusion_pytorch_model.safetensors.index.json").write_text(
@@ -781,10 +791,7 @@ class GracefulStop:
                      f"exit (Ctrl-C again to stop at once)")
 
     def should_stop(self, world_size):
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if world_size > 1:
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        if world_size == 1:
+            return self.requested is not None
+        return _reduce_flag(self.requested is not None, dist.ReduceOp.MAX)
 
