@@ -6,11 +6,11 @@ it resumes, FSDP2 on the CPU (gloo), for a random mid-size FLUX transformer (69 
     python bench_checkpoint.py --async-save           # what dcp.async_save's staging costs
     python bench_checkpoint.py --procs 1,2,4 --layers 2,6 --heads 10
 
---code DIR runs flux_flow.py / flux_run.py / g2rpo.py from DIR (e.g. an older commit:
+--code DIR runs flux_flow.py / flux_parallel.py / flux_run.py / g2rpo.py from DIR (e.g. an older commit:
 `mkdir /tmp/before && git archive <commit> | tar -x -C /tmp/before`); both the single-file
 checkpoints of older versions (save_checkpoint / load_checkpoint) and the DCP directories of this
 one (Checkpointer / load_checkpoint) are driven. Each process: build the transformer, shard it
-with flux_flow.wrap_distributed (FSDP2, fp32 master weights), take one AdamW step, then
+with flux_parallel.wrap_distributed (FSDP2, fp32 master weights), take one AdamW step, then
 
 - save: reset the kernel's peak-RSS counter (/proc/self/clear_refs), save, read VmHWM;
 - resume (a new torchrun job, as after a preemption): a fresh sharded model and optimizer, reset
@@ -68,9 +68,13 @@ def worker(args):
 
     import flux_flow
     import flux_run
+    try:
+        import flux_parallel
+    except ImportError:  # older code: the process set-up lived in flux_flow.py
+        flux_parallel = flux_flow
 
     torch.set_num_threads(1)
-    rank, world, device = flux_flow.init_distributed()
+    rank, world, device = flux_parallel.init_distributed()
     base = rss_mb()
     layers, single = args.layers
 
@@ -81,7 +85,7 @@ def worker(args):
             attention_head_dim=64, num_attention_heads=args.heads, joint_attention_dim=512,
             pooled_projection_dim=256, axes_dims_rope=[16, 24, 24], guidance_embeds=True)
         flux_flow.setup_trainable(model, 0, 1.0, upcast=False)
-        model = flux_flow.wrap_distributed(model, 0, device)
+        model = flux_parallel.wrap_distributed(model, 0, device)
         params = [p for p in model.parameters() if p.requires_grad]
         return model, params, torch.optim.AdamW(params, lr=1e-5)
 

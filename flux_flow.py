@@ -29,6 +29,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flux_run
 import g2rpo
+from flux_parallel import (adapters_disabled, frozen_reference, init_distributed,
+                           wrap_distributed)
 from flux_rewards import load_rewards, reward_names
 
 BUILTIN_PROMPTS = [
@@ -310,19 +312,7 @@ def make_reward_fn(pipe, rewards, height, width, decode_batch=4):
 
 
 # ----------------------------------------------------------------------------------------------
-# Trainable weights, devices and processes.
-
-
-def init_distributed():
-    """(rank, world_size, device); one process without torchrun works unchanged."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+# Trainable weights (processes, FSDP2 / DDP and the KL's reference: flux_parallel.py).
 
 
 def setup_trainable(transformer, lora_rank, lora_alpha, gradient_checkpointing=False,
@@ -350,21 +340,20 @@ def setup_trainable(transformer, lora_rank, lora_alpha, gradient_checkpointing=F
     return [p for p in transformer.parameters() if p.requires_grad]
 
 
-def wrap_distributed(transformer, lora_rank, device):
-    """DDP for LoRA; FSDP2 (fully_shard per block, then the root, then fp32 shards) for full."""
-    if not dist.is_initialized():
-        return transformer
-    if lora_rank > 0:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+def reference_velocity(raw, reference, pipe, args, dtype):
+    """g2rpo's ref_velocity_fn: the frozen copy's velocity (full fine-tune), or the policy's
+    own transformer with its adapters off (LoRA), without DDP (no gradient, no collectives)."""
+    velocity = FluxVelocity.from_pipe(reference if reference is not None else raw, pipe,
+                                      args.height, args.width, args.guidance, dtype,
+                                      args.attention_backends)
+    if reference is not None:
+        return velocity
 
-        return DDP(transformer, device_ids=[device.index] if device.type == "cuda" else None,
-                   broadcast_buffers=False)
-    from torch.distributed.fsdp import fully_shard
+    def lora_off(x, sigma, cond):
+        with adapters_disabled(raw):
+            return velocity(x, sigma, cond)
 
-    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-        fully_shard(block)
-    fully_shard(transformer)
-    return transformer.float()  # each rank upcasts only its own shards
+    return lora_off
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,7 +373,9 @@ def fingerprint(args, transformer):
             "max_grad_norm": args.max_grad_norm, "weight_decay": args.weight_decay,
             "step_per_iteration": args.step_per_iteration, "guidance": args.guidance,
             "prompts_per_gpu": args.prompts_per_gpu, "rewards": reward_names(args.rewards),
-            "max_sequence_length": args.max_sequence_length}
+            "max_sequence_length": args.max_sequence_length,
+            # Only when on: checkpoints from before these settings existed resume unchanged.
+            **{k: getattr(args, k) for k in ("kl_beta", "ema_decay") if getattr(args, k) > 0}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,6 +423,7 @@ def make_config(args, rank=0):
                         adv_clip=args.adv_clip, lr=args.lr, weight_decay=args.weight_decay,
                         max_grad_norm=args.max_grad_norm,
                         step_per_branch=not args.step_per_iteration, method=args.method,
+                        kl_beta=args.kl_beta, ema_decay=args.ema_decay,
                         prompts_per_iteration=args.prompts_per_gpu,
                         num_iterations=args.iterations, batch_size=args.batch_size,
                         seed=args.seed + rank)
@@ -471,6 +463,13 @@ def parse_args(argv=None):
     a("--clip-range", type=float, default=d.clip_range, help="ε of the clipped ratio")
     a("--adv-clip", type=float, default=d.adv_clip, help="clip of the summed advantages")
     a("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient-norm clip, > 0")
+    a("--kl-beta", type=float, default=d.kl_beta,
+      help="β of a KL penalty to the reference policy, against reward hacking (LoRA: the "
+           "transformer with its adapter switched off; full fine-tune: a frozen copy in --dtype, "
+           "sharded under FSDP2); 0: off")
+    a("--ema-decay", type=float, default=d.ema_decay,
+      help="EMA of the trainable weights, per optimizer step; evaluation and export use the "
+           "averages, the checkpoint keeps both; 0: off")
     a("--step-per-iteration", action="store_true",
       help="one optimizer step per iteration (default: one per branch step)")
     a("--iterations", type=int, default=d.num_iterations, help="outer iterations")
@@ -609,12 +608,21 @@ def _train_flux(args, rank, world, device, run):
     encoder = PromptEncoder(pipe, args.max_sequence_length)
     sigmas = flux_sigmas(pipe, args.steps, args.height, args.width, args.schedule, args.shift)
     raw = pipe.transformer
+    full_reference = cfg.kl_beta > 0 and not args.lora_rank  # LoRA's: the adapter switched off
+    sharded = dist.is_initialized()  # torchrun, even with one process: FSDP2 shards the policy
+    reference = frozen_reference(raw, dtype) if full_reference and not sharded else None
     torch.manual_seed(args.seed)  # LoRA's initialisation: same seed, same adapters (all ranks)
     setup_trainable(raw, args.lora_rank, args.lora_alpha, args.gradient_checkpointing,
                     upcast=world == 1)
     model = wrap_distributed(raw, args.lora_rank, device)
+    if full_reference and sharded:
+        reference = frozen_reference(raw, dtype)  # from the policy's shards
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 swaps in DTensors
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = g2rpo.EMA(raw, cfg.ema_decay) if cfg.ema_decay > 0 else None  # sharded like params
+    # Evaluation and export use the EMA weights when there is one.
+    averaged = ema.applied if ema is not None else contextlib.nullcontext
+    which = f" (EMA weights, decay {cfg.ema_decay:g})" if ema is not None else ""
     generator = torch.Generator(device).manual_seed(cfg.seed)
     velocity = FluxVelocity.from_pipe(model, pipe, args.height, args.width, args.guidance, dtype,
                                       args.attention_backends)
@@ -622,12 +630,13 @@ def _train_flux(args, rank, world, device, run):
     eval_velocity = FluxVelocity.from_pipe(getattr(model, "module", model), pipe, args.height,
                                            args.width, args.guidance, dtype,
                                            args.attention_backends)
+    ref_velocity = reference_velocity(raw, reference, pipe, args, dtype) if cfg.kl_beta else None
     fp = fingerprint(args, raw)
     out, ckpt_path = run.path, run.path / flux_run.CHECKPOINT
     start = 0
     if args.resume:
         start = flux_run.load_checkpoint(args.resume, model, optimizer, generator, fp, args.seed,
-                                         lr=cfg.lr, log=say)
+                                         lr=cfg.lr, log=say, ema=ema)
         say(f"resumed from {args.resume} at iteration {start}")
     run.start(start)  # metrics.jsonl keeps only the iterations before `start`
     n_train = sum(p.numel() for p in params)
@@ -635,6 +644,14 @@ def _train_flux(args, rank, world, device, run):
     backend = f" ({dist.get_backend()})" if dist.is_initialized() else ""
     say(f"{world} process(es){backend} on {device}, {dtype}; {trained} ({n_train / 1e6:.2f} M "
         f"trainable); {len(prompts)} prompts; σ grid {[round(s, 3) for s in sigmas.tolist()]}")
+    if cfg.kl_beta:
+        say(f"KL penalty β = {cfg.kl_beta:g} to the reference: " + (
+            "the transformer with its LoRA switched off" if args.lora_rank else
+            f"a frozen copy of the pretrained transformer ({dtype}"
+            + (", sharded)" if dist.is_initialized() else ")")))
+    if ema is not None:
+        say(f"EMA of the trainable weights, decay {cfg.ema_decay:g}: evaluations and exports use "
+            f"the averages; checkpoints keep both")
 
     tracker = flux_run.Tracker(args.report_to, out, vars(args), args.branch_steps,
                                args.granularities, start, is_main)
@@ -642,14 +659,15 @@ def _train_flux(args, rank, world, device, run):
 
     def run_eval(iteration):
         """Evaluate after `iteration` iterations: eval.json, a captioned grid, the tracker."""
-        scores, images = evaluate(pipe, eval_velocity, encoder, rewards, eval_prompts,
-                                  args.height, args.width, sigmas, args.eval_seeds)
+        with averaged():
+            scores, images = evaluate(pipe, eval_velocity, encoder, rewards, eval_prompts,
+                                      args.height, args.width, sigmas, args.eval_seeds)
         grid = flux_run.captioned_grid(images, eval_prompts, args.eval_seeds,
                                        f"after {iteration} iterations")
         path = run.record_eval(iteration, scores, grid)
         tracker.evaluation(iteration, scores, grid)
         evaluations.append({"iteration": iteration, "scores": scores})
-        say(f"eval after {iteration} iterations: "
+        say(f"eval after {iteration} iterations{which}: "
             + "  ".join(f"{n} {v:.4f}" for n, v in scores.items()) + f"  ({path})")
 
     stopper = flux_run.GracefulStop(log=say)
@@ -664,14 +682,16 @@ def _train_flux(args, rank, world, device, run):
         end = it + 1 == cfg.num_iterations
         saved = stop or (it + 1) % args.save_every == 0 or end
         if saved:
-            checkpointer.save(model, optimizer, generator, it, fp)
+            checkpointer.save(model, optimizer, generator, it, fp, ema)
         # A LoRA is small: exported with every checkpoint. A full transformer (24 GB in bf16 at
         # FLUX.1-dev's size): at the end and every --export-every iterations only.
         if end or (saved and args.lora_rank) or (args.export_every
                                                  and (it + 1) % args.export_every == 0):
-            path = flux_run.export_weights(out, model, raw, args.lora_rank, dtype, max_shard)
+            with averaged():
+                path = flux_run.export_weights(out, model, raw, args.lora_rank, dtype, max_shard)
             if path is not None and not args.lora_rank:
-                say(f"exported the transformer after {it + 1} iterations ({dtype}): {path}")
+                say(f"exported the transformer after {it + 1} iterations ({dtype}){which}: "
+                    f"{path}")
         if args.eval_every and (it + 1) % args.eval_every == 0 and not stop:
             run_eval(it + 1)
         return stop
@@ -690,7 +710,8 @@ def _train_flux(args, rank, world, device, run):
                                       encode_prompts=encoder, optimizer=optimizer,
                                       generator=generator, start_iteration=start,
                                       callback=callback, log=print if is_main else None,
-                                      progress=is_main, sigmas=sigmas)
+                                      progress=is_main, sigmas=sigmas, ema=ema,
+                                      ref_velocity_fn=ref_velocity)
         checkpointer.close()  # an asynchronous save in flight is finished and moved into place
         end = history[-1]["iteration"] + 1 if history else start
         if stopper.requested:

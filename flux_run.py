@@ -4,8 +4,8 @@ weights, experiment tracking, evaluation grids, graceful stops. Long runs that l
 - RunDirectory: the output directory of one run. Checked writable before any model loads, locked
   (one run per directory), refuses to take over another run's files unless told to resume or
   overwrite, and keeps metrics.jsonl free of duplicated iterations after a kill and a resume.
-- Checkpointer / load_checkpoint: trainable weights, optimizer state, every rank's RNG and the
-  iteration in a torch.distributed.checkpoint directory: each rank writes and reads only its own
+- Checkpointer / load_checkpoint: trainable weights, optimizer state, the EMA weights (if any),
+  every rank's RNG and the iteration in a torch.distributed.checkpoint directory: each rank writes and reads only its own
   shards (no process ever holds the whole model), written beside the previous checkpoint and
   renamed into place (never half-written), optionally in the background (async_save); resumable
   on another number of processes (DCP reshards); errors name the path and what is wrong.
@@ -310,11 +310,12 @@ class Checkpointer:
         if async_save and dist.is_initialized() and dist.get_backend() == "nccl":
             self.group = dist.new_group(backend="gloo")  # async_save's collectives run on the CPU
 
-    def save(self, model, optimizer, generator, iteration, fp):
+    def save(self, model, optimizer, generator, iteration, fp, ema=None):
+        """ema: a g2rpo.EMA whose averages are saved beside the weights (key "ema")."""
         self.wait(keep_going=True)
-        self._save(self.path, model, optimizer, generator, iteration, fp)
+        self._save(self.path, model, optimizer, generator, iteration, fp, ema)
 
-    def _save(self, final, model, optimizer, generator, iteration, fp, rescue_of=None):
+    def _save(self, final, model, optimizer, generator, iteration, fp, ema=None, rescue_of=None):
         tmp = final.with_name(final.name + ".tmp")
         meta = {"format": "g2rpo-dcp-1", "iteration": iteration,
                 "world_size": _world(),
@@ -330,13 +331,16 @@ class Checkpointer:
         if _all_agree(error is None):
             state = {**train_state(model, optimizer),
                      "rng": {f"rank{_rank()}": _rng_state(generator)}}
+            if ema is not None:
+                state["ema"] = ema.state_dict()  # DTensors of this rank's shards under FSDP2
             try:
                 if self.async_save and rescue_of is None:
                     with _one_process_is_fine():
                         future = dcp.async_save(state, checkpoint_id=tmp,
                                                 process_group=self.group,
                                                 no_dist=not dist.is_initialized())
-                    self.pending = (future, tmp, final, (model, optimizer, generator, iteration, fp))
+                    self.pending = (future, tmp, final,
+                                    (model, optimizer, generator, iteration, fp, ema))
                     return
                 with _one_process_is_fine():
                     dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
@@ -347,7 +351,7 @@ class Checkpointer:
         if error is None:
             self._move_into_place(tmp, final)
         else:
-            self._failed(final, tmp, error, (model, optimizer, generator, iteration, fp),
+            self._failed(final, tmp, error, (model, optimizer, generator, iteration, fp, ema),
                          rescue_of)
 
     def _move_into_place(self, tmp, final):
@@ -450,9 +454,10 @@ def read_checkpoint(path):
     return path, meta, metadata
 
 
-def load_checkpoint(path, model, optimizer, generator, fp, seed, lr=None, log=print):
+def load_checkpoint(path, model, optimizer, generator, fp, seed, lr=None, log=print, ema=None):
     """Restore what Checkpointer.save wrote, each rank reading only the shards it owns; refuse a
-    checkpoint of another model or algorithm. All ranks call.
+    checkpoint of another model or algorithm. All ranks call. ema: a g2rpo.EMA to restore too
+    (the fingerprint says whether the run had one).
 
     Same world size: exact (weights, optimizer state, every rank's RNG). Another world size
     (elastic resume): DCP reshards weights and optimizer state exactly; each rank's generators
@@ -476,6 +481,10 @@ def load_checkpoint(path, model, optimizer, generator, fp, seed, lr=None, log=pr
         state["rng"] = {f"rank{rank}": _rng_state(generator)}
         if f"rng.rank{rank}.generator" not in metadata.state_dict_metadata:
             raise CheckpointError(f"checkpoint {str(path)!r} lacks the RNG state of rank {rank}")
+    if ema is not None:
+        state["ema"] = ema.state_dict()  # loaded in place, resharded like the weights
+        if not any(k.startswith("ema.") for k in metadata.state_dict_metadata):
+            raise CheckpointError(f"checkpoint {str(path)!r} holds no EMA weights")
     try:
         with _one_process_is_fine():
             dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
@@ -484,7 +493,9 @@ def load_checkpoint(path, model, optimizer, generator, fp, seed, lr=None, log=pr
     weights = [_local(v) for v in state["model"].values()]
     moments = [_local(v) for s in state["optimizer"]["state"].values() for v in s.values()
                if torch.is_tensor(v)]
-    for what, tensors in (("weights", weights), ("optimizer state", moments)):
+    averages = [_local(v) for v in state.get("ema", {}).values()]
+    for what, tensors in (("weights", weights), ("optimizer state", moments),
+                          ("EMA weights", averages)):
         if not _all_agree(g2rpo.all_finite(tensors)):
             raise CheckpointError(f"checkpoint {str(path)!r} holds non-finite {what}; refusing "
                                   f"to resume from it")
@@ -669,12 +680,12 @@ class Tracker:
     Weights & Biases; does nothing for 'none' or on ranks other than 0.
 
     Scalar tags: train/<metric> for reward, reward_std, reward_anchor, loss, clip_frac, approx_kl,
-    grad_norm, zero_std_frac, nfe, seconds; train/adv_abs_k/<k>; train/adv_abs_lambda/<λ>;
+    kl_ref (with --kl-beta), grad_norm, zero_std_frac, nfe, seconds; train/adv_abs_k/<k>; train/adv_abs_lambda/<λ>;
     eval/<reward>. Images: eval/grid.
     """
 
     SCALARS = ("reward", "reward_std", "reward_anchor", "loss", "clip_frac", "approx_kl",
-               "grad_norm", "zero_std_frac", "nfe", "seconds")
+               "kl_ref", "grad_norm", "zero_std_frac", "nfe", "seconds")
 
     def __init__(self, kind, out_dir, config, branch_steps, granularities, start=0, is_main=True):
         self.kind = kind if is_main else "none"

@@ -31,8 +31,16 @@ Equation map (paper → function; equation numbers as in SPEC.md, "~" where it h
     Baseline (DanceGRPO / Flow-GRPO style, SPEC §8) ........ full_sde_sampling
     Baseline MixGRPO (arXiv 2507.21802): SDE in a sliding
       window of steps, ODE elsewhere (SPEC §8) ............. mixgrpo_window, full_sde_sampling
+
+Additions (in neither the paper nor the official code: guard rails against reward hacking)
+    β·KL(π_θ ‖ π_ref) of the SDE steps, added to Eq. 12 ... gaussian_kl, policy_log_prob_and_kl,
+                                                             policy_update (Config.kl_beta)
+    EMA of the trainable weights ........................... EMA (Config.ema_decay)
+
+Input checks (every Config field) close the file: check_config, check_guard_rails.
 """
 
+import contextlib
 import math
 import numbers
 import time
@@ -89,6 +97,14 @@ class Config:
     window_every: int = 25
     """MixGRPO: iterations between two moves of the window (MixGRPO's script: iters_per_group
     25, over 300 iterations as here)."""
+    kl_beta: float = 0.0
+    """β of the KL penalty to a reference policy, added to the loss of every trained step (an
+    addition: neither the paper nor the official code has it). 0: off, the reference is never
+    called. > 0 needs train(..., ref_velocity_fn=...)."""
+    ema_decay: float = 0.0
+    """d of an exponential moving average of the trainable weights, updated after every
+    optimizer step: θ_ema ← d·θ_ema + (1 − d)·θ (an addition, as kl_beta). 0: off. > 0 needs
+    train(..., ema=EMA(model, d)), the handle to evaluate or export with."""
     prompts_per_iteration: int = 1
     """P, prompts sampled (with replacement) per iteration (official: 1 per GPU)."""
     num_iterations: int = 300
@@ -103,109 +119,6 @@ class Config:
 
 
 METHODS = ("g2rpo", "full_sde", "mixgrpo")
-ETA_SANE = (0.1, 2.0)  # outside: log-ratios explode (η → 0) or the gradient vanishes (η ≫ 1)
-
-
-class ConfigError(ValueError):
-    """A bad Config value; `field` names it (flux_flow.py maps it to its command-line flag)."""
-
-    def __init__(self, field, message):
-        super().__init__(message)
-        self.field = field
-
-
-def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _number(field, x, kind):
-    """x as a Python int / finite float; numpy and 0-d tensor numbers accepted, bools refused."""
-    if torch.is_tensor(x) and x.dim() == 0 and x.dtype != torch.bool:
-        x = x.item()
-    ok = numbers.Integral if kind is int else numbers.Real
-    if isinstance(x, bool) or type(x).__name__ == "bool_" or not isinstance(x, ok):
-        raise ConfigError(field, f"{field} must be {'an integer' if kind is int else 'a number'}, "
-                                 f"got {x!r} ({type(x).__name__})")
-    if not math.isfinite(x):
-        raise ConfigError(field, f"{field} must be finite, got {x!r}")
-    return kind(x)
-
-
-def check_config(cfg):
-    """Check every field of a Config (types, then ranges) and normalise numbers in place:
-    numpy / 0-d tensor numbers become int / float, sequences tuples. Raise ConfigError naming
-    the field and the value; warn when eta is outside ETA_SANE."""
-    for field in ("num_steps", "group_size", "prompts_per_iteration", "num_iterations",
-                  "batch_size", "seed", "window_size", "window_stride", "window_every"):
-        setattr(cfg, field, _number(field, getattr(cfg, field), int))
-    for field in ("shift", "eta", "clip_range", "adv_clip", "lr", "weight_decay", "max_grad_norm"):
-        setattr(cfg, field, _number(field, getattr(cfg, field), float))
-    for field in ("branch_steps", "granularities"):
-        value = getattr(cfg, field)
-        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-            raise ConfigError(field, f"{field} must be a sequence of integers, got {value!r}")
-        setattr(cfg, field, tuple(_number(field, v, int) for v in value))
-    if not (cfg.step_per_branch is True or cfg.step_per_branch is False):
-        raise ConfigError("step_per_branch", f"step_per_branch must be True or False, got "
-                                             f"{cfg.step_per_branch!r}")
-    lows = {"num_steps": 2, "group_size": 2, "prompts_per_iteration": 1, "batch_size": 1,
-            "num_iterations": 0, "seed": 0, "window_size": 1, "window_stride": 1,
-            "window_every": 1}
-    for field, low in lows.items():
-        if getattr(cfg, field) < low:
-            why = " (advantages need a group)" if field == "group_size" else ""
-            raise ConfigError(field, f"{field} must be an integer >= {low}{why}, "
-                                     f"got {getattr(cfg, field)!r}")
-    for field in ("shift", "eta", "clip_range", "adv_clip", "lr", "max_grad_norm"):
-        if not getattr(cfg, field) > 0:
-            why = " (an SDE step is needed)" if field == "eta" else ""
-            raise ConfigError(field, f"{field} must be > 0{why}, got {getattr(cfg, field)!r}")
-    if cfg.weight_decay < 0:
-        raise ConfigError("weight_decay", f"weight_decay must be >= 0, got {cfg.weight_decay!r}")
-    if cfg.clip_range >= 1:
-        raise ConfigError("clip_range", f"clip_range must be < 1 (the ratio is clipped to "
-                                        f"[1 − ε, 1 + ε]), got {cfg.clip_range!r}")
-    if cfg.method not in METHODS:
-        raise ConfigError("method", f"method must be one of {', '.join(map(repr, METHODS))}, "
-                                    f"got {cfg.method!r}")
-    if cfg.method == "mixgrpo" and cfg.window_size > cfg.num_steps - 2:
-        raise ConfigError("window_size", f"window_size {cfg.window_size} does not fit the grid: a "
-                                         f"MixGRPO window lies within steps 0..{cfg.num_steps - 3} "
-                                         f"of T = {cfg.num_steps} (at most {cfg.num_steps - 2} "
-                                         f"steps)")
-    for field, check in (("granularities", lambda: check_granularities(cfg.granularities)),
-                         ("branch_steps", lambda: check_branch_steps(cfg.branch_steps,
-                                                                     cfg.num_steps))):
-        try:
-            check()
-        except ValueError as e:
-            raise ConfigError(field, str(e)) from None
-    if not ETA_SANE[0] <= cfg.eta <= ETA_SANE[1]:
-        warnings.warn(f"eta = {cfg.eta} is outside {ETA_SANE}: with a tiny eta the log-ratios "
-                      f"explode (kl ~1e13 at 1e-8), with a large one the gradient vanishes",
-                      stacklevel=3)
-
-
-def check_granularities(granularities):
-    if len(granularities) == 0:
-        raise ValueError("granularities must not be empty")
-    for g in granularities:
-        if not _is_int(g) or g < 1:
-            raise ValueError(f"every granularity must be an integer >= 1, got {g!r}")
-    if len(set(granularities)) != len(granularities):
-        raise ValueError(f"granularities must be distinct, got {tuple(granularities)!r}")
-
-
-def check_branch_steps(branch_steps, num_steps):
-    if len(branch_steps) == 0:
-        raise ValueError("branch_steps must not be empty")
-    for k in branch_steps:
-        if not _is_int(k) or not 0 <= k < num_steps - 1:
-            raise ValueError(
-                f"branch step {k!r} is outside 0..{num_steps - 2}: a branch needs a step on the "
-                f"grid of {num_steps} steps and at least one ODE step after it")
-    if len(set(branch_steps)) != len(branch_steps):
-        raise ValueError(f"branch_steps must be distinct, got {tuple(branch_steps)!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,6 +165,19 @@ def gaussian_log_prob(x, mean, std):
     std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
     lp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     return lp.flatten(1).mean(dim=1)  # (N,)
+
+
+def gaussian_kl(mean, ref_mean, std):
+    """KL(N(mean, std²) ‖ N(ref_mean, std²)) per element, averaged over all non-batch elements
+    (as gaussian_log_prob) → (N,) float32. With equal stds only ‖mean − ref_mean‖² / (2·std²)
+    is left; it is symmetric in the two means.
+
+    >>> gaussian_kl(torch.ones(1, 2), torch.zeros(1, 2), torch.tensor(0.5))
+    tensor([2.])
+    """
+    mean, ref_mean = mean.float(), ref_mean.float()
+    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    return ((mean - ref_mean) ** 2 / (2 * std**2)).flatten(1).mean(dim=1)  # (N,)
 
 
 def sde_step(x, v, sigma, sigma_next, eta, generator=None, prev_sample=None):
@@ -581,15 +507,28 @@ def policy_log_prob(velocity_fn, cond, x, x_next, sigma, sigma_next, eta):
     The model is evaluated on the P·S distinct states only (once per prompt for G²RPO).
     cond holds P rows. Returns (P, G).
     """
+    return policy_log_prob_and_kl(velocity_fn, cond, x, x_next, sigma, sigma_next, eta)[0]
+
+
+def policy_log_prob_and_kl(velocity_fn, cond, x, x_next, sigma, sigma_next, eta,
+                           ref_velocity_fn=None):
+    """policy_log_prob, and with ref_velocity_fn (evaluated without gradient) the KL divergence
+    of the policy's SDE step from the reference's at each of the P·S states (gaussian_kl: the
+    same x and std, means from v_θ and v_ref). Returns (log π (P, G), KL (P, S) or None)."""
     P, S, G, D = x.shape[0], x.shape[1], x_next.shape[1], x.shape[2:]
     rows = torch.arange(P, device=x.device).repeat_interleave(S)
-    x_flat = x.flatten(0, 1)
-    v = check_velocity(velocity_fn(x_flat, sigma.expand(P * S), take_rows(cond, rows)), x_flat,
-                       sigma).view(P, S, *D)
+    x_flat, cond_rows, s = x.flatten(0, 1), take_rows(cond, rows), sigma.expand(P * S)
+    v = check_velocity(velocity_fn(x_flat, s, cond_rows), x_flat, sigma)  # (P·S, *D)
     _, log_prob, _, _ = sde_step(
-        x.expand(P, G, *D).reshape(P * G, *D), v.expand(P, G, *D).reshape(P * G, *D),
+        x.expand(P, G, *D).reshape(P * G, *D), v.view(P, S, *D).expand(P, G, *D).reshape(P * G, *D),
         sigma, sigma_next, eta, prev_sample=x_next.reshape(P * G, *D))
-    return log_prob.view(P, G)
+    if ref_velocity_fn is None:
+        return log_prob.view(P, G), None
+    with torch.no_grad():
+        v_ref = check_velocity(ref_velocity_fn(x_flat, s, cond_rows), x_flat, sigma)
+        _, _, ref_mean, _ = sde_step(x_flat, v_ref, sigma, sigma_next, eta, prev_sample=x_flat)
+    _, _, mean, std = sde_step(x_flat, v, sigma, sigma_next, eta, prev_sample=x_flat)
+    return log_prob.view(P, G), gaussian_kl(mean, ref_mean, std).view(P, S)
 
 
 def all_finite(tensors):
@@ -606,8 +545,9 @@ def optimizer_state_tensors(optimizer):
     return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
 
 
-def _clip_and_step(params, optimizer, max_grad_norm, where):
-    """Clip, then step only from finite gradients and finite optimizer state; check the result."""
+def _clip_and_step(params, optimizer, max_grad_norm, where, ema=None):
+    """Clip, then step only from finite gradients and finite optimizer state; check the result;
+    then move the EMA, if any."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
@@ -621,20 +561,33 @@ def _clip_and_step(params, optimizer, max_grad_norm, where):
     optimizer.zero_grad(set_to_none=True)
     if not all_finite(params):  # finite inputs cannot get here; a custom optimizer might
         raise FloatingPointError(f"the optimizer step at {where} produced non-finite weights")
+    if ema is not None:
+        ema.update()
     return grad_norm.item()
 
 
-def policy_update(params, optimizer, velocity_fn, rollout, sigmas, cfg):
+def policy_update(params, optimizer, velocity_fn, rollout, sigmas, cfg, ref_velocity_fn=None,
+                  ema=None):
     """Eq. 12 on one rollout: one optimizer step per trained step k (the branch steps; MixGRPO:
-    the window's steps), or one for all of them."""
+    the window's steps), or one for all of them. With cfg.kl_beta > 0 each step's loss gains
+    β·KL(π_θ ‖ π_ref) at the trained states (averaged over rows), and `kl_ref` is its mean over
+    the steps. The EMA, if any, moves after every optimizer step."""
     ks = list(rollout["steps"])
     stats = {"loss": [], "clip_frac": [], "approx_kl": [], "grad_norm": [], "train_rows": 0}
+    reference = ref_velocity_fn if cfg.kl_beta > 0 else None  # β = 0: never called
+    if reference is not None:
+        stats["kl_ref"] = []
     optimizer.zero_grad(set_to_none=True)
     for j, k in enumerate(ks):
-        log_prob = policy_log_prob(velocity_fn, rollout["cond"], rollout["x"][j],
-                                   rollout["x_next"][j], sigmas[k], sigmas[k + 1], cfg.eta)
+        log_prob, kl = policy_log_prob_and_kl(velocity_fn, rollout["cond"], rollout["x"][j],
+                                              rollout["x_next"][j], sigmas[k], sigmas[k + 1],
+                                              cfg.eta, reference)
         loss, s = clipped_grpo_loss(log_prob, rollout["old_log_prob"][j], rollout["adv"][j],
                                     cfg.clip_range)
+        if kl is not None:  # an addition to Eq. 12 (Config.kl_beta)
+            kl = kl.mean()
+            loss = loss + cfg.kl_beta * kl
+            stats["kl_ref"].append(kl.item())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at branch step {k}; "
                                      f"no optimizer step was taken")
@@ -647,12 +600,12 @@ def policy_update(params, optimizer, velocity_fn, rollout, sigmas, cfg):
         if cfg.step_per_branch:
             loss.backward()
             stats["grad_norm"].append(_clip_and_step(params, optimizer, cfg.max_grad_norm,
-                                                     f"branch step {k}"))
+                                                     f"branch step {k}", ema))
         else:
             (loss / len(ks)).backward()
     if not cfg.step_per_branch:
         stats["grad_norm"].append(_clip_and_step(params, optimizer, cfg.max_grad_norm,
-                                                 "the iteration's update"))
+                                                 "the iteration's update", ema))
     return {name: (sum(v) / len(v) if isinstance(v, list) else v) for name, v in stats.items()}
 
 
@@ -704,12 +657,80 @@ def rollout(velocity_fn, reward_fn, prompts, cond, cfg, sigmas, latent_shape, ge
 
 
 def train_iteration(params, optimizer, velocity_fn, reward_fn, prompts, cond, cfg, sigmas,
-                    latent_shape, generator, iteration=0):
+                    latent_shape, generator, iteration=0, ref_velocity_fn=None, ema=None):
     """One G²RPO iteration: sample groups (no grad), then the clipped policy update."""
     out, metrics = rollout(velocity_fn, reward_fn, prompts, cond, cfg, sigmas, latent_shape,
                            generator, iteration)
-    metrics.update(policy_update(params, optimizer, velocity_fn, out, sigmas, cfg))
+    metrics.update(policy_update(params, optimizer, velocity_fn, out, sigmas, cfg,
+                                 ref_velocity_fn, ema))
     return metrics
+
+
+class EMA:
+    """Exponential moving average of a model's trainable weights (Config.ema_decay; an addition).
+
+        ema = EMA(model, cfg.ema_decay)     # starts at the current weights
+        train(..., ema=ema)                 # θ_ema ← d·θ_ema + (1 − d)·θ after every step
+        with ema.applied():                 # the model holds θ_ema inside, its own θ after
+            evaluate(model)
+
+    state_dict() / load_state_dict() hold the averages by parameter name (for checkpoints). Each
+    average is a copy of its parameter, in its dtype; under FSDP2, a DTensor of the same shards.
+    """
+
+    def __init__(self, model, decay):
+        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0 < decay < 1:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay!r}")
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameters (requires_grad=True)")
+        self.decay, self.names = float(decay), [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.averages = [p.detach().clone() for p in self.params]
+        self.in_use = False
+
+    @torch.no_grad()
+    def update(self):
+        for a, p in zip(self.averages, self.params):
+            a.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+    @torch.no_grad()
+    def _swap(self):
+        for a, p in zip(self.averages, self.params):  # one tensor's copy at a time
+            own = p.detach().clone()
+            p.copy_(a)
+            a.copy_(own)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The averaged weights in the model for the block (evaluation, export), bit for bit
+        its own weights again after it, even on an error."""
+        if self.in_use:
+            raise RuntimeError("EMA.applied() is already active")
+        self._swap()
+        self.in_use = True
+        try:
+            yield self
+        finally:
+            self._swap()
+            self.in_use = False
+
+    def state_dict(self):
+        """{parameter name: average}; the tensors themselves (a checkpoint loads into them)."""
+        if self.in_use:
+            raise RuntimeError("EMA.state_dict() inside applied(): the averages are swapped out")
+        return dict(zip(self.names, self.averages))
+
+    @torch.no_grad()
+    def load_state_dict(self, state):
+        missing = sorted(set(self.names) - set(state))
+        unexpected = sorted(set(state) - set(self.names))
+        if missing or unexpected:
+            raise ValueError(f"EMA state does not match the model's trainable parameters: "
+                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        for name, a in zip(self.names, self.averages):
+            if state[name] is not a:
+                a.copy_(state[name])
 
 
 def format_metrics(it, m):
@@ -718,7 +739,8 @@ def format_metrics(it, m):
             + (f" | anchor {m['reward_anchor']:.4f}" if "reward_anchor" in m else "")
             + f" | loss {m['loss']:+.2e} | grad {m['grad_norm']:.3f}"
             f" | clip {m['clip_frac']:.3f} | kl {m['approx_kl']:.2e}"
-            f" | zero-std {m['zero_std_frac']:.2f} | |A|_k "
+            + (f" | kl_ref {m['kl_ref']:.2e}" if "kl_ref" in m else "")
+            + f" | zero-std {m['zero_std_frac']:.2f} | |A|_k "
             + " ".join(f"{a:.2f}" for a in m["adv_abs_k"]))
     if "adv_abs_lambda" in m:
         line += " | |A|_λ " + " ".join(f"{a:.2f}" for a in m["adv_abs_lambda"])
@@ -727,7 +749,7 @@ def format_metrics(it, m):
 
 def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prompts=None,
           optimizer=None, generator=None, start_iteration=0, callback=None, log=print,
-          progress=True, sigmas=None):
+          progress=True, sigmas=None, ref_velocity_fn=None, ema=None):
     """G²RPO training loop (Alg. 1), model-agnostic.
 
     model: the nn.Module whose trainable parameters are optimised (velocity_fn closes over it).
@@ -738,6 +760,9 @@ def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prom
     checkpoints; it may update metrics in place); a true return value stops training after it.
     sigmas: an explicit (T+1,) grid from 1 to 0 (e.g. a pipeline's dynamic shift); default
     sigma_schedule(cfg.num_steps, cfg.shift).
+    ref_velocity_fn: the reference policy's velocity (velocity_fn's signature; called without
+    gradient, and only when cfg.kl_beta > 0), e.g. a frozen copy of the pretrained model.
+    ema: an EMA(model, cfg.ema_decay) to update after every optimizer step (cfg.ema_decay > 0).
     Returns the list of per-iteration metrics dicts.
     """
     check_config(cfg)  # again: a Config can be changed after it was built
@@ -746,6 +771,7 @@ def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prom
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
+    check_guard_rails(cfg, params, ref_velocity_fn, ema)
     device = params[0].device
     if optimizer is None:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -775,7 +801,8 @@ def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prom
         batch = [prompts[i] for i in pick]
         start = time.perf_counter()
         metrics = train_iteration(params, optimizer, velocity_fn, reward_fn, batch,
-                                  encode_prompts(batch), cfg, sigmas, latent_shape, generator, it)
+                                  encode_prompts(batch), cfg, sigmas, latent_shape, generator, it,
+                                  ref_velocity_fn, ema)
         metrics.update(iteration=it, seconds=time.perf_counter() - start)
         history.append(metrics)
         stop = False
@@ -788,3 +815,140 @@ def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prom
         if stop:
             break
     return history
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks: every Config field, before any rollout.
+
+ETA_SANE = (0.1, 2.0)  # outside: log-ratios explode (η → 0) or the gradient vanishes (η ≫ 1)
+
+
+class ConfigError(ValueError):
+    """A bad Config value; `field` names it (flux_flow.py maps it to its command-line flag)."""
+
+    def __init__(self, field, message):
+        super().__init__(message)
+        self.field = field
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(field, x, kind):
+    """x as a Python int / finite float; numpy and 0-d tensor numbers accepted, bools refused."""
+    if torch.is_tensor(x) and x.dim() == 0 and x.dtype != torch.bool:
+        x = x.item()
+    ok = numbers.Integral if kind is int else numbers.Real
+    if isinstance(x, bool) or type(x).__name__ == "bool_" or not isinstance(x, ok):
+        raise ConfigError(field, f"{field} must be {'an integer' if kind is int else 'a number'}, "
+                                 f"got {x!r} ({type(x).__name__})")
+    if not math.isfinite(x):
+        raise ConfigError(field, f"{field} must be finite, got {x!r}")
+    return kind(x)
+
+
+def check_config(cfg):
+    """Check every field of a Config (types, then ranges) and normalise numbers in place:
+    numpy / 0-d tensor numbers become int / float, sequences tuples. Raise ConfigError naming
+    the field and the value; warn when eta is outside ETA_SANE."""
+    for field in ("num_steps", "group_size", "prompts_per_iteration", "num_iterations",
+                  "batch_size", "seed", "window_size", "window_stride", "window_every"):
+        setattr(cfg, field, _number(field, getattr(cfg, field), int))
+    for field in ("shift", "eta", "clip_range", "adv_clip", "lr", "weight_decay", "max_grad_norm",
+                  "kl_beta", "ema_decay"):
+        setattr(cfg, field, _number(field, getattr(cfg, field), float))
+    for field in ("branch_steps", "granularities"):
+        value = getattr(cfg, field)
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise ConfigError(field, f"{field} must be a sequence of integers, got {value!r}")
+        setattr(cfg, field, tuple(_number(field, v, int) for v in value))
+    if not (cfg.step_per_branch is True or cfg.step_per_branch is False):
+        raise ConfigError("step_per_branch", f"step_per_branch must be True or False, got "
+                                             f"{cfg.step_per_branch!r}")
+    lows = {"num_steps": 2, "group_size": 2, "prompts_per_iteration": 1, "batch_size": 1,
+            "num_iterations": 0, "seed": 0, "window_size": 1, "window_stride": 1,
+            "window_every": 1}
+    for field, low in lows.items():
+        if getattr(cfg, field) < low:
+            why = " (advantages need a group)" if field == "group_size" else ""
+            raise ConfigError(field, f"{field} must be an integer >= {low}{why}, "
+                                     f"got {getattr(cfg, field)!r}")
+    for field in ("shift", "eta", "clip_range", "adv_clip", "lr", "max_grad_norm"):
+        if not getattr(cfg, field) > 0:
+            why = " (an SDE step is needed)" if field == "eta" else ""
+            raise ConfigError(field, f"{field} must be > 0{why}, got {getattr(cfg, field)!r}")
+    for field in ("weight_decay", "kl_beta"):
+        if getattr(cfg, field) < 0:
+            raise ConfigError(field, f"{field} must be >= 0, got {getattr(cfg, field)!r}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ConfigError("ema_decay", f"ema_decay must be in [0, 1) (0: off), got "
+                                       f"{cfg.ema_decay!r}")
+    if cfg.clip_range >= 1:
+        raise ConfigError("clip_range", f"clip_range must be < 1 (the ratio is clipped to "
+                                        f"[1 − ε, 1 + ε]), got {cfg.clip_range!r}")
+    if cfg.method not in METHODS:
+        raise ConfigError("method", f"method must be one of {', '.join(map(repr, METHODS))}, "
+                                    f"got {cfg.method!r}")
+    if cfg.method == "mixgrpo" and cfg.window_size > cfg.num_steps - 2:
+        raise ConfigError("window_size", f"window_size {cfg.window_size} does not fit the grid: a "
+                                         f"MixGRPO window lies within steps 0..{cfg.num_steps - 3} "
+                                         f"of T = {cfg.num_steps} (at most {cfg.num_steps - 2} "
+                                         f"steps)")
+    for field, check in (("granularities", lambda: check_granularities(cfg.granularities)),
+                         ("branch_steps", lambda: check_branch_steps(cfg.branch_steps,
+                                                                     cfg.num_steps))):
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(field, str(e)) from None
+    if not ETA_SANE[0] <= cfg.eta <= ETA_SANE[1]:
+        warnings.warn(f"eta = {cfg.eta} is outside {ETA_SANE}: with a tiny eta the log-ratios "
+                      f"explode (kl ~1e13 at 1e-8), with a large one the gradient vanishes",
+                      stacklevel=3)
+
+
+def check_granularities(granularities):
+    if len(granularities) == 0:
+        raise ValueError("granularities must not be empty")
+    for g in granularities:
+        if not _is_int(g) or g < 1:
+            raise ValueError(f"every granularity must be an integer >= 1, got {g!r}")
+    if len(set(granularities)) != len(granularities):
+        raise ValueError(f"granularities must be distinct, got {tuple(granularities)!r}")
+
+
+def check_branch_steps(branch_steps, num_steps):
+    if len(branch_steps) == 0:
+        raise ValueError("branch_steps must not be empty")
+    for k in branch_steps:
+        if not _is_int(k) or not 0 <= k < num_steps - 1:
+            raise ValueError(
+                f"branch step {k!r} is outside 0..{num_steps - 2}: a branch needs a step on the "
+                f"grid of {num_steps} steps and at least one ODE step after it")
+    if len(set(branch_steps)) != len(branch_steps):
+        raise ValueError(f"branch_steps must be distinct, got {tuple(branch_steps)!r}")
+
+
+def check_guard_rails(cfg, params, ref_velocity_fn, ema):
+    """kl_beta > 0 needs a reference, ema_decay > 0 an EMA of exactly the trainable params."""
+    if cfg.kl_beta > 0 and ref_velocity_fn is None:
+        raise ValueError(f"kl_beta = {cfg.kl_beta} needs ref_velocity_fn, the reference policy's "
+                         f"velocity (e.g. a frozen copy of the pretrained model)")
+    if ref_velocity_fn is not None and not callable(ref_velocity_fn):
+        raise TypeError(f"ref_velocity_fn must be callable, got {type(ref_velocity_fn).__name__}")
+    if cfg.ema_decay > 0 and ema is None:
+        raise ValueError(f"ema_decay = {cfg.ema_decay} needs ema=EMA(model, {cfg.ema_decay}): "
+                         f"the handle to evaluate or export with")
+    if ema is None:
+        return
+    if cfg.ema_decay == 0:
+        raise ValueError("an ema was passed but cfg.ema_decay is 0 (off); set ema_decay to its "
+                         "decay")
+    if ema.decay != cfg.ema_decay:
+        raise ValueError(f"the ema's decay {ema.decay} differs from cfg.ema_decay "
+                         f"{cfg.ema_decay}")
+    if {id(p) for p in ema.params} != {id(p) for p in params}:
+        raise ValueError("the ema averages other parameters than the model's trainable ones: "
+                         "build it from the model after its parameters are final (wrapped, "
+                         "sharded)")

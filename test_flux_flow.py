@@ -6,6 +6,7 @@ folder and loaded back through flux_flow.py's real loading path (FluxPipeline.fr
 
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 import flux_flow
+import flux_parallel
 import flux_rewards
 import flux_run
 import g2rpo
@@ -289,10 +291,130 @@ def assert_resume_is_bit_exact(flux, clip, tmp_path, *extra):
         for name in sa[k]:
             assert torch.equal(torch.as_tensor(sa[k][name]), torch.as_tensor(sb[k][name]))
     assert torch.equal(a["rng"]["rank0"]["generator"], b["rng"]["rank0"]["generator"])
+    assert a.keys() == b.keys()
+    for k in a.get("ema", {}):  # the EMA weights, when on
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    return a
 
 
 def test_resume_continues_bit_for_bit(tiny_flux, tiny_clip, tmp_path):
     assert_resume_is_bit_exact(tiny_flux, tiny_clip, tmp_path, "--lora-rank", "0")
+
+
+def test_resume_with_kl_and_ema_continues_bit_for_bit(tiny_flux, tiny_clip, tmp_path):
+    # Full fine-tune: the frozen reference copy is rebuilt from the pretrained weights on resume.
+    saved = assert_resume_is_bit_exact(tiny_flux, tiny_clip, tmp_path, "--lora-rank", "0",
+                                       "--kl-beta", "0.5", "--ema-decay", "0.9")
+    assert saved["ema"].keys() == saved["model"].keys()
+    assert any(not torch.equal(saved["ema"][k], v) for k, v in saved["model"].items())
+    rows = metrics_rows(tmp_path / "split")  # kl_ref logged every iteration
+    assert all(math.isfinite(r["kl_ref"]) for r in rows) and rows[1]["kl_ref"] > 0
+
+
+def fake_args(**kw):
+    import types
+
+    return types.SimpleNamespace(**{"height": H, "width": W, "guidance": 3.5,
+                                    "attention_backends": "math", **kw})
+
+
+def test_lora_reference_is_the_transformer_with_its_adapter_off(tiny_flux):
+    base = flux_flow.load_pipeline(tiny_flux)
+    pipe = flux_flow.load_pipeline(tiny_flux)
+    raw = pipe.transformer
+    torch.manual_seed(0)
+    flux_flow.setup_trainable(raw, 4, 4)
+    with torch.no_grad():  # a trained adapter: B away from its zero initialisation
+        for name, p in raw.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    trainable = {n for n, p in raw.named_parameters() if p.requires_grad}
+    x, sigma, cond = tiny_inputs(pipe)
+    reference = flux_flow.reference_velocity(raw, None, pipe, fake_args(), torch.float32)
+    policy = flux_flow.FluxVelocity.from_pipe(raw, pipe, H, W, attention="math")
+    v_base = flux_flow.FluxVelocity.from_pipe(base.transformer, base, H, W)(x, sigma, cond)
+    torch.testing.assert_close(reference(x, sigma, cond), v_base, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(policy(x, sigma, cond), v_base, atol=1e-4)  # the adapter is on
+    assert {n for n, p in raw.named_parameters() if p.requires_grad} == trainable  # as before
+    assert sum(p.numel() for p in raw.parameters()) == sum(
+        p.numel() for p in base.transformer.parameters()) + sum(
+        p.numel() for n, p in raw.named_parameters() if n in trainable)  # no extra weights
+
+
+def test_full_fine_tune_reference_is_a_frozen_copy_in_the_compute_dtype(tiny_flux):
+    pipe = flux_flow.load_pipeline(tiny_flux)
+    original = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    reference = flux_parallel.frozen_reference(pipe.transformer, torch.bfloat16)
+    flux_flow.setup_trainable(pipe.transformer, 0, 1.0)
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            p.add_(1.0)  # the policy moves; the reference must not
+    assert reference is not pipe.transformer and not reference.training
+    for k, v in reference.state_dict().items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, original[k].bfloat16()), k
+    assert not any(p.requires_grad for p in reference.parameters())
+
+
+SHARDED_REFERENCE = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {here!r})
+import flux_flow, flux_parallel
+rank, world, device = flux_parallel.init_distributed()
+pipe = flux_flow.load_pipeline({flux!r}, device, torch.bfloat16)
+original = {{k: v.clone() for k, v in pipe.transformer.state_dict().items()}}
+flux_flow.setup_trainable(pipe.transformer, 0, 1.0, upcast=False)
+model = flux_parallel.wrap_distributed(pipe.transformer, 0, device)
+reference = flux_parallel.frozen_reference(model, torch.bfloat16)
+for name, p in reference.named_parameters():
+    assert not p.requires_grad and p.dtype == torch.bfloat16, name
+    assert p.to_local().numel() < p.numel(), name  # this rank holds a shard only
+    assert torch.equal(p.full_tensor(), original[name]), name
+print("reference ok on rank", rank, flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_full_fine_tune_reference_under_fsdp2_is_sharded_and_equals_the_pretrained_weights(
+        tiny_flux, tmp_path):
+    script = tmp_path / "sharded_reference.py"
+    script.write_text(SHARDED_REFERENCE.format(here=str(HERE), flux=tiny_flux))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(29700 + os.getpid() % 1000), str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("reference ok on rank") == 2
+
+
+def test_ema_run_evaluates_and_exports_the_averages(tiny_flux, tiny_clip, tmp_path, capsys):
+    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2",
+                              "--lora-rank", "4", "--ema-decay", "0.5", "--kl-beta", "0.1",
+                              "--eval", "--eval-seeds", "0"))
+    out = capsys.readouterr().out
+    assert "KL penalty β = 0.1 to the reference: the transformer with its LoRA switched off" in out
+    assert "eval after 0 iterations (EMA weights, decay 0.5)" in out
+    assert "eval after 2 iterations (EMA weights, decay 0.5)" in out
+    saved = checkpoint(tmp_path / "checkpoint")
+    assert saved["fingerprint"]["ema_decay"] == 0.5 and saved["fingerprint"]["kl_beta"] == 0.1
+    # The exported LoRA is the averages, not the last weights.
+    fresh = flux_flow.load_pipeline(tiny_flux)
+    fresh.load_lora_weights(str(tmp_path / "lora"))
+    averaged = flux_flow.load_pipeline(tiny_flux)
+    flux_flow.setup_trainable(averaged.transformer, 4, 4)
+    assert not averaged.transformer.load_state_dict(saved["ema"], strict=False).unexpected_keys
+    assert_same_model(fresh, averaged, flux_flow.load_pipeline(tiny_flux))
+    last = trained_pipeline(tiny_flux, tmp_path / "checkpoint", 4, 4)
+    x, sigma, cond = tiny_inputs(fresh)
+    v = [flux_flow.FluxVelocity.from_pipe(p.transformer, p, H, W)(x, sigma, cond)
+         for p in (fresh, last)]
+    assert not torch.allclose(v[0], v[1])
+    # ... and the evaluation after training scored the averages: the same grid again.
+    scores = json.loads((tmp_path / "eval.json").read_text())["evaluations"][-1]["scores"]
+    again, _ = flux_flow.evaluate(averaged, flux_flow.FluxVelocity.from_pipe(
+        averaged.transformer, averaged, H, W), flux_flow.PromptEncoder(averaged, 16),
+        flux_rewards.load_rewards("clip", "cpu", tiny_clip, None, None),
+        flux_flow.BUILTIN_EVAL_PROMPTS, H, W, flux_flow.flux_sigmas(averaged, 4, H, W), [0])
+    assert again == pytest.approx(scores, rel=1e-5)
 
 
 def test_checkpoint_of_another_config_is_refused(tiny_flux, tiny_clip, tmp_path, capsys):
@@ -314,6 +436,12 @@ def test_checkpoint_of_another_config_is_refused(tiny_flux, tiny_clip, tmp_path,
     with pytest.raises(ValueError, match="differs in: step_per_iteration"):
         flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "d", "--iterations", "2",
                                   "--lora-rank", "4", "--step-per-iteration", "--resume", ckpt))
+    # The guard rails too: turned on (or changed) on resume is another run.
+    for flag, key in (("--kl-beta", "kl_beta"), ("--ema-decay", "ema_decay")):
+        with pytest.raises(ValueError, match=rf"differs in: {key} \({key}: checkpoint None, "
+                                             rf"now 0.5\)"):
+            flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "e", "--iterations", "2",
+                                      "--lora-rank", "4", flag, "0.5", "--resume", ckpt))
 
 
 def test_a_changed_learning_rate_is_applied_on_resume_and_logged(tiny_flux, tiny_clip, tmp_path,
@@ -406,12 +534,14 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_resumable(tiny_flux
 def test_torchrun_two_processes_keep_ranks_identical(tiny_flux, tiny_clip, tmp_path, lora_rank,
                                                      dtype):
     # LoRA: DDP. Full fine-tune: FSDP2 with fp32 shards and bf16 autocast compute (CPU here).
+    # With the guard rails on: LoRA's reference is the adapter switched off (outside DDP), full
+    # fine-tune's a bf16 copy sharded like the policy; the EMA is sharded like the weights.
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(29500 + int(lora_rank) + os.getpid() % 1000),
            str(HERE / "flux_flow.py"),
            *train_args(tiny_flux, tiny_clip, out, "--iterations", "2", "--lora-rank", lora_rank,
-                       "--dtype", dtype)]
+                       "--dtype", dtype, "--kl-beta", "0.1", "--ema-decay", "0.9")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=HERE)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -422,7 +552,12 @@ def test_torchrun_two_processes_keep_ranks_identical(tiny_flux, tiny_clip, tmp_p
     assert [m["iteration"] for m in metrics] == [0, 1]
     assert all(type(m["iteration"]) is int for m in metrics)  # not averaged into a float
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
-    saved = checkpoint(out / "checkpoint")["model"]
+    assert all(math.isfinite(m["kl_ref"]) for m in metrics) and metrics[1]["kl_ref"] > 0
+    if lora_rank == "0":
+        assert "a frozen copy of the pretrained transformer (torch.bfloat16, sharded)" in r.stdout
+    whole = checkpoint(out / "checkpoint")
+    saved, ema = whole["model"], whole["ema"]
+    assert ema.keys() == saved.keys() and all(v.dtype == torch.float32 for v in ema.values())
     assert saved and all(v.dtype == torch.float32 for v in saved.values())  # fp32 master weights
     assert sorted((out / "checkpoint").glob("*.distcp")) == [out / "checkpoint" / "__0_0.distcp",
                                                               out / "checkpoint" / "__1_0.distcp"]
@@ -431,8 +566,8 @@ def test_torchrun_two_processes_keep_ranks_identical(tiny_flux, tiny_clip, tmp_p
 
         exported = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
         assert exported.keys() == saved.keys()
-        for k, v in exported.items():
-            assert v.dtype == torch.bfloat16 and torch.equal(v, saved[k].bfloat16()), k
+        for k, v in exported.items():  # the EMA weights are what is exported
+            assert v.dtype == torch.bfloat16 and torch.equal(v, ema[k].bfloat16()), k
 
 
 def torchrun(args, port_offset, tmp_path):
@@ -446,20 +581,25 @@ def torchrun(args, port_offset, tmp_path):
 
 
 def assert_loaded_exactly(flux, path, lora_rank):
-    """A fresh one-process model and AdamW hold exactly the checkpoint's weights and state."""
+    """A fresh one-process model, AdamW and EMA hold exactly the checkpoint's weights, state and
+    averages."""
     pipe = flux_flow.load_pipeline(flux)
     model = pipe.transformer
     flux_flow.setup_trainable(model, int(lora_rank), max(int(lora_rank), 1))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    ema = g2rpo.EMA(model, 0.9)
     fp = checkpoint(path)["fingerprint"]
     said = []
-    flux_run.load_checkpoint(path, model, opt, torch.Generator(), fp, seed=0, log=said.append)
+    flux_run.load_checkpoint(path, model, opt, torch.Generator(), fp, seed=0, log=said.append,
+                             ema=ema)
     assert any(s.startswith("elastic resume: checkpoint written by 2 process(es), this run has 1")
                for s in said), said
     saved, names = checkpoint(path), dict(model.named_parameters())
     assert set(saved["model"]) == {n for n, p in names.items() if p.requires_grad}
     for k, v in saved["model"].items():
         assert torch.equal(names[k].detach(), v), k
+    for k, v in saved["ema"].items():
+        assert torch.equal(ema.state_dict()[k], v), k
     by_param = {id(p): s for p, s in opt.state.items()}
     for k, state in saved["optimizer"]["state"].items():
         for name, v in state.items():
@@ -470,7 +610,7 @@ def assert_loaded_exactly(flux, path, lora_rank):
 def test_elastic_resume_one_to_two_and_two_to_one_processes(tiny_flux, tiny_clip, tmp_path,
                                                             lora_rank):
     out = tmp_path / "run"
-    args = train_args(tiny_flux, tiny_clip, out, "--lora-rank", lora_rank)
+    args = train_args(tiny_flux, tiny_clip, out, "--lora-rank", lora_rank, "--ema-decay", "0.9")
     flux_flow.main(args + ["--iterations", "1"])  # 1 process
     ckpt = out / "checkpoint"
     # 1 → 2: the weights arrive whole on both ranks (their checksums equal the checkpoint's).

@@ -1,6 +1,7 @@
 """FLUX on a CUDA GPU: the checks the CPU tests cannot make. Skipped without CUDA.
 
-    python -m pytest -q -m gpu          # on one H100 / H200: about 3 minutes
+    python -m pytest -q -m gpu          # on one H100 / H200: about 3 minutes (H200, before the
+                                        # KL / EMA tests were added)
 
 The failure these guard against: cuDNN fused attention's bf16 backward, PyTorch's default on
 Hopper GPUs, gave NaN/inf gradients (tiny model) and illegal memory accesses (full size) at
@@ -75,6 +76,22 @@ def test_gpu_two_iterations_train_with_finite_gradients(tiny_flux, tiny_clip, tm
         assert any(not torch.equal(saved[k], original[k].float()) for k in saved)
 
 
+@pytest.mark.parametrize("lora_rank", ["4", "0"])
+def test_gpu_kl_to_the_reference_and_ema_train_with_finite_values(tiny_flux, tiny_clip, tmp_path,
+                                                                  lora_rank):
+    """LoRA: the reference is the adapter switched off (peft); full: a bf16 frozen copy."""
+    history, _ = flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2",
+                                           "--lora-rank", lora_rank, "--kl-beta", "0.1",
+                                           "--ema-decay", "0.9", *GPU_DEFAULTS))
+    for m in history:
+        for k in ("loss", "grad_norm", "kl_ref"):
+            assert torch.isfinite(torch.tensor(m[k])), (k, m[k])
+    assert history[1]["kl_ref"] > 0
+    saved = checkpoint(tmp_path / "checkpoint")
+    assert saved["ema"].keys() == saved["model"].keys()
+    assert all(torch.isfinite(v).all() for v in saved["ema"].values())
+
+
 def test_gpu_resume_is_bit_exact(tiny_flux, tiny_clip, tmp_path):
     assert_resume_is_bit_exact(tiny_flux, tiny_clip, tmp_path, "--lora-rank", "0",
                                "--dtype", "fp32")
@@ -104,7 +121,8 @@ def test_gpu_sharded_checkpoints_async_save_export_and_elastic_resume(tiny_flux,
     one-process resume: elastic when more than one GPU wrote the checkpoint."""
     nproc = torch.cuda.device_count() if CUDA else 1
     out = tmp_path / "run"
-    args = train_args(tiny_flux, tiny_clip, out, "--lora-rank", "0", *GPU_DEFAULTS)
+    args = train_args(tiny_flux, tiny_clip, out, "--lora-rank", "0", "--kl-beta", "0.1",
+                      "--ema-decay", "0.9", *GPU_DEFAULTS)  # a sharded reference and EMA
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(29800 + os.getpid() % 1000), str(HERE / "flux_flow.py"),
            *args, "--iterations", "2", "--save-every", "1", "--async-save"]
@@ -117,8 +135,8 @@ def test_gpu_sharded_checkpoints_async_save_export_and_elastic_resume(tiny_flux,
     from safetensors.torch import load_file
 
     exported = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
-    for k, v in exported.items():  # bf16 compute dtype, gathered from every rank's shards
-        assert v.dtype == torch.bfloat16 and torch.equal(v, saved["model"][k].bfloat16()), k
+    for k, v in exported.items():  # the EMA, bf16, gathered from every rank's shards
+        assert v.dtype == torch.bfloat16 and torch.equal(v, saved["ema"][k].bfloat16()), k
     history, _ = flux_flow.main(args + ["--iterations", "3", "--resume", str(out / "checkpoint")])
     assert [m["iteration"] for m in history] == [2]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -465,7 +465,7 @@ COPYABLE = {
     "sde_step": ["_per_sample", "gaussian_log_prob"],
     "multi_granularity_advantages": ["group_advantages"],
     "granularity_schedule": ["check_granularities", "check_branch_steps", "_is_int"],
-    "mixgrpo_window": [],
+    "mixgrpo_window": [], "gaussian_kl": [],
 }
 
 
@@ -488,6 +488,7 @@ def test_copy_paste_surface(name):
         "multi_granularity_advantages": lambda f: f(x),
         "granularity_schedule": lambda f: torch.tensor(f(16, 7, 3)),
         "mixgrpo_window": lambda f: torch.tensor([f(it, 16, 3, 1, 25) for it in range(400)]),
+        "gaussian_kl": lambda f: f(x, v, torch.tensor(0.5)),
     }
     torch.manual_seed(0)
     ours = calls[name](getattr(g2rpo, name))
@@ -679,6 +680,14 @@ def test_a_callback_returning_true_stops_training():
     (["--pretrain-steps", "0"], "--pretrain-steps must be >= 1, got 0"),
     (["--seeds", "0"], "--seeds must be >= 1, got 0"),
     (["--out", "/missing/dir/x.png"], "the directory '/missing/dir' does not exist"),
+    (["--guard-rails", "0,-1"], "every β must be >= 0 and finite, got -1.0"),
+    (["--guard-rails", "0,1", "--kl-beta", "2"], "--guard-rails sets --kl-beta (each β"),
+    (["--guard-rails", "0", "--reward", "proxy"], "and --reward (proxy) itself"),
+    (["--guard-rails", "0,1", "--ema-decay", "0"], "--ema-decay must be > 0"),
+    (["--guard-rails", "0,x"], "expected comma-separated numbers"),
+    (["--reward", "silver"], "invalid choice: 'silver'"),
+    (["--kl-beta", "-1"], "--kl-beta: kl_beta must be >= 0, got -1.0"),
+    (["--ema-decay", "1"], "--ema-decay: ema_decay must be in [0, 1)"),
 ])
 def test_toy_cli_checks_its_flags_before_pretraining(tmp_path, capsys, argv, message):
     import toy_flow

@@ -14,10 +14,13 @@ chasing the offset peak too hard pulls samples off the modes, so reward hacking 
     python toy_flow.py --method mixgrpo        # MixGRPO: SDE only in a sliding window of steps
     python toy_flow.py --seeds 3 --method all  # comparison tables: 95 % CIs over seeds, per
                                                # iteration and at the same model-evaluation budget
+    python toy_flow.py --reward proxy --kl-beta 3 --ema-decay 0.99   # guard rails on a gamed reward
+    python toy_flow.py --guard-rails 0,1,3,10 --seeds 5 --out toy_guard_rails.png   # their study
 """
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -42,6 +45,7 @@ MODE_WEIGHTS = (1.0, 0.5, 0.0)  # reward for landing in sub-mode 0 / 1 / 2 of th
 REWARD_OFFSET = 0.3  # the in-mode reward peak sits 2 std outward of the mode centre
 REWARD_WIDTH = 0.3
 ON_MODE_STDS = 3.0
+PROXY_SLOPE = 0.5  # the proxy reward's rise per unit of radial distance past the peak
 EXTRA_STD = MODE_STD  # std of the D − 2 dimensions the reward ignores (--dim > 2)
 
 # Toy hyper-parameters. They differ from FLUX's on purpose: the log-prob is averaged over D = 2
@@ -121,9 +125,27 @@ def reward(x, c):
     return (w * torch.exp(-d2 / (2 * REWARD_WIDTH**2))).sum(-1)
 
 
-def reward_fn(x, prompts):
+def proxy_reward(x, c):
+    """(N, D), (N,) → (N,): a reward that can be gamed. It equals `reward` (the gold measure)
+    up to each peak, but past the peak, radially outward, it keeps rising (by PROXY_SLOPE per
+    unit of distance) where the gold reward falls away: pushing samples off the modes pays."""
+    x = project(x)
+    centres = mode_centres().to(x.device)[c]  # (N, 3, 2)
+    outward = centres / RING_RADIUS  # unit vectors
+    rel = x[:, None, :] - centres
+    u = (rel * outward).sum(-1) - REWARD_OFFSET  # radial distance past the peak (N, 3)
+    t2 = (rel**2).sum(-1) - (u + REWARD_OFFSET) ** 2  # squared tangential distance
+    along = torch.where(u > 0, 1 + PROXY_SLOPE * u, torch.exp(-u**2 / (2 * REWARD_WIDTH**2)))
+    w = torch.tensor(MODE_WEIGHTS, device=x.device)
+    return (w * torch.exp(-t2.clamp_min(0) / (2 * REWARD_WIDTH**2)) * along).sum(-1)
+
+
+REWARDS = {"gold": reward, "proxy": proxy_reward}
+
+
+def reward_fn(x, prompts, which="gold"):
     """The g2rpo reward interface: samples (N, 2), prompts (list of N class ids) → (N,)."""
-    return reward(x, torch.as_tensor(prompts, device=x.device))
+    return REWARDS[which](x, torch.as_tensor(prompts, device=x.device))
 
 
 def on_mode(x, c):
@@ -235,7 +257,8 @@ def evaluate(model, n_per_class=512, num_steps=16, shift=1.0, seed=1234):
     """Mean reward and fidelity (on-mode fraction) of ODE samples on fixed eval noise."""
     c = torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
     x = ode_samples(model, c, num_steps, shift, seed)
-    return {"reward": reward(x, c).mean().item(), "fidelity": on_mode(x, c).float().mean().item()}
+    return {"reward": reward(x, c).mean().item(), "proxy": proxy_reward(x, c).mean().item(),
+            "fidelity": on_mode(x, c).float().mean().item()}
 
 
 def sliced_wasserstein(a, b, num_projections=256, seed=0):
@@ -280,27 +303,58 @@ def credited_noise_share(model, step, sde_steps, classes, outer=16, inner=16, et
     return share.mean().item()
 
 
-def run(base_model, method="g2rpo", seed=0, eval_every=10, progress=True, log=None, **overrides):
-    """Fine-tune a copy of base_model with one method; returns (model, result dict)."""
+def frozen_copy(model):
+    """The reference policy for the KL term: a copy of `model` that no optimizer sees."""
+    ref = ToyFlow(dim=model.dim)
+    ref.load_state_dict(model.state_dict())
+    return ref.requires_grad_(False).eval()
+
+
+def run(base_model, method="g2rpo", seed=0, eval_every=10, progress=True, log=None,
+        reward="gold", **overrides):
+    """Fine-tune a copy of base_model with one method against `reward` ("gold": the toy's
+    reward; "proxy": proxy_reward, which can be gamed); returns (model, result dict).
+
+    With kl_beta > 0 the reference is a frozen copy of base_model; with ema_decay > 0 the
+    evaluations (curve) and the returned model hold the EMA weights, and each curve point also
+    has the trained weights' under "live" (the EMA does not change training). The curve always
+    reports the gold reward ("reward"), the proxy and the fidelity.
+    """
+    if reward not in REWARDS:
+        raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
     cfg = toy_config(method, seed, **overrides)
     torch.manual_seed(seed)
     model = ToyFlow(dim=base_model.dim)
     model.load_state_dict(base_model.state_dict())
-    curve = [dict(iteration=0, nfe=0, evals=0, **evaluate(model, shift=cfg.shift))]
+    reference = frozen_copy(base_model) if cfg.kl_beta > 0 else None
+    ema = g2rpo.EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    weights = ema.applied if ema is not None else contextlib.nullcontext
+
+    start = evaluate(model, shift=cfg.shift)
+    curve = [dict(iteration=0, nfe=0, evals=0, **start,
+                  **({"live": start} if ema is not None else {}))]
     nfe, evals = [0], [0]
 
     def callback(it, m):
         nfe[0] += m["nfe"]  # rollout evaluations
         evals[0] += m["nfe"] + m["train_rows"]  # ... plus the training passes' rows
         if (it + 1) % eval_every == 0 or it + 1 == cfg.num_iterations:
-            curve.append(dict(iteration=it + 1, nfe=nfe[0], evals=evals[0],
-                              **evaluate(model, shift=cfg.shift)))
+            live = {"live": evaluate(model, shift=cfg.shift)} if ema is not None else {}
+            with weights():
+                curve.append(dict(iteration=it + 1, nfe=nfe[0], evals=evals[0],
+                                  **evaluate(model, shift=cfg.shift), **live))
 
-    history = g2rpo.train(model, velocity_fn(model), reward_fn, list(range(NUM_CLASSES)), cfg,
-                          latent_shape=(model.dim,), callback=callback, log=log,
-                          progress=progress)
-    return model, {"method": method, "seed": seed, "config": dataclasses.asdict(cfg),
-                   "curve": curve, "history": history, "nfe": nfe[0], "evals": evals[0]}
+    history = g2rpo.train(model, velocity_fn(model), functools.partial(reward_fn, which=reward),
+                          list(range(NUM_CLASSES)), cfg, latent_shape=(model.dim,),
+                          callback=callback, log=log, progress=progress,
+                          ref_velocity_fn=reference and velocity_fn(reference), ema=ema)
+    if ema is not None:  # the returned model is the one evaluated: the averages
+        with torch.no_grad():
+            for p, a in zip(ema.params, ema.averages):
+                p.copy_(a)
+    return model, {"method": method, "seed": seed, "reward": reward,
+                   "config": dataclasses.asdict(cfg), "curve": curve, "history": history,
+                   "nfe": nfe[0], "evals": evals[0]}
 
 
 def at_budget(result, budget, key="reward"):
@@ -453,6 +507,104 @@ def mgai_vs_dim(dims, seeds, cache_dir=".cache", pretrain_steps=10000, log=print
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# Reward hacking and its guard rails: train on the proxy, measure the gold reward.
+
+STUDY_EMA_DECAY = 0.99  # per optimizer step: 8 steps per iteration, so a horizon of ~12 iterations
+STUDY_AT = (10, 25, 50, 100, 200)  # iterations the study's tables report
+
+
+def guard_rails_study(base_model, betas, seeds, ema_decay=STUDY_EMA_DECAY, method="g2rpo",
+                      eval_every=5, log=print, **overrides):
+    """Train on proxy_reward with every β in `betas` over `seeds`; every `eval_every` iterations
+    evaluate the gold reward, the proxy and the fidelity of the trained weights (EMA off) and of
+    their EMA (on). The EMA does not change training, so both rows of a β come from the same
+    runs. Returns {(β, ema_decay or 0): [result per seed]} and prints two markdown tables."""
+    runs = {}
+    for beta in betas:
+        for seed in seeds:
+            _, r = run(base_model, method, seed, eval_every=eval_every, progress=False,
+                       reward="proxy", kl_beta=beta, ema_decay=ema_decay, **overrides)
+            live = {**r, "curve": [{**p, **p["live"]} for p in r["curve"]]}
+            runs.setdefault((beta, 0.0), []).append(live)
+            runs.setdefault((beta, ema_decay), []).append(r)
+        for decay in (0.0, ema_decay):
+            if log is not None:
+                end = [r["curve"][-1] for r in runs[(beta, decay)]]
+                log(f"β {beta:g}, EMA {decay:g}: gold {mean_std([e['reward'] for e in end])}  "
+                    f"proxy {mean_std([e['proxy'] for e in end])}  fidelity "
+                    f"{mean_std([e['fidelity'] for e in end])}")
+    if log is not None:
+        log(guard_rails_tables(runs))
+    return runs
+
+
+def _at(result, iteration, key):
+    """`key` of a run's evaluation after `iteration` iterations (the study evaluates there)."""
+    point = next((p for p in result["curve"] if p["iteration"] == iteration), None)
+    if point is None:
+        raise ValueError(f"no evaluation after {iteration} iterations in this run")
+    return point[key]
+
+
+def guard_rails_tables(runs):
+    """The study's two markdown tables: gold reward at STUDY_AT (those the runs reach), then
+    proxy, fidelity and kl_ref at the end; mean and 95 % CI over seeds."""
+    first = next(iter(runs.values()))
+    end = first[0]["curve"][-1]["iteration"]
+    at = [i for i in STUDY_AT if i < end] + [end]
+    lines = ["| β | EMA | " + " | ".join(f"gold reward at {i} | 95% CI" for i in at)
+             + f" |  ({len(first)} seeds, trained on the proxy)",
+             "|---|---|" + "---|---|" * len(at)]
+    for (beta, decay), rs in runs.items():
+        cells = []
+        for i in at:
+            values = [_at(r, i, "reward") for r in rs]
+            cells += [f"{mean_ci(values)[0]:.4f}", ci_text(values)]
+        lines.append(f"| {beta:g} | {decay:g} | " + " | ".join(cells) + " |")
+    lines += ["", f"| β | EMA | proxy at {end} | 95% CI | fidelity at {end} | 95% CI | kl_ref "
+                  f"(last 10 iterations) |", "|---|---|---|---|---|---|---|"]
+    for (beta, decay), rs in runs.items():
+        proxy = [r["curve"][-1]["proxy"] for r in rs]
+        fidelity = [r["curve"][-1]["fidelity"] for r in rs]
+        kl = [sum(h["kl_ref"] for h in r["history"][-10:]) / len(r["history"][-10:]) for r in rs
+              if "kl_ref" in r["history"][-1]]
+        lines.append(f"| {beta:g} | {decay:g} | {mean_ci(proxy)[0]:.4f} | {ci_text(proxy)} | "
+                     f"{mean_ci(fidelity)[0]:.4f} | {ci_text(fidelity)} | "
+                     + (f"{mean_ci(kl)[0]:.2e} |" if kl else "– |"))
+    return "\n".join(lines)
+
+
+def plot_guard_rails(runs, path):
+    """Gold reward, proxy and fidelity against iterations: the mean over seeds with its 95 % CI
+    as a band; colour = β, dashed = EMA on."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    betas = list(dict.fromkeys(beta for beta, _ in runs))
+    colours = plt.get_cmap("viridis")(torch.linspace(0, 0.9, len(betas)).tolist())
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    for (beta, decay), rs in runs.items():
+        it = [p["iteration"] for p in rs[0]["curve"]]
+        for ax, key in zip(axes, ("reward", "proxy", "fidelity")):
+            stats = [mean_ci([r["curve"][j][key] for r in rs]) for j in range(len(it))]
+            mean = torch.tensor([m for m, _ in stats])
+            half = torch.tensor([0.0 if math.isnan(h) else h for _, h in stats])
+            colour = colours[betas.index(beta)]
+            ax.plot(it, mean, color=colour, ls="--" if decay else "-",
+                    label=f"β = {beta:g}" + (f", EMA {decay:g}" if decay else ""))
+            ax.fill_between(it, mean - half, mean + half, color=colour, alpha=0.15)
+    axes[0].set(title="gold reward (the toy's reward)", xlabel="iteration", ylabel="mean")
+    axes[1].set(title="proxy reward (trained on)", xlabel="iteration", yscale="log")
+    axes[2].set(title="fidelity", xlabel="iteration", ylabel="on-mode fraction")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"trained on the proxy: mean and 95 % CI over {len(rs)} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def config_field_help():
     """{field: its docstring} from g2rpo.Config's source: the CLI's help cannot drift from it."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(g2rpo.Config)))
@@ -463,14 +615,22 @@ def config_field_help():
             and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
 
 
-def _int_tuple(s):
-    try:
-        values = tuple(int(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected at least one integer, got {s!r}")
-    return values
+def _tuple_of(kind, what):
+    """An argparse type: comma-separated `what` → a non-empty tuple of `kind`."""
+
+    def parse(s):
+        try:
+            values = tuple(kind(x) for x in s.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one {what[:-1]}, got {s!r}")
+        return values
+
+    return parse
+
+
+_int_tuple, _float_tuple = _tuple_of(int, "integers"), _tuple_of(float, "numbers")
 
 
 # Config fields with a flag name of their own, or none (the toy's --method picks the method).
@@ -501,6 +661,13 @@ def parse_args(argv=None):
     a("--mgai-vs-dim", type=_int_tuple, default=None, metavar="D1,D2,...",
       help="the MGAI study instead of a run: for each D, λ-disagreement and G²RPO vs G²RPO w/o "
            "MGAI over --seeds paired seeds (README, 'Does MGAI matter as D grows?')")
+    a("--reward", default="gold", choices=list(REWARDS),
+      help="what to train on: gold, the toy's reward, or proxy, one that can be gamed (it keeps "
+           "rising outward past the gold reward's peak); evaluations report both (default: gold)")
+    a("--guard-rails", type=_float_tuple, default=None, metavar="B1,B2,...",
+      help="the reward-hacking study instead of a run: train on the proxy with each kl-beta, "
+           "each with EMA off and on (--ema-decay, default 0.99), over --seeds seeds (README, "
+           "'Reward hacking and its guard rails')")
     a("--verbose", action="store_true", help="print one metrics line per iteration")
     group = p.add_argument_group("algorithm (g2rpo.Config; the toy's defaults in brackets)")
     docs, toy = config_field_help(), toy_config("g2rpo")
@@ -528,6 +695,17 @@ def parse_args(argv=None):
     for value in (args.dim, *(args.mgai_vs_dim or ())):
         if value < 2:
             p.error(f"--dim and --mgai-vs-dim need D >= 2, got {value}")
+    if args.guard_rails is not None:
+        if args.method == "all" or args.mgai_vs_dim:
+            p.error("--guard-rails runs one --method (not all) and excludes --mgai-vs-dim")
+        if "kl_beta" in args.overrides or args.reward != "gold":
+            p.error("--guard-rails sets --kl-beta (each β of its list) and --reward (proxy) "
+                    "itself")
+        for beta in args.guard_rails:
+            if not (math.isfinite(beta) and beta >= 0):
+                p.error(f"--guard-rails: every β must be >= 0 and finite, got {beta}")
+        if args.overrides.get("ema_decay", STUDY_EMA_DECAY) == 0:
+            p.error("--guard-rails compares EMA off and on: --ema-decay must be > 0")
     for method in (METHODS if args.method == "all" else [args.method]):
         try:
             cfg = toy_config(method, args.seed, **args.overrides)
@@ -601,6 +779,23 @@ def main(argv=None):
                     args.pretrain_steps, **args.overrides)
         print(f"(total {time.time() - start:.1f} s)")
         return
+    if args.guard_rails:
+        base = load_or_pretrain(args.cache_dir, args.pretrain_steps, retrain=args.retrain,
+                                dim=args.dim)
+        overrides = dict(args.overrides)
+        runs = guard_rails_study(base, args.guard_rails, range(args.seed, args.seed + args.seeds),
+                                 overrides.pop("ema_decay", STUDY_EMA_DECAY), args.method,
+                                 **overrides)
+        metrics_path = Path(args.out).with_suffix(".jsonl")
+        with open(metrics_path, "w") as f:
+            for (beta, decay), rs in runs.items():
+                for r in rs if decay else ():  # each run once (both rows share its history)
+                    for m in r["history"]:
+                        f.write(json.dumps({"kl_beta": beta, "ema_decay": decay,
+                                            "seed": r["seed"], **m}) + "\n")
+        plot_guard_rails(runs, args.out)
+        print(f"saved {args.out} and {metrics_path}  (total {time.time() - start:.1f} s)")
+        return
     base = load_or_pretrain(args.cache_dir, args.pretrain_steps, retrain=args.retrain,
                             dim=args.dim)
     before = evaluate(base, shift=TOY["shift"])
@@ -614,13 +809,16 @@ def main(argv=None):
     for method in methods:
         for seed in seeds:
             model, r = run(base, method, seed, eval_every=2 if len(methods) > 1 else 10,
-                           log=print if args.verbose else None, **args.overrides)
+                           log=print if args.verbose else None, reward=args.reward,
+                           **args.overrides)
             with open(metrics_path, "a") as f:  # one JSON line per iteration, as flux_flow
                 for m in r["history"]:
                     f.write(json.dumps({"method": method, "seed": seed, **m}) + "\n")
             end = r["curve"][-1]
+            proxy = (f"  proxy (trained on) {before['proxy']:.4f} -> {end['proxy']:.4f}"
+                     if args.reward == "proxy" else "")
             print(f"{method:14s} seed {seed}: reward {before['reward']:.4f} -> {end['reward']:.4f}"
-                  f"  fidelity {before['fidelity']:.3f} -> {end['fidelity']:.3f}"
+                  f"{proxy}  fidelity {before['fidelity']:.3f} -> {end['fidelity']:.3f}"
                   f"  model evals {r['evals']:,} (rollout {r['nfe']:,})")
             table.setdefault(method, []).append(r)
             if seed == args.seed:

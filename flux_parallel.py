@@ -1,0 +1,78 @@
+"""Processes and where the weights live, for flux_flow.py: torchrun set-up, DDP for a LoRA, FSDP2
+for a full fine-tune, and the reference policy of the KL penalty (--kl-beta), which costs a LoRA
+no weights and a full fine-tune one frozen copy, sharded like the policy.
+"""
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed():
+    """(rank, world_size, device); one process without torchrun works unchanged."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def shard(transformer):
+    """FSDP2: fully_shard per transformer block, then the root (a no-op without torchrun)."""
+    if dist.is_initialized():
+        from torch.distributed.fsdp import fully_shard
+
+        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+            fully_shard(block)
+        fully_shard(transformer)
+    return transformer
+
+
+def wrap_distributed(transformer, lora_rank, device):
+    """DDP for LoRA; FSDP2 (fully_shard per block, then the root, then fp32 shards) for full."""
+    if not dist.is_initialized():
+        return transformer
+    if lora_rank > 0:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(transformer, device_ids=[device.index] if device.type == "cuda" else None,
+                   broadcast_buffers=False)
+    return shard(transformer).float()  # each rank upcasts only its own shards
+
+
+def frozen_reference(transformer, dtype):
+    """Full fine-tune's reference policy for --kl-beta: a frozen copy of the pretrained
+    transformer in the compute dtype. One process: a copy, taken before setup_trainable upcasts
+    the policy. FSDP2 (the policy already sharded): built on the meta device, sharded the same
+    way, and each rank copies its own shards, so no rank ever holds the whole copy."""
+    import copy
+
+    if not dist.is_initialized():
+        return copy.deepcopy(transformer).to(dtype).requires_grad_(False).eval()
+    with torch.device("meta"):
+        reference = type(transformer).from_config(transformer.config).to(dtype)
+    shard(reference).to_empty(device=next(transformer.parameters()).device)
+    policy = dict(transformer.named_parameters())
+    with torch.no_grad():
+        for name, p in reference.named_parameters():  # same layout: local shard to local shard
+            p.to_local().copy_(policy[name].to_local())
+    return reference.requires_grad_(False).eval()
+
+
+@contextlib.contextmanager
+def adapters_disabled(transformer):
+    """LoRA's reference policy: the same transformer with its adapters switched off (no extra
+    weights). peft freezes the adapters while they are off; they are trainable again after."""
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
+        for p in trainable:
+            p.requires_grad_(True)
