@@ -838,12 +838,13 @@ def test_tensorboard_gets_every_scalar_and_the_eval_grids(tiny_flux, tiny_clip, 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2", "--lora-rank",
-                              "4", "--report-to", "tensorboard", "--eval-every", "1"))
+                              "4", "--report-to", "tensorboard", "--eval-every", "1",
+                              "--kl-beta", "0.05"))
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     expected = {f"train/{k}" for k in ("reward", "reward_anchor", "loss", "clip_frac",
-                                       "approx_kl", "grad_norm", "nfe", "seconds")}
+                                       "approx_kl", "kl_ref", "grad_norm", "nfe", "seconds")}
     expected |= {"train/adv_abs_k/0", "train/adv_abs_k/1", "train/adv_abs_lambda/1",
                  "train/adv_abs_lambda/2", "eval/clip"}
     assert expected <= tags, expected - tags
@@ -851,7 +852,7 @@ def test_tensorboard_gets_every_scalar_and_the_eval_grids(tiny_flux, tiny_clip, 
     assert [e.step for e in events.Scalars("eval/clip")] == [0, 1, 2]
     assert "eval/grid" in events.Tags()["images"]
     out = capsys.readouterr().out  # the console line carries loss, grad norm and s/it
-    assert "| loss " in out and "| grad " in out and " s/it" in out
+    assert "| loss " in out and "| grad " in out and " s/it" in out and "| kl_ref " in out
 
 
 def test_evaluation_schedule_and_captioned_grids(tiny_flux, tiny_clip, tmp_path):

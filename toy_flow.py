@@ -448,7 +448,9 @@ def ci_text(values, signed=False):
     """'[lo, hi]' of the 95 % CI of the mean ('–' for one value); signed for differences."""
     m, h = mean_ci(values)
     f = "+.4f" if signed else ".4f"
-    return "–" if math.isnan(h) else f"[{m - h:{f}}, {m + h:{f}}]"
+    # round first: an end within 5e-5 of 0 prints as 0.0000, not -0.0000
+    end = lambda x: f"{round(x, 4) + 0.0:{f}}"
+    return "–" if math.isnan(h) else f"[{end(m - h)}, {end(m + h)}]"
 
 
 def paired_difference(a, b):
