@@ -349,9 +349,7 @@ def run(base_model, method="g2rpo", seed=0, eval_every=10, progress=True, log=No
                           callback=callback, log=log, progress=progress,
                           ref_velocity_fn=reference and velocity_fn(reference), ema=ema)
     if ema is not None:  # the returned model is the one evaluated: the averages
-        with torch.no_grad():
-            for p, a in zip(ema.params, ema.averages):
-                p.copy_(a)
+        model.load_state_dict(ema.state_dict(), strict=False)  # weights only; buffers stay
     return model, {"method": method, "seed": seed, "reward": reward,
                    "config": dataclasses.asdict(cfg), "curve": curve, "history": history,
                    "nfe": nfe[0], "evals": evals[0]}
