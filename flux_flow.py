@@ -364,8 +364,13 @@ def fingerprint(args, transformer):
     """Every setting that changes the model or the algorithm; a resume must match all of them.
     The learning rate is left out: a changed one is applied on resume (and logged)."""
     cfg = dict(transformer.config)
-    return {"transformer_config": json.loads(json.dumps(cfg, default=str)),
-            "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "method": args.method,
+    return {"transformer_config": json.loads(json.dumps(cfg, default=str)), **settings(args)}
+
+
+def settings(args):
+    """The fingerprint's part that the flags alone give: checked at --resume before any model
+    loads (the transformer's config is checked once it has)."""
+    return {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "method": args.method,
             "granularities": list(args.granularities), "branch_steps": list(args.branch_steps),
             "group_size": args.group_size, "num_steps": args.steps, "height": args.height,
             "width": args.width, "eta": args.eta, "shift": args.shift, "schedule": args.schedule,
@@ -375,7 +380,9 @@ def fingerprint(args, transformer):
             "prompts_per_gpu": args.prompts_per_gpu, "rewards": reward_names(args.rewards),
             "max_sequence_length": args.max_sequence_length,
             # Only when on: checkpoints from before these settings existed resume unchanged.
-            **{k: getattr(args, k) for k in ("kl_beta", "ema_decay") if getattr(args, k) > 0}}
+            **{k: getattr(args, k) for k in ("kl_beta", "ema_decay") if getattr(args, k) > 0},
+            **({k: getattr(args, k) for k in ("window_size", "window_stride", "window_every")}
+               if args.method == "mixgrpo" else {})}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,13 +413,34 @@ def int_list(s):
     return values
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default in --help."""
+def csv(values):
+    """(0, 1, 2) → '0,1,2': a list in the form its flag takes."""
+    return ",".join(map(str, values))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written; each flag's default once, in the form the flag takes.
+    A help text that states its default itself, a None default (filled in from other flags)
+    and on/off switches get no suffix."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        if "(default" in text or default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text
+        shown = csv(default) if isinstance(default, (tuple, list)) else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
 
 
 # Config fields whose flag is not "--" + the field with dashes.
 FLAGS = {"num_steps": "--steps", "prompts_per_iteration": "--prompts-per-gpu",
          "num_iterations": "--iterations", "step_per_branch": "--step-per-iteration"}
+# Config fields whose flag defaults to None, so that check_args can tell whether it was given:
+# a flag for a field that --method does not use is refused, not silently ignored.
+METHOD_FIELDS = ("branch_steps", "granularities", "window_size", "window_stride", "window_every")
+
+
+def flag_of(field):
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 def make_config(args, rank=0):
@@ -423,6 +451,8 @@ def make_config(args, rank=0):
                         adv_clip=args.adv_clip, lr=args.lr, weight_decay=args.weight_decay,
                         max_grad_norm=args.max_grad_norm,
                         step_per_branch=not args.step_per_iteration, method=args.method,
+                        window_size=args.window_size, window_stride=args.window_stride,
+                        window_every=args.window_every,
                         kl_beta=args.kl_beta, ema_decay=args.ema_decay,
                         prompts_per_iteration=args.prompts_per_gpu,
                         num_iterations=args.iterations, batch_size=args.batch_size,
@@ -435,7 +465,8 @@ def parse_args(argv=None):
                                 formatter_class=HelpFormatter)
     a = p.add_argument
     a("--model", default="black-forest-labs/FLUX.1-dev", help="FluxPipeline folder or Hub id")
-    a("--prompts", help="training prompts, UTF-8, one per line (default: a small built-in list)")
+    a("--prompts",
+      help=f"training prompts, UTF-8, one per line (default: {len(BUILTIN_PROMPTS)} built-in)")
     a("--eval-prompts", help="held-out prompts, one per line (default: 4 built-in)")
     a("--height", type=int, default=512, help="image height, a multiple of 16")
     a("--width", type=int, default=512, help="image width, a multiple of 16")
@@ -445,20 +476,33 @@ def parse_args(argv=None):
     a("--shift", type=float, default=d.shift, help="static shift of the σ grid")
     a("--guidance", type=float, default=3.5, help="FLUX-dev distilled guidance embedding")
     a("--max-sequence-length", type=int, default=512, help="T5 tokens per prompt")
-    a("--method", choices=["g2rpo", "full_sde"], default=d.method,
-      help="G²RPO, or the full-SDE GRPO baseline")
+    a("--method", choices=g2rpo.METHODS, default=d.method,
+      help="G²RPO, or a baseline: full-SDE GRPO (SDE at every branch step) or MixGRPO (SDE in "
+           "a window of steps that slides as training goes on)")
     a("--eta", type=float, default=d.eta, help="η, SDE noise level")
     a("--group-size", type=int, default=d.group_size, help="G, members per prompt")
-    a("--branch-steps", type=int_list, default=d.branch_steps, help="comma-separated k")
-    a("--granularities", type=int_list, default=d.granularities, help="comma-separated λ")
+    a("--branch-steps", type=int_list, default=None,
+      help=f"comma-separated k, the steps that branch (g2rpo) or take an SDE step (full_sde) "
+           f"(default: {csv(d.branch_steps)})")
+    a("--granularities", type=int_list, default=None,
+      help=f"comma-separated λ, ODE strides that finish a branch (g2rpo) "
+           f"(default: {csv(d.granularities)})")
+    a("--window-size", type=int, default=None,
+      help=f"mixgrpo: steps in the SDE window (default: {d.window_size})")
+    a("--window-stride", type=int, default=None,
+      help=f"mixgrpo: steps the window moves at a time (default: {d.window_stride})")
+    a("--window-every", type=int, default=None,
+      help=f"mixgrpo: iterations between two moves of the window (default: {d.window_every}, "
+           f"for {d.num_iterations} iterations; rescale it with --iterations)")
     a("--rewards", default="clip", help="comma-separated: clip, pickscore, hps (advantages summed)")
     a("--clip-model", default="openai/clip-vit-large-patch14", help="CLIP reward model")
     a("--pickscore-model", default="yuvalkirstain/PickScore_v1", help="PickScore reward model")
     a("--pickscore-processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
       help="PickScore's tokenizer and image processor")
     a("--lora-rank", type=int, default=64, help="0 = full fine-tune of the transformer")
-    a("--lora-alpha", type=float, default=None, help="LoRA alpha (None: = rank)")
-    a("--lr", type=float, default=None, help=f"AdamW learning rate (None: {d.lr} full, 1e-4 LoRA)")
+    a("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    a("--lr", type=float, default=None,
+      help=f"AdamW learning rate (default: {d.lr:g} full fine-tune, 1e-4 LoRA)")
     a("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     a("--clip-range", type=float, default=d.clip_range, help="ε of the clipped ratio")
     a("--adv-clip", type=float, default=d.adv_clip, help="clip of the summed advantages")
@@ -479,7 +523,7 @@ def parse_args(argv=None):
     a("--decode-batch", type=int, default=4, help="images per VAE decode while scoring")
     a("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     a("--dtype", choices=["bf16", "fp32"], default=None,
-      help="compute dtype (None: bf16 on GPU, fp32 on CPU)")
+      help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     a("--attention-backends", default=",".join(DEFAULT_ATTENTION),
       help="scaled_dot_product_attention backends the transformer may use: comma-separated of "
            "flash, efficient, math, cudnn, or 'all' (PyTorch's own pick). The default leaves out "
@@ -518,6 +562,12 @@ def parse_args(argv=None):
 def check_args(args):
     """Every flag, before any model loads: fill the defaults that depend on others and raise
     ValueError / OSError naming the flag (or file) and the value."""
+    d = g2rpo.Config()
+    for field in METHOD_FIELDS:
+        if field in g2rpo.UNUSED_FIELDS[args.method] and getattr(args, field) is not None:
+            raise ValueError(f"{flag_of(field)} is not used by --method {args.method}")
+        if getattr(args, field) is None:
+            setattr(args, field, getattr(d, field))
     if args.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0, got {args.lora_rank}")
     if args.lora_alpha is None:
@@ -552,15 +602,16 @@ def check_args(args):
     try:
         make_config(args)
     except g2rpo.ConfigError as e:
-        flag = FLAGS.get(e.field, "--" + e.field.replace("_", "-"))
-        raise ValueError(f"{flag}: {e}") from None
+        raise ValueError(f"{flag_of(e.field)}: {e}") from None
     read_prompts(args.prompts)
     read_prompts(args.eval_prompts, BUILTIN_EVAL_PROMPTS)
     if args.resume is not None:
         if args.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
-        try:
-            flux_run.read_checkpoint(args.resume)  # its files; its fingerprint once FLUX loads
+        try:  # its files, and every setting but the transformer's config (checked once loaded)
+            path, meta, _ = flux_run.read_checkpoint(args.resume)
+            flux_run.check_fingerprint(path, meta["fingerprint"], settings(args),
+                                       ignore=("transformer_config",))
         except flux_run.CheckpointError as e:
             raise ValueError(f"--resume: {e}") from None
     flux_run.check_writable_dir(args.output_dir)

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.tensor import DTensor
@@ -183,13 +184,16 @@ class RunDirectory:
 # Across ranks.
 
 
+SAME_ON_EVERY_RANK = ("iteration", "window")  # by construction: not averaged
+
+
 def all_reduce_metrics(metrics, world_size):
-    """Average every number (and list of numbers) in a metrics dict over the ranks; the
-    iteration, the same on every rank, stays an integer."""
+    """Average every number (and list of numbers) in a metrics dict over the ranks; integers
+    whose average is a whole number (counts the same on every rank) stay integers."""
     if world_size == 1:
         return metrics
     keys = [k for k, v in metrics.items()
-            if isinstance(v, (int, float, list)) and k != "iteration"]
+            if isinstance(v, (int, float, list)) and k not in SAME_ON_EVERY_RANK]
     flat = [torch.tensor(metrics[k], dtype=torch.float64).flatten() for k in keys]
     t = torch.cat(flat)
     if dist.get_backend() == "nccl":
@@ -199,6 +203,8 @@ def all_reduce_metrics(metrics, world_size):
     out, i = dict(metrics), 0
     for k, f in zip(keys, flat):
         v = t[i : i + len(f)].tolist()
+        if isinstance(metrics[k], int) and v[0].is_integer():
+            v = [int(v[0])]
         out[k] = v if isinstance(metrics[k], list) else v[0]
         i += len(f)
     return out
@@ -292,6 +298,22 @@ def _reason(e):
     return text.splitlines()[-1] if text else type(e).__name__
 
 
+class _AlreadyStaged:
+    """dcp.async_save's stager for a state dict that is a host copy already (DCP's AsyncStager
+    protocol): hands it on as it is."""
+
+    should_synchronize_after_execute = False
+
+    def stage(self, state_dict, **kwargs):
+        return state_dict
+
+    def synchronize_staging(self):
+        pass
+
+    def close(self):
+        pass
+
+
 class Checkpointer:
     """Writes <output-dir>/checkpoint/: a DCP directory (.metadata and one __<rank>_0.distcp file
     per writing rank) holding the trainable weights, the optimizer state and each rank's RNG
@@ -300,25 +322,34 @@ class Checkpointer:
     Atomic: the shards go to checkpoint.tmp/, which replaces checkpoint/ only once complete, so a
     save killed half-way leaves the previous checkpoint intact. A save that fails (disk full,
     read-only) goes to a rescue directory in the temporary directory and the error names both.
-    async_save: dcp.async_save stages this rank's shards in host memory and writes them while
-    training goes on; the next save, or close(), waits for it and moves it into place.
+    async_save: this rank's shards are copied to host memory (DCP's DefaultStager) before save()
+    returns, and dcp.async_save writes that copy while training goes on, its collectives on a
+    process group of their own; the next save, or close(), waits for it and moves it into place.
+    If the write fails, the rescue is written from the same copy: it holds the state of the
+    iteration it is labelled with, whatever training did meanwhile.
     """
 
     def __init__(self, path, async_save=False, log=print):
         self.path, self.async_save, self.log, self.pending = Path(path), async_save, log, None
         self.group = None
-        if async_save and dist.is_initialized() and dist.get_backend() == "nccl":
-            self.group = dist.new_group(backend="gloo")  # async_save's collectives run on the CPU
+        if async_save and dist.is_initialized():
+            # The save's background collectives must not interleave with the training's (FSDP's
+            # all-gathers, the metrics all-reduce) on the default group, where their order can
+            # differ between ranks; gloo, because they run on the CPU copy.
+            self.group = dist.new_group(backend="gloo")
 
     def save(self, model, optimizer, generator, iteration, fp, ema=None):
         """ema: a g2rpo.EMA whose averages are saved beside the weights (key "ema")."""
         self.wait(keep_going=True)
-        self._save(self.path, model, optimizer, generator, iteration, fp, ema)
+        state = {**train_state(model, optimizer),
+                 "rng": {f"rank{_rank()}": _rng_state(generator)}}
+        if ema is not None:
+            state["ema"] = ema.state_dict()  # DTensors of this rank's shards under FSDP2
+        self._save(self.path, state, iteration, fp)
 
-    def _save(self, final, model, optimizer, generator, iteration, fp, ema=None, rescue_of=None):
+    def _save(self, final, state, iteration, fp, rescue_of=None):
         tmp = final.with_name(final.name + ".tmp")
-        meta = {"format": "g2rpo-dcp-1", "iteration": iteration,
-                "world_size": _world(),
+        meta = {"format": "g2rpo-dcp-1", "iteration": iteration, "world_size": _world(),
                 "fingerprint": fp}
         error = None
         if _rank() == 0:
@@ -329,21 +360,24 @@ class Checkpointer:
             except OSError as e:
                 error = e
         if _all_agree(error is None):
-            state = {**train_state(model, optimizer),
-                     "rng": {f"rank{_rank()}": _rng_state(generator)}}
-            if ema is not None:
-                state["ema"] = ema.state_dict()  # DTensors of this rank's shards under FSDP2
             try:
                 if self.async_save and rescue_of is None:
+                    stager = DefaultStager(StagingOptions(use_pinned_memory=False,
+                                                          use_shared_memory=False,
+                                                          use_async_staging=False,
+                                                          use_non_blocking_copy=False))
+                    staged = stager.stage(state)  # a copy: the weights may change from now on
+                    stager.close()
                     with _one_process_is_fine():
-                        future = dcp.async_save(state, checkpoint_id=tmp,
+                        future = dcp.async_save(staged, checkpoint_id=tmp,
                                                 process_group=self.group,
+                                                async_stager=_AlreadyStaged(),
                                                 no_dist=not dist.is_initialized())
-                    self.pending = (future, tmp, final,
-                                    (model, optimizer, generator, iteration, fp, ema))
+                    self.pending = (future, tmp, final, staged, iteration, fp)
                     return
                 with _one_process_is_fine():
-                    dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+                    dcp.save(state, checkpoint_id=tmp, process_group=self.group,
+                             no_dist=not dist.is_initialized())
             except (CheckpointException, OSError) as e:
                 error = e
         else:
@@ -351,8 +385,7 @@ class Checkpointer:
         if error is None:
             self._move_into_place(tmp, final)
         else:
-            self._failed(final, tmp, error, (model, optimizer, generator, iteration, fp, ema),
-                         rescue_of)
+            self._failed(final, tmp, error, state, iteration, fp, rescue_of)
 
     def _move_into_place(self, tmp, final):
         if dist.is_initialized():
@@ -362,15 +395,15 @@ class Checkpointer:
         if dist.is_initialized():
             dist.barrier()
 
-    def _failed(self, final, tmp, error, state, rescue_of):
+    def _failed(self, final, tmp, error, state, iteration, fp, rescue_of):
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         if rescue_of is not None:  # the rescue failed as well
             raise OSError(f"could not write checkpoint {str(rescue_of)!r}; a rescue copy in "
                           f"{final} failed too ({_reason(error)})")
         key = hashlib.sha256(str(final.resolve()).encode()).hexdigest()[:8]
-        rescue = Path(tempfile.gettempdir()) / f"g2rpo-rescue-{key}-{state[3]:06d}"
-        self._save(rescue, *state, rescue_of=final)
+        rescue = Path(tempfile.gettempdir()) / f"g2rpo-rescue-{key}-{iteration:06d}"
+        self._save(rescue, state, iteration, fp, rescue_of=final)
         raise OSError(f"could not write checkpoint {str(final)!r}: {_reason(error)}; this "
                       f"iteration's state was saved to {rescue} instead (--resume {rescue}); "
                       f"the previous checkpoint, if any, is intact")
@@ -381,7 +414,7 @@ class Checkpointer:
         keep_going: only log the failure (the caller saves a newer state right after)."""
         if self.pending is None:
             return
-        future, tmp, final, state = self.pending
+        future, tmp, final, staged, iteration, fp = self.pending
         self.pending = None
         try:
             future.result()
@@ -393,12 +426,13 @@ class Checkpointer:
             return
         if keep_going:
             if self.log is not None:
-                self.log(f"asynchronous checkpoint of iteration {state[3]} to {final} failed "
+                self.log(f"asynchronous checkpoint of iteration {iteration} to {final} failed "
                          f"({_reason(error or OSError('on another rank'))}); saving the next "
                          f"state, and the rest of the run's, synchronously")
             self.async_save = False
             return
-        self._failed(final, tmp, error or OSError("failed on another rank"), state, None)
+        self._failed(final, tmp, error or OSError("failed on another rank"), staged, iteration,
+                     fp, None)
 
     close = wait
 
@@ -454,6 +488,18 @@ def read_checkpoint(path):
     return path, meta, metadata
 
 
+def check_fingerprint(path, old, fp, ignore=()):
+    """Refuse a checkpoint whose fingerprint `old` differs from this run's `fp` (keys in
+    `ignore` aside), naming every setting that differs."""
+    diff = sorted(k for k in set(fp) | set(old) if k not in ignore and fp.get(k) != old.get(k))
+    if diff:
+        details = "; ".join(f"{k}: checkpoint {old.get(k)!r}, now {fp.get(k)!r}"
+                            for k in diff if k != "transformer_config")
+        raise CheckpointError(f"checkpoint {str(path)!r} was made for another model or config; "
+                              f"it differs in: {', '.join(diff)}"
+                              + (f" ({details})" if details else ""))
+
+
 def load_checkpoint(path, model, optimizer, generator, fp, seed, lr=None, log=print, ema=None):
     """Restore what Checkpointer.save wrote, each rank reading only the shards it owns; refuse a
     checkpoint of another model or algorithm. All ranks call. ema: a g2rpo.EMA to restore too
@@ -466,14 +512,7 @@ def load_checkpoint(path, model, optimizer, generator, fp, seed, lr=None, log=pr
     Returns the next iteration.
     """
     path, meta, metadata = read_checkpoint(path)
-    old = meta["fingerprint"]
-    diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
-    if diff:
-        details = "; ".join(f"{k}: checkpoint {old.get(k)!r}, now {fp.get(k)!r}"
-                            for k in diff if k != "transformer_config")
-        raise CheckpointError(f"checkpoint {str(path)!r} was made for another model or config; "
-                              f"it differs in: {', '.join(diff)}"
-                              + (f" ({details})" if details else ""))
+    check_fingerprint(path, meta["fingerprint"], fp)
     world = _world()
     rank, elastic = _rank(), meta["world_size"] != world
     state = train_state(model, optimizer)  # initialises AdamW's state so DCP can fill it
@@ -705,7 +744,8 @@ class Tracker:
         if self.writer is None:
             return
         values = {f"train/{k}": metrics[k] for k in self.SCALARS if k in metrics}
-        values.update({f"train/adv_abs_k/{k}": a for k, a in zip(self.ks, metrics["adv_abs_k"])})
+        ks = metrics.get("window", self.ks)  # MixGRPO trains the steps of its window
+        values.update({f"train/adv_abs_k/{k}": a for k, a in zip(ks, metrics["adv_abs_k"])})
         values.update({f"train/adv_abs_lambda/{lam}": a
                        for lam, a in zip(self.lams, metrics.get("adv_abs_lambda", []))})
         self._log(values, metrics["iteration"] + 1)

@@ -94,9 +94,11 @@ class Config:
     window_stride: int = 1
     """MixGRPO: steps the window moves each time it moves (MixGRPO's script: prog_overlap_step
     1, overlapping windows)."""
-    window_every: int = 25
-    """MixGRPO: iterations between two moves of the window (MixGRPO's script: iters_per_group
-    25, over 300 iterations as here)."""
+    window_every: int = 39
+    """MixGRPO: iterations between two moves of the window. MixGRPO's script moves its 4-step
+    window every 25 of 300 iterations: 12 positions, through the first 15 of its 25 steps
+    (60 %); every 39 of 300 takes this 3-step window through the first 10 of T = 16 (62 %).
+    Rescale it with num_iterations (the toy: 13 of 100)."""
     kl_beta: float = 0.0
     """β of the KL penalty to a reference policy, added to the loss of every trained step (an
     addition: neither the paper nor the official code has it). 0: off, the reference is never
@@ -119,6 +121,11 @@ class Config:
 
 
 METHODS = ("g2rpo", "full_sde", "mixgrpo")
+# The Config fields each method does not use: they are not checked against the grid for it,
+# and a command line refuses a flag given for one of them.
+UNUSED_FIELDS = {"g2rpo": ("window_size", "window_stride", "window_every"),
+                 "full_sde": ("granularities", "window_size", "window_stride", "window_every"),
+                 "mixgrpo": ("branch_steps", "granularities")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -675,7 +682,9 @@ class EMA:
             evaluate(model)
 
     state_dict() / load_state_dict() hold the averages by parameter name (for checkpoints). Each
-    average is a copy of its parameter, in its dtype; under FSDP2, a DTensor of the same shards.
+    average is a copy of its parameter, in float32 where the parameter's precision is lower
+    (in bf16 an update (1 − d)·(θ − θ_ema) with d = 0.99 falls below the resolution of θ_ema,
+    and the average would stall); under FSDP2, a DTensor of the same shards.
     """
 
     def __init__(self, model, decay):
@@ -686,7 +695,8 @@ class EMA:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
         self.decay, self.names = float(decay), [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.averages = [p.detach().clone() for p in self.params]
+        self.averages = [p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
+                         for p in self.params]
         self.in_use = False
 
     @torch.no_grad()
@@ -695,24 +705,29 @@ class EMA:
             a.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
 
     @torch.no_grad()
-    def _swap(self):
-        for a, p in zip(self.averages, self.params):  # one tensor's copy at a time
-            own = p.detach().clone()
-            p.copy_(a)
-            a.copy_(own)
+    def _exchange(self, kept, into_model):
+        for a, p, own in zip(self.averages, self.params, kept):
+            if own is None:  # same dtype: a swap, one tensor's copy at a time (no extra memory)
+                tmp = p.detach().clone()
+                p.copy_(a)
+                a.copy_(tmp)
+            else:  # lower precision: the rounded average in, the parameter's own value back
+                p.copy_(a if into_model else own)
 
     @contextlib.contextmanager
     def applied(self):
         """The averaged weights in the model for the block (evaluation, export), bit for bit
-        its own weights again after it, even on an error."""
+        its own weights again after it, even on an error; the averages are unchanged."""
         if self.in_use:
             raise RuntimeError("EMA.applied() is already active")
-        self._swap()
+        kept = [None if a.dtype == p.dtype else p.detach().clone()
+                for a, p in zip(self.averages, self.params)]
+        self._exchange(kept, into_model=True)
         self.in_use = True
         try:
             yield self
         finally:
-            self._swap()
+            self._exchange(kept, into_model=False)
             self.in_use = False
 
     def state_dict(self):
@@ -755,7 +770,10 @@ def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prom
     model: the nn.Module whose trainable parameters are optimised (velocity_fn closes over it).
     velocity_fn(x (N, *D), sigma (N,), cond rows) → v; reward_fn(samples, prompts) → (N,) or (N, R).
     prompts: a sequence; each iteration draws cfg.prompts_per_iteration of them with replacement.
-    encode_prompts(list) → cond with one row per prompt (default: torch.as_tensor).
+    encode_prompts(list) → cond with one row per prompt (default: torch.as_tensor); called
+    without gradient (a text encoder is not trained: its output is data for the policy).
+    optimizer: built over the trainable parameters (default: AdamW with cfg.lr, weight_decay);
+    the trainer clips and checks exactly the parameters it holds.
     callback(iteration, metrics) runs after every iteration, before the log line (evaluation,
     checkpoints; it may update metrics in place); a true return value stops training after it.
     sigmas: an explicit (T+1,) grid from 1 to 0 (e.g. a pipeline's dynamic shift); default
@@ -768,7 +786,11 @@ def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prom
     check_config(cfg)  # again: a Config can be changed after it was built
     if len(prompts) == 0:
         raise ValueError("prompts is empty: the trainer needs at least one prompt")
-    params = [p for p in model.parameters() if p.requires_grad]
+    # The optimizer's parameters when there is one: they were taken before any forward. A
+    # sharding wrapper may swap other tensors into model.parameters() between forward and
+    # backward (FSDP2 after a forward without gradient, e.g. an evaluation before training).
+    params = ([p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+              if optimizer is not None else [p for p in model.parameters() if p.requires_grad])
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
     check_guard_rails(cfg, params, ref_velocity_fn, ema)
@@ -800,9 +822,10 @@ def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prom
                              device=generator.device).tolist()
         batch = [prompts[i] for i in pick]
         start = time.perf_counter()
-        metrics = train_iteration(params, optimizer, velocity_fn, reward_fn, batch,
-                                  encode_prompts(batch), cfg, sigmas, latent_shape, generator, it,
-                                  ref_velocity_fn, ema)
+        with torch.no_grad():  # the conditioning is data for the policy: no graph to a text encoder
+            cond = encode_prompts(batch)
+        metrics = train_iteration(params, optimizer, velocity_fn, reward_fn, batch, cond, cfg,
+                                  sigmas, latent_shape, generator, it, ref_velocity_fn, ema)
         metrics.update(iteration=it, seconds=time.perf_counter() - start)
         history.append(metrics)
         stop = False
@@ -898,6 +921,8 @@ def check_config(cfg):
     for field, check in (("granularities", lambda: check_granularities(cfg.granularities)),
                          ("branch_steps", lambda: check_branch_steps(cfg.branch_steps,
                                                                      cfg.num_steps))):
+        if field in UNUSED_FIELDS[cfg.method]:
+            continue  # e.g. MixGRPO's window replaces the branch steps
         try:
             check()
         except ValueError as e:

@@ -259,16 +259,44 @@ def test_one_iteration_gives_finite_metrics_and_changes_the_weights(tiny_flux, t
         assert any(not torch.equal(saved[k], original[k]) for k in saved)
 
 
+def without(argv, *flags):
+    """argv without these flags and their values."""
+    out = list(argv)
+    for flag in flags:
+        i = out.index(flag)
+        del out[i : i + 2]
+    return out
+
+
 def test_baseline_method_on_the_pipeline_schedule_with_one_step_per_iteration(tiny_flux,
                                                                                tiny_clip,
                                                                                tmp_path):
-    history, _ = flux_flow.main(train_args(
+    history, _ = flux_flow.main(without(train_args(
         tiny_flux, tiny_clip, tmp_path, "--iterations", "1", "--lora-rank", "4", "--method",
-        "full_sde", "--schedule", "pipeline", "--step-per-iteration"))
+        "full_sde", "--schedule", "pipeline", "--step-per-iteration"), "--granularities"))
     m = history[0]
     assert m["nfe"] == g2rpo.count_model_evals(4, (0, 1), (1, 2), 3, "full_sde")
     assert m["ratio_dev_first"] < 1e-5 and m["approx_kl"] < 1e-10  # one step: plain PG
     assert torch.isfinite(torch.tensor(m["loss"]))
+
+
+def test_mixgrpo_trains_the_steps_of_its_sliding_window(tiny_flux, tiny_clip, tmp_path):
+    argv = without(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "3", "--lora-rank",
+                              "4", "--method", "mixgrpo", "--window-size", "1", "--window-every",
+                              "1", "--report-to", "tensorboard"), "--branch-steps",
+                   "--granularities")
+    history, _ = flux_flow.main(argv)
+    # T = 4: a 1-step window lies within steps 0..1; it moves every iteration, then rolls back.
+    assert [m["window"] for m in history] == [[0], [1], [0]]
+    assert all(m["nfe"] == g2rpo.count_model_evals(4, (), (), 3, "mixgrpo") for m in history)
+    assert all(m["train_rows"] == 3 and m["ratio_dev_first"] < 1e-5 for m in history)
+    assert checkpoint(tmp_path / "checkpoint")["fingerprint"]["window_every"] == 1
+    assert [r["window"] for r in metrics_rows(tmp_path)] == [[0], [1], [0]]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"train/adv_abs_k/0", "train/adv_abs_k/1"} <= set(events.Tags()["scalars"])
 
 
 def assert_resume_is_bit_exact(flux, clip, tmp_path, *extra):
@@ -370,11 +398,22 @@ for name, p in reference.named_parameters():
     assert p.to_local().numel() < p.numel(), name  # this rank holds a shard only
     assert torch.equal(p.full_tensor(), original[name]), name
 print("reference ok on rank", rank, flush=True)
+# A forward without gradient (an evaluation) leaves every module sharded, the root too: the
+# parameters are the same sharded objects the optimizer and the EMA were built on.
+params = list(model.parameters())
+velocity = flux_flow.FluxVelocity.from_pipe(model, pipe, 32, 32, dtype=torch.bfloat16)
+with torch.no_grad():
+    velocity(torch.randn(1, 4, 4, device=device), torch.ones(1, device=device),
+             (torch.randn(1, 16, 32, device=device), torch.randn(1, 32, device=device)))
+after = list(model.parameters())
+assert len(after) == len(params) and all(a is b for a, b in zip(after, params))
+assert all(type(p).__name__ == "DTensor" for p in after)
+print("sharded after a forward on rank", rank, flush=True)
 dist.destroy_process_group()
 """
 
 
-def test_full_fine_tune_reference_under_fsdp2_is_sharded_and_equals_the_pretrained_weights(
+def test_fsdp2_reference_is_sharded_and_the_policy_stays_sharded_after_an_evaluation(
         tiny_flux, tmp_path):
     script = tmp_path / "sharded_reference.py"
     script.write_text(SHARDED_REFERENCE.format(here=str(HERE), flux=tiny_flux))
@@ -384,6 +423,7 @@ def test_full_fine_tune_reference_under_fsdp2_is_sharded_and_equals_the_pretrain
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("reference ok on rank") == 2
+    assert r.stdout.count("sharded after a forward on rank") == 2
 
 
 def test_ema_run_evaluates_and_exports_the_averages(tiny_flux, tiny_clip, tmp_path, capsys):
@@ -417,31 +457,35 @@ def test_ema_run_evaluates_and_exports_the_averages(tiny_flux, tiny_clip, tmp_pa
     assert again == pytest.approx(scores, rel=1e-5)
 
 
-def test_checkpoint_of_another_config_is_refused(tiny_flux, tiny_clip, tmp_path, capsys):
+def test_checkpoint_of_another_config_is_refused_before_any_model_loads(tiny_flux, tiny_clip,
+                                                                        tmp_path, capsys):
     flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
                               "--lora-rank", "4"))
+    capsys.readouterr()
     ckpt = str(tmp_path / "checkpoint")
-    with pytest.raises(ValueError, match="differs in: lora_alpha, lora_rank"):
-        flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "b", "--iterations", "2",
-                                  "--lora-rank", "2", "--resume", ckpt))
+
+    def refused(*extra, drop=()):
+        # --model points nowhere: reaching the loader would give another error.
+        return parse_error(without(train_args(str(tmp_path / "no_flux_here"), tiny_clip,
+                                              tmp_path / "b", "--iterations", "2",
+                                              "--lora-rank", "4", *extra, "--resume", ckpt),
+                                   *drop), capsys)
+
+    assert "differs in: lora_alpha, lora_rank" in refused("--lora-rank", "2")
     # Every algorithm setting is in the fingerprint: another eta is refused, naming both values.
-    with pytest.raises(ValueError, match=r"differs in: eta \(eta: checkpoint 0.7, now 0.5\)"):
-        flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "c", "--iterations", "2",
-                                  "--lora-rank", "4", "--eta", "0.5", "--resume", ckpt))
+    assert "--resume: checkpoint" in refused("--eta", "0.5")
+    assert "differs in: eta (eta: checkpoint 0.7, now 0.5)" in refused("--eta", "0.5")
     for flag, value in (("--guidance", "2.0"), ("--clip-range", "0.01"), ("--shift", "2.0"),
                         ("--schedule", "pipeline")):
-        with pytest.raises(ValueError, match=f"differs in: {flag[2:].replace('-', '_')}"):
-            flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "d", "--iterations", "2",
-                                      "--lora-rank", "4", flag, value, "--resume", ckpt))
-    with pytest.raises(ValueError, match="differs in: step_per_iteration"):
-        flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "d", "--iterations", "2",
-                                  "--lora-rank", "4", "--step-per-iteration", "--resume", ckpt))
+        assert f"differs in: {flag[2:].replace('-', '_')}" in refused(flag, value)
+    assert "differs in: step_per_iteration" in refused("--step-per-iteration")
     # The guard rails too: turned on (or changed) on resume is another run.
     for flag, key in (("--kl-beta", "kl_beta"), ("--ema-decay", "ema_decay")):
-        with pytest.raises(ValueError, match=rf"differs in: {key} \({key}: checkpoint None, "
-                                             rf"now 0.5\)"):
-            flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "e", "--iterations", "2",
-                                      "--lora-rank", "4", flag, "0.5", "--resume", ckpt))
+        assert f"differs in: {key} ({key}: checkpoint None, now 0.5)" in refused(flag, "0.5")
+    # Another method, with the window flags of its own.
+    assert ("differs in: branch_steps, granularities, method, window_every, window_size, "
+            "window_stride") in refused("--method", "mixgrpo", "--window-size", "2",
+                                        drop=("--branch-steps", "--granularities"))
 
 
 def test_a_changed_learning_rate_is_applied_on_resume_and_logged(tiny_flux, tiny_clip, tmp_path,
@@ -570,6 +614,40 @@ def test_torchrun_two_processes_keep_ranks_identical(tiny_flux, tiny_clip, tmp_p
             assert v.dtype == torch.bfloat16 and torch.equal(v, ema[k].bfloat16()), k
 
 
+def training_record(out):
+    """What training produced: the checkpoint's weights and the per-iteration metrics (all but
+    the wall time)."""
+    rows = [{k: v for k, v in r.items() if k != "seconds"} for r in metrics_rows(out)]
+    return checkpoint(out / "checkpoint")["model"], rows
+
+
+@pytest.mark.parametrize("lora_rank", ["0", "4"])  # FSDP2 full fine-tune; DDP + LoRA
+def test_evaluation_export_and_checkpoints_never_change_training(tiny_flux, tiny_clip, tmp_path,
+                                                                 lora_rank):
+    # Evaluation before training and after every iteration (with the EMA: inside its swap),
+    # an export and an asynchronous checkpoint after every iteration, two processes: the
+    # trained weights and every logged metric equal those of a run that does none of it.
+    def run(name, *extra):
+        out = tmp_path / name
+        torchrun(train_args(tiny_flux, tiny_clip, out, "--iterations", "2", "--lora-rank",
+                            lora_rank, *extra), 10 + int(lora_rank) + len(extra), tmp_path)
+        return training_record(out)
+
+    weights, rows = run("plain")
+    assert [r["iteration"] for r in rows] == [0, 1]
+    observe = ["--eval-every", "1", "--eval-seeds", "0", "--export-every", "1", "--save-every",
+               "1", "--async-save"]
+    for ema in ([], ["--ema-decay", "0.9"]):  # the EMA itself does not change training either
+        observed_weights, observed_rows = run("observed" + "_ema" * bool(ema), *observe, *ema)
+        assert observed_rows == rows
+        assert observed_weights.keys() == weights.keys()
+        for k, v in weights.items():
+            assert torch.equal(observed_weights[k], v), k
+        evals = json.loads((tmp_path / ("observed" + "_ema" * bool(ema)) / "eval.json")
+                           .read_text())["evaluations"]
+        assert [e["iteration"] for e in evals] == [0, 1, 2]
+
+
 def torchrun(args, port_offset, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(29600 + port_offset + os.getpid() % 1000),
@@ -649,6 +727,93 @@ def test_async_save_writes_what_a_synchronous_save_writes(tiny_flux, tiny_clip, 
     assert not (tmp_path / "async" / "checkpoint.tmp").exists()
 
 
+def held_write(monkeypatch, fail_first=False):
+    """Hold DCP's shard writes until the returned event is set (the save stays in flight while
+    the test trains); with fail_first, the first write then fails as a full disk would."""
+    import threading
+
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    release, real_write, calls = threading.Event(), FileSystemWriter.write_data, []
+
+    def write(self, plan, planner):
+        calls.append(self.path)
+        if len(calls) == 1:
+            assert release.wait(60), "the test never released the write"
+            if fail_first:
+                raise OSError(28, "No space left on device")
+        return real_write(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", write)
+    return release
+
+
+def train_one_step(model, opt):
+    params = [p for p in model.parameters() if p.requires_grad]
+    sum((p**2).sum() for p in params).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def assert_holds(path, iteration, weights, moments):
+    saved = checkpoint(path)
+    assert saved["iteration"] == iteration
+    assert saved["model"].keys() == weights.keys()
+    for k, v in weights.items():
+        assert torch.equal(saved["model"][k], v), k
+    for k, state in moments.items():
+        for name, v in state.items():
+            assert torch.equal(torch.as_tensor(saved["optimizer"]["state"][k][name]), v), (k, name)
+
+
+def snapshot(model, opt):
+    """(trainable weights, AdamW state) by parameter name, copied."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    moments = {names[id(p)]: {k: torch.as_tensor(v).clone() for k, v in s.items()}
+               for p, s in opt.state.items()}
+    return weights, moments
+
+
+def test_an_async_save_holds_its_own_iteration_while_training_goes_on(tiny_flux, tmp_path,
+                                                                      monkeypatch):
+    model, opt, g = tiny_lora_state(tiny_flux)
+    path = tmp_path / "checkpoint"
+    release = held_write(monkeypatch)
+    checkpointer = flux_run.Checkpointer(path, async_save=True)
+    checkpointer.save(model, opt, g, 3, {"x": 1})
+    weights, moments = snapshot(model, opt)
+    train_one_step(model, opt)  # the weights and AdamW's moments change while the save waits
+    assert checkpointer.pending is not None and not path.exists()
+    assert any(not torch.equal(p, weights[n]) for n, p in snapshot(model, opt)[0].items())
+    release.set()
+    checkpointer.close()
+    assert_holds(path, 3, weights, moments)
+
+
+def test_a_failed_async_save_is_rescued_with_the_state_of_its_own_iteration(
+        tiny_flux, tmp_path, monkeypatch):
+    model, opt, g = tiny_lora_state(tiny_flux)
+    path = tmp_path / "checkpoint"
+    release = held_write(monkeypatch, fail_first=True)
+    checkpointer = flux_run.Checkpointer(path, async_save=True)
+    checkpointer.save(model, opt, g, 3, {"x": 1})
+    weights, moments = snapshot(model, opt)
+    train_one_step(model, opt)
+    release.set()
+    with pytest.raises(OSError, match=f"could not write checkpoint '{path}': No space left on "
+                                      f"device; this iteration's state was saved to") as e:
+        checkpointer.close()
+    rescue = Path(str(e.value).split("saved to ")[1].split(" instead")[0])
+    try:
+        assert rescue.name.endswith("-000003")
+        assert_holds(rescue, 3, weights, moments)  # not the weights training has moved on to
+    finally:
+        import shutil
+        shutil.rmtree(rescue, ignore_errors=True)
+    assert not path.exists() and not path.with_name("checkpoint.tmp").exists()
+
+
 def test_a_finished_run_says_there_is_nothing_to_train_and_a_refused_resume_is_one_line(
         tiny_flux, tiny_clip, tmp_path, capsys):
     args = train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2", "--lora-rank", "4")
@@ -663,10 +828,10 @@ def test_a_finished_run_says_there_is_nothing_to_train_and_a_refused_resume_is_o
     r = subprocess.run([sys.executable, str(HERE / "flux_flow.py"), *args, "--eta", "0.5",
                         "--resume", str(tmp_path / "checkpoint")], capture_output=True,
                        text=True, timeout=300, env=env, cwd=tmp_path)
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1].startswith(
-        f"flux_flow.py: error: checkpoint '{tmp_path / 'checkpoint'}' was made for another model "
-        f"or config; it differs in: eta")
+        f"flux_flow.py: error: --resume: checkpoint '{tmp_path / 'checkpoint'}' was made for "
+        f"another model or config; it differs in: eta")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -707,6 +872,9 @@ def parse_error(argv, capsys):
     (["--export-every", "-1"], "--export-every must be >= 0 (0: at the end only), got -1"),
     (["--max-shard-size", "10XB"], "--max-shard-size: expected a size such as 10GB"),
     (["--max-shard-size", "0"], "--max-shard-size: a size must be at least 1 byte, got '0'"),
+    (["--method", "mixgrpo"], "--branch-steps is not used by --method mixgrpo"),
+    (["--method", "full_sde"], "--granularities is not used by --method full_sde"),
+    (["--window-every", "5"], "--window-every is not used by --method g2rpo"),
 ])
 def test_every_flag_is_checked_before_any_model_loads(tmp_path, capsys, extra, message):
     # --model points nowhere: reaching the loader would give another error.
@@ -752,6 +920,13 @@ def test_help_shows_the_defaults(capsys):
         flux_flow.parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: 0.7)" in out and "(default: runs/flux)" in out and "(default: 50)" in out
+    # Each default once, in the form the flag takes.
+    assert "(default: 0,1,2,3,4,5,6,7)" in out and "(default: 1,2,3)" in out
+    assert "(default: None)" not in out and "(default: False)" not in out
+    options = out.split(" options: ")[1]
+    for flag in ("--prompts", "--lora-alpha", "--lr", "--dtype", "--step-per-iteration"):
+        text = options.split(f" {flag} ")[1].split(" --")[0]
+        assert text.count("(default") == 1, (flag, text)
 
 
 def test_model_loading_errors_name_what_is_missing_and_rewards_load_first(tiny_flux, tiny_clip,

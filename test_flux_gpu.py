@@ -10,6 +10,7 @@ branch step 0. `G2RPO_GPU_TEST_DEVICE=cpu python -m pytest -q -m gpu` runs the s
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -117,18 +118,23 @@ def test_gpu_torchrun_over_the_visible_gpus_keeps_ranks_identical(tiny_flux, tin
 
 def test_gpu_sharded_checkpoints_async_save_export_and_elastic_resume(tiny_flux, tiny_clip,
                                                                     tmp_path):
-    """FSDP2 full fine-tune over the visible GPUs (nccl; async_save's gloo side group), then a
-    one-process resume: elastic when more than one GPU wrote the checkpoint."""
+    """FSDP2 full fine-tune over the visible GPUs (nccl; async_save's gloo side group) with an
+    evaluation before and after every iteration (inside the EMA's swap), then a one-process
+    resume: elastic when more than one GPU wrote the checkpoint."""
     nproc = torch.cuda.device_count() if CUDA else 1
     out = tmp_path / "run"
     args = train_args(tiny_flux, tiny_clip, out, "--lora-rank", "0", "--kl-beta", "0.1",
                       "--ema-decay", "0.9", *GPU_DEFAULTS)  # a sharded reference and EMA
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(29800 + os.getpid() % 1000), str(HERE / "flux_flow.py"),
-           *args, "--iterations", "2", "--save-every", "1", "--async-save"]
+           *args, "--iterations", "2", "--save-every", "1", "--async-save", "--eval-every", "1",
+           "--eval-seeds", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    evals = json.loads((out / "eval.json").read_text())["evaluations"]
+    assert [e["iteration"] for e in evals] == [0, 1, 2]
+    assert all(math.isfinite(v) for e in evals for v in e["scores"].values())
     saved = checkpoint(out / "checkpoint")
     assert saved["iteration"] == 1 and saved["world_size"] == nproc
     assert len(list((out / "checkpoint").glob("*.distcp"))) == nproc

@@ -370,6 +370,31 @@ def test_rollout_advantages_are_per_step_and_summed_over_granularities():
 # The MixGRPO baseline: an SDE window that slides over the steps.
 
 
+def test_conditioning_from_a_text_encoder_that_requires_grad_is_data_for_the_policy():
+    # encode_prompts as a user writes it with a diffusers pipeline: encode_prompt through a text
+    # encoder whose weights require grad. Its output would carry a graph that the first
+    # backward frees ("backward through the graph a second time" at the next branch step).
+    text_encoder = torch.nn.Embedding(5, 3)
+    encoded = []
+
+    def encode(prompts):
+        encoded.append(text_encoder(torch.tensor(prompts)))
+        return encoded[-1]
+
+    class ConditionedVelocity(LinearVelocity):
+        def forward(self, x, sigma, c):
+            return x @ self.w.T + c + sigma[:, None] * self.u
+
+    model = ConditionedVelocity()
+    before = model.w.detach().clone()
+    cfg = small_config(num_iterations=2)  # a step per branch step: 4 backward passes each
+    history = g2rpo.train(model, model, quadratic_reward, [1, 2, 3], cfg, (3,),
+                          encode_prompts=encode, log=None, progress=False)
+    assert len(history) == 2 and not torch.equal(model.w, before)
+    assert len(encoded) == 2 and not any(e.requires_grad for e in encoded)
+    assert text_encoder.weight.grad is None  # the text encoder is not trained
+
+
 def test_mixgrpo_window_moves_as_specified():
     window = g2rpo.mixgrpo_window
     # MixGRPO's script: T = 25, w = 4, stride 1, every 25 iterations; windows stay in 0..22.
@@ -437,8 +462,29 @@ def test_mixgrpo_rollout_equals_a_per_member_loop_with_ode_steps_outside_the_win
                 else:
                     x = g2rpo.ode_step(x, v, sigmas[i], sigmas[i + 1])
             torch.testing.assert_close(out["samples"][p, m], x)
-    # The terminal reward's advantage is broadcast to every step of the window.
-    torch.testing.assert_close(out["adv"], out["adv"][:1].expand(3, P, G))
+    # The terminal reward's group advantage (from the samples' own rewards), broadcast to every
+    # step of the window.
+    rewards = quadratic_reward(out["samples"].flatten(0, 1), [p for p in prompts for _ in
+                                                              range(G)]).view(P, G)
+    expected = g2rpo.group_advantages(rewards).clamp(-cfg.adv_clip, cfg.adv_clip)
+    assert out["adv"].shape == (3, P, G)
+    for j in range(3):
+        torch.testing.assert_close(out["adv"][j], expected)
+
+
+def test_fields_a_method_does_not_use_are_not_checked_against_the_grid():
+    # MixGRPO's window replaces the branch steps: the default 0..7 need not fit T = 8.
+    cfg = g2rpo.Config(method="mixgrpo", num_steps=8)
+    assert cfg.branch_steps == (0, 1, 2, 3, 4, 5, 6, 7)
+    g2rpo.Config(method="full_sde", granularities=(2, 2))  # full-SDE finishes no branches
+    g2rpo.Config(num_steps=4, branch_steps=(0, 1), window_size=5)  # no window but MixGRPO's
+    with pytest.raises(g2rpo.ConfigError, match="branch step 7 is outside 0..6") as e:
+        g2rpo.Config(method="full_sde", num_steps=8)
+    assert e.value.field == "branch_steps"
+    with pytest.raises(g2rpo.ConfigError, match="granularities must be distinct"):
+        g2rpo.Config(granularities=(2, 2))
+    with pytest.raises(g2rpo.ConfigError, match="must be a sequence of integers"):
+        g2rpo.Config(method="mixgrpo", branch_steps="0,1")  # its type is still checked
 
 
 @pytest.mark.parametrize("kw,field,match", [
@@ -688,6 +734,13 @@ def test_a_callback_returning_true_stops_training():
     (["--reward", "silver"], "invalid choice: 'silver'"),
     (["--kl-beta", "-1"], "--kl-beta: kl_beta must be >= 0, got -1.0"),
     (["--ema-decay", "1"], "--ema-decay: ema_decay must be in [0, 1)"),
+    (["--method", "mixgrpo", "--branch-steps", "0,1"],
+     "--branch-steps is not used by --method mixgrpo"),
+    (["--method", "mixgrpo", "--granularities", "1,2"],
+     "--granularities is not used by --method mixgrpo"),
+    (["--method", "full_sde", "--granularities", "1,2"],
+     "--granularities is not used by --method full_sde"),
+    (["--window-every", "5"], "--window-every is not used by --method g2rpo"),
 ])
 def test_toy_cli_checks_its_flags_before_pretraining(tmp_path, capsys, argv, message):
     import toy_flow

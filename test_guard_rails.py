@@ -222,6 +222,38 @@ def test_ema_applied_swaps_the_averages_in_and_back_bit_for_bit():
         assert torch.equal(p, o) and torch.equal(a, b)
 
 
+def test_ema_of_bf16_weights_keeps_float32_averages_that_do_not_stall():
+    # d = 0.99: each update moves the average by 1 % of its distance to the weights, below
+    # bf16's resolution (2⁻⁸ relative) for a small gap; in bf16 the average would never move.
+    model = torch.nn.Linear(64, 64).to(torch.bfloat16).requires_grad_(True)
+    ema = g2rpo.EMA(model, 0.99)
+    start = [a.clone() for a in ema.averages]
+    assert all(a.dtype == torch.float32 for a in ema.averages)
+    stalled = [p.detach().clone() for p in model.parameters()]  # a bf16 average, for contrast
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)  # the weights move by 1 %: the average should move by 0.01 % a step
+    for _ in range(10):
+        ema.update()
+        with torch.no_grad():
+            for s, p in zip(stalled, model.parameters()):
+                s.mul_(0.99).add_(p, alpha=0.01)
+    for a, a0, s, p, in zip(ema.averages, start, stalled, model.parameters()):
+        expected = a0 + (1 - 0.99**10) * (p.float() - a0)  # the closed form of 10 updates
+        torch.testing.assert_close(a, expected, rtol=1e-5, atol=1e-7)
+        assert (a == a0).float().mean() < 0.01  # every average moved (but exact zeros)
+        assert (s.float() == a0).float().mean() > 0.5  # most bf16 averages would not have
+    # applied(): the model holds the averages rounded to bf16, then its own weights bit for
+    # bit; the float32 averages come out unchanged.
+    own, averages = [p.detach().clone() for p in model.parameters()], [a.clone() for a in
+                                                                       ema.averages]
+    with ema.applied():
+        for p, a in zip(model.parameters(), averages):
+            assert p.dtype == torch.bfloat16 and torch.equal(p, a.bfloat16())
+    for p, o, a, b in zip(model.parameters(), own, ema.averages, averages):
+        assert torch.equal(p, o) and torch.equal(a, b)
+
+
 def test_ema_resumes_bit_for_bit():
     """3 iterations straight == 1, then a fresh model, optimizer, EMA and generator loaded
     from saved state dicts, then 2 more: weights and averages equal bit for bit."""

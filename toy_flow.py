@@ -58,8 +58,9 @@ TOY = dict(
     prompts_per_iteration=16,
     num_iterations=100,
     batch_size=1 << 16,
-    # MixGRPO's run moves its window 12 times (every 25 of 300 iterations) and so trains the
-    # first ~60 % of its 25 steps; every 13 of the toy's 100 covers the same share of 16 steps.
+    # MixGRPO's run puts its window at 12 positions (11 moves, every 25 of 300 iterations),
+    # through the first ~60 % of its 25 steps; every 13 of the toy's 100 covers the same share
+    # of 16 steps (the rule behind Config.window_every = 39 of 300).
     window_every=13,
 )
 METHODS = {
@@ -689,6 +690,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.overrides = {f: getattr(args, f) for f in flags if getattr(args, f) is not None}
     args.seed = args.overrides.pop("seed", 0)
+    if args.method != "all":  # a flag the method would silently ignore is refused
+        for field in g2rpo.UNUSED_FIELDS[METHODS[args.method]["method"]]:
+            if field in args.overrides:
+                p.error(f"{flags[field]} is not used by --method {args.method}")
     for flag, value in (("--seeds", args.seeds), ("--pretrain-steps", args.pretrain_steps)):
         if value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
