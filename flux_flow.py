@@ -527,7 +527,7 @@ def parse_args(argv=None):
     a("--attention-backends", default=",".join(DEFAULT_ATTENTION),
       help="scaled_dot_product_attention backends the transformer may use: comma-separated of "
            "flash, efficient, math, cudnn, or 'all' (PyTorch's own pick). The default leaves out "
-           "cuDNN, whose bf16 backward fails on Hopper GPUs (README, FLUX.1)")
+           "cuDNN, whose bf16 backward fails on Hopper GPUs (docs/gpu.md)")
     a("--output-dir", default="runs/flux", help="checkpoint, metrics.jsonl, eval images")
     a("--overwrite", action="store_true",
       help="replace the run already in --output-dir (its files are deleted)")

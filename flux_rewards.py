@@ -70,7 +70,7 @@ class HPSReward:
             import hpsv2
         except ImportError as e:
             raise ImportError("the 'hps' reward needs the hpsv2 package and its HPS-v2.1 "
-                              "checkpoint: pip install hpsv2 (README, section FLUX.1, Rewards)") from e
+                              "checkpoint: pip install hpsv2 (docs/gpu.md, Rewards)") from e
         self.hpsv2, self.version = hpsv2, version
 
     @torch.no_grad()

@@ -749,7 +749,7 @@ class EMA:
 
 
 def format_metrics(it, m):
-    """One log line per iteration (glossary in the README)."""
+    """One log line per iteration (glossary: docs/algorithm.md, Metrics)."""
     line = (f"it {it:4d} | reward {m['reward']:.4f} ± {m['reward_std']:.4f}"
             + (f" | anchor {m['reward_anchor']:.4f}" if "reward_anchor" in m else "")
             + f" | loss {m['loss']:+.2e} | grad {m['grad_norm']:.3f}"

@@ -9,7 +9,6 @@ docs/nb_table.md) on purpose:
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -60,9 +59,13 @@ def test_notebook_executes_headless(tmp_path):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--regenerate"]:
-        sys.exit("usage: python test_notebook.py --regenerate   (re-executes the notebook in "
-                 "place and rewrites docs/nb_*)")
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="test_notebook.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--regenerate", action="store_true", required=True,
+                        help="re-execute the notebook in place and rewrite docs/nb_*")
+    parser.parse_args()
     import nbformat
 
     nbformat.write(execute(), NOTEBOOK)

@@ -53,7 +53,7 @@ EXTRA_STD = MODE_STD  # std of the D − 2 dimensions the reward ignores (--dim 
 TOY = dict(
     shift=1.0,  # with shift 3 the 8 noisiest of 16 steps cover only σ ∈ [1, 0.75]
     clip_range=1e-2,  # 1e-4 clips ~all samples after the first k with D = 2
-    lr=1e-4,  # 3e-4 was faster but unstable for every method (see README)
+    lr=1e-4,  # 3e-4 was faster but unstable for every method (see docs/toy.md)
     weight_decay=1e-4,
     prompts_per_iteration=16,
     num_iterations=100,
@@ -661,14 +661,15 @@ def parse_args(argv=None):
            "D − 2 narrow directions the reward ignores (default: 2)")
     a("--mgai-vs-dim", type=_int_tuple, default=None, metavar="D1,D2,...",
       help="the MGAI study instead of a run: for each D, λ-disagreement and G²RPO vs G²RPO w/o "
-           "MGAI over --seeds paired seeds (README, 'Does MGAI matter as D grows?')")
+           "MGAI over --seeds paired seeds (docs/toy.md, 'Does MGAI matter as the data dimension "
+           "grows?')")
     a("--reward", default="gold", choices=list(REWARDS),
       help="what to train on: gold, the toy's reward, or proxy, one that can be gamed (it keeps "
            "rising outward past the gold reward's peak); evaluations report both (default: gold)")
     a("--guard-rails", type=_float_tuple, default=None, metavar="B1,B2,...",
       help="the reward-hacking study instead of a run: train on the proxy with each kl-beta, "
-           "each with EMA off and on (--ema-decay, default 0.99), over --seeds seeds (README, "
-           "'Reward hacking and its guard rails')")
+           "each with EMA off and on (--ema-decay, default 0.99), over --seeds seeds "
+           "(docs/toy.md, 'Reward hacking and its guard rails')")
     a("--verbose", action="store_true", help="print one metrics line per iteration")
     group = p.add_argument_group("algorithm (g2rpo.Config; the toy's defaults in brackets)")
     docs, toy = config_field_help(), toy_config("g2rpo")

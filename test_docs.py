@@ -1,0 +1,250 @@
+"""The documentation against the code: README.md and docs/*.md cannot rot silently.
+
+- Their Python snippets run, against tiny models (the front page's g2rpo.train call and the
+  guard rails as written; the export snippet on the weights of a tiny FLUX run).
+- Every `--flag` they write beside a command of this repository is a flag that command's argparse
+  parser accepts (the parsers are built by running each script's own parsing code, stopped before
+  it parses anything: no model loads, no network); a bare `--flag` belongs to the last command
+  named in its paragraph, or else to one of the repository's commands.
+- Every figure they show exists, and every link between pages resolves, anchors included.
+"""
+
+import argparse
+import os
+import re
+import runpy
+import textwrap
+from pathlib import Path
+from unittest import mock
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+PAGES = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+FENCE = re.compile(r"^ *```(\w*)\n(.*?)^ *```$", re.S | re.M)
+# Flags of other programs that the pages mention (torchrun's, TensorBoard's, the Hub CLI's).
+EXTERNAL_FLAGS = {"--nproc_per_node", "--logdir", "--local-dir"}
+
+
+def page_id(page):
+    return str(page.relative_to(HERE))
+
+
+def fenced(page, language):
+    """The page's fenced blocks in `language`, dedented (a block may sit inside a list item)."""
+    return [textwrap.dedent(body) for lang, body in FENCE.findall(page.read_text())
+            if lang == language]
+
+
+# ----------------------------------------------------------------------------------------------
+# The snippets run.
+
+
+class TinyFlow(torch.nn.Module):
+    """v = W x + b_c + σ·u on 3 dimensions: a conditional flow small enough for 300 iterations."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(0.3 * torch.randn(3, 3, generator=g))
+        self.b = torch.nn.Parameter(torch.randn(4, 3, generator=g))
+        self.u = torch.nn.Parameter(torch.randn(3, generator=g))
+
+    def forward(self, x, sigma, c):
+        return x @ self.w.T + self.b[c] + sigma[:, None] * self.u
+
+
+def snippet_namespace():
+    model = TinyFlow()
+    reference = TinyFlow().requires_grad_(False)
+    evaluated = []
+
+    def evaluate(m):
+        evaluated.append([p.detach().clone() for p in m.parameters()])
+
+    return {"model": model, "velocity_fn": model, "ref_velocity_fn": reference,
+            "reward_fn": lambda x, prompts: -((x - torch.tensor(prompts)[:, None]) ** 2).sum(-1),
+            "prompts": [0, 1, 2, 3], "latent_shape": (3,), "encode": torch.tensor,
+            "evaluate": evaluate, "evaluated": evaluated}
+
+
+def test_the_front_page_and_algorithm_page_snippets_run_as_written():
+    torch.set_num_threads(1)
+    (front,) = fenced(HERE / "README.md", "python")
+    (guard_rails,) = fenced(HERE / "docs" / "algorithm.md", "python")
+    ns = snippet_namespace()
+    with mock.patch("tqdm.auto.tqdm", side_effect=ImportError):  # no bar in the test's output
+        exec(front, ns)
+        history = ns["history"]
+        assert len(history) == ns["cfg"].num_iterations == 300
+        assert all(torch.isfinite(torch.tensor(m["reward"])) for m in history)
+        assert history[0]["ratio_dev_first"] < 1e-5
+        before = [p.detach().clone() for p in ns["model"].parameters()]
+        exec(guard_rails, ns)
+    assert ns["cfg"].kl_beta == 3.0
+    (inside,) = ns["evaluated"]  # evaluate(model) saw the averages, the model has its own after
+    for p, a, b, avg in zip(ns["model"].parameters(), inside, before, ns["ema"].averages):
+        assert torch.equal(a, avg) and not torch.equal(p, avg) and not torch.equal(p, b)
+
+
+def test_the_gpu_page_snippet_loads_what_a_run_exports(tiny_flux, tiny_clip, tmp_path):
+    import flux_flow
+    from test_flux_flow import train_args
+
+    for rank, out in (("4", tmp_path / "lora_run"), ("0", tmp_path / "full_run")):
+        flux_flow.main(train_args(tiny_flux, tiny_clip, out, "--iterations", "1", "--lora-rank",
+                                  rank))
+    (code,) = fenced(HERE / "docs" / "gpu.md", "python")
+    for path, here in (("/models/FLUX.1-dev", tiny_flux),
+                       ("runs/flux/lora", str(tmp_path / "lora_run" / "lora")),
+                       ("runs/flux/transformer", str(tmp_path / "full_run" / "transformer"))):
+        assert f'"{path}"' in code
+        code = code.replace(f'"{path}"', repr(here))
+    ns = {}
+    exec(code, ns)
+    assert ns["pipe"].transformer is ns["transformer"]
+    assert ns["transformer"].dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------
+# Every flag exists.
+
+
+class _Built(Exception):
+    """Carries the parser out of a script's own parsing code, before it parses."""
+
+
+def _stop(self, *args, **kwargs):
+    raise _Built(self)
+
+
+_PARSERS = {}
+
+
+def flags_of(script):
+    """The option strings of `script`'s argparse parser (the script as `python script` runs it,
+    stopped at its first parse_args)."""
+    if script not in _PARSERS:
+        path = HERE / script
+        assert path.is_file(), f"the docs run {script}, which is not in the repository"
+        with mock.patch.object(argparse.ArgumentParser, "parse_args", _stop), \
+                mock.patch("sys.argv", [str(path)]):
+            with pytest.raises(_Built) as built:
+                runpy.run_path(str(path), run_name="__main__")
+        parser = built.value.args[0]
+        _PARSERS[script] = {s for action in parser._actions for s in action.option_strings}
+    return _PARSERS[script]
+
+
+def repository_commands():
+    """The scripts with a command line: an argparse parser and a __main__ block."""
+    return sorted(p.name for p in HERE.glob("*.py") if p.name != "test_docs.py"
+                  and "ArgumentParser(" in (t := p.read_text()) and '__name__ == "__main__"' in t)
+
+
+COMMAND = re.compile(r"(?:python|torchrun)\b[^`|;&\n]*?\s(\w+\.py)\b([^`|;&\n#]*)")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
+
+
+def flag_uses(page):
+    """(paragraph number, script or None, flag) for every --flag on the page: those on a command
+    line name its script; a bare one in inline code takes the last script its paragraph named."""
+    text = page.read_text()
+    uses = []
+    for block in FENCE.findall(text):
+        if block[0] in ("bash", "sh", ""):
+            for line in block[1].replace("\\\n", " ").splitlines():
+                line = line.split(" #")[0]
+                uses += [(None, script, f) for script, rest in COMMAND.findall(line)
+                         for f in FLAG.findall(rest)]
+    for n, paragraph in enumerate(re.split(r"\n\s*\n", FENCE.sub("", text))):
+        last = None
+        for span in re.findall(r"`([^`]+)`", paragraph):
+            commands = COMMAND.findall(span)
+            for script, rest in commands:
+                uses += [(n, script, f) for f in FLAG.findall(rest)]
+                last = script
+            if not commands:
+                uses += [(n, last, f) for f in FLAG.findall(span)]
+    return uses
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_flag_the_docs_write_is_one_the_command_accepts(page):
+    anywhere = set().union(*(flags_of(s) for s in repository_commands())) | EXTERNAL_FLAGS
+    uses = flag_uses(page)
+    wrong = sorted({(script or "any command", flag) for _, script, flag in uses
+                    if flag not in (flags_of(script) if script else anywhere)
+                    and flag not in EXTERNAL_FLAGS})
+    assert not wrong, f"{page_id(page)} writes flags its commands do not accept: {wrong}"
+
+
+def test_the_flag_check_finds_commands_and_bare_flags():
+    uses = flag_uses(HERE / "docs" / "toy.md")
+    assert (None, "toy_flow.py", "--seeds") in {(None, s, f) for _, s, f in uses}
+    assert any(s == "toy_flow.py" and f == "--no-step-per-branch" for _, s, f in uses)
+    assert "--lora-rank" in flags_of("flux_flow.py") and "--seeds" in flags_of("toy_flow.py")
+    assert "--lora-rank" not in flags_of("toy_flow.py")
+    assert "--regenerate" in flags_of("test_notebook.py")
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures exist, links resolve.
+
+
+def slug(heading):
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*_]|\[([^]]*)\]\([^)]*\)", r"\1", heading.strip().lower())
+    return "".join(c for c in text if c.isalnum() or c in " -_").replace(" ", "-")
+
+
+def anchors(page):
+    if page.suffix != ".md":
+        return set()
+    seen, out = {}, set()
+    for h in re.findall(r"^#+ (.+)$", FENCE.sub("", page.read_text()), re.M):
+        s = slug(h)
+        out.add(s if s not in seen else f"{s}-{seen[s]}")
+        seen[s] = seen.get(s, 0) + 1
+    return out
+
+
+def links(page):
+    return re.findall(r"!?\[[^]]*\]\(([^)\s]+)\)", FENCE.sub("", page.read_text()))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_figures_exist_and_links_resolve(page):
+    broken = []
+    for target in links(page):
+        if re.match(r"[a-z]+:", target):
+            continue  # a web address
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and anchor not in anchors(dest):
+            broken.append(f"{target} (no such heading)")
+    assert not broken, f"{page_id(page)}: {broken}"
+
+
+def test_the_link_check_knows_github_anchors():
+    assert slug("Equation → function → test") == "equation--function--test"
+    assert slug("Using `g2rpo.train`") == "using-g2rpotrain"
+    assert slug("Differences from the paper / the official code") == (
+        "differences-from-the-paper--the-official-code")
+    assert "the-headline-result" in anchors(HERE / "README.md")
+    assert len(links(HERE / "README.md")) > 10
+
+
+def test_the_front_page_stays_a_front_page():
+    text = (HERE / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    assert "python toy_flow.py" in text and "python -m pytest -q" in text
+    for page in sorted((HERE / "docs").glob("*.md")):
+        if page.name != "nb_table.md":  # written by the notebook
+            assert f"docs/{page.name}" in text, f"the front page does not link {page.name}"
+            assert "**Reproducing the figures on this page.**" in page.read_text(), page.name
