@@ -150,33 +150,32 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
 
 
 def flag_uses(page):
-    """(paragraph number, script or None, flag) for every --flag on the page: those on a command
-    line name its script; a bare one in inline code takes the last script its paragraph named."""
+    """(script or None, flag) for every --flag on the page: those on a command line name its
+    script; a bare one in inline code takes the last script its paragraph named."""
     text = page.read_text()
     uses = []
     for block in FENCE.findall(text):
         if block[0] in ("bash", "sh", ""):
             for line in block[1].replace("\\\n", " ").splitlines():
                 line = line.split(" #")[0]
-                uses += [(None, script, f) for script, rest in COMMAND.findall(line)
+                uses += [(script, f) for script, rest in COMMAND.findall(line)
                          for f in FLAG.findall(rest)]
-    for n, paragraph in enumerate(re.split(r"\n\s*\n", FENCE.sub("", text))):
+    for paragraph in re.split(r"\n\s*\n", FENCE.sub("", text)):
         last = None
         for span in re.findall(r"`([^`]+)`", paragraph):
             commands = COMMAND.findall(span)
             for script, rest in commands:
-                uses += [(n, script, f) for f in FLAG.findall(rest)]
+                uses += [(script, f) for f in FLAG.findall(rest)]
                 last = script
             if not commands:
-                uses += [(n, last, f) for f in FLAG.findall(span)]
+                uses += [(last, f) for f in FLAG.findall(span)]
     return uses
 
 
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
 def test_every_flag_the_docs_write_is_one_the_command_accepts(page):
     anywhere = set().union(*(flags_of(s) for s in repository_commands())) | EXTERNAL_FLAGS
-    uses = flag_uses(page)
-    wrong = sorted({(script or "any command", flag) for _, script, flag in uses
+    wrong = sorted({(script or "any command", flag) for script, flag in flag_uses(page)
                     if flag not in (flags_of(script) if script else anywhere)
                     and flag not in EXTERNAL_FLAGS})
     assert not wrong, f"{page_id(page)} writes flags its commands do not accept: {wrong}"
@@ -184,8 +183,8 @@ def test_every_flag_the_docs_write_is_one_the_command_accepts(page):
 
 def test_the_flag_check_finds_commands_and_bare_flags():
     uses = flag_uses(HERE / "docs" / "toy.md")
-    assert (None, "toy_flow.py", "--seeds") in {(None, s, f) for _, s, f in uses}
-    assert any(s == "toy_flow.py" and f == "--no-step-per-branch" for _, s, f in uses)
+    assert ("toy_flow.py", "--seeds") in uses  # on a command line
+    assert ("toy_flow.py", "--no-step-per-branch") in uses  # bare, after the paragraph's command
     assert "--lora-rank" in flags_of("flux_flow.py") and "--seeds" in flags_of("toy_flow.py")
     assert "--lora-rank" not in flags_of("toy_flow.py")
     assert "--regenerate" in flags_of("test_notebook.py")
