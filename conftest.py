@@ -31,6 +31,14 @@ def tiny_clip(tmp_path_factory):
     return make_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
+@pytest.fixture(scope="session")
+def tiny_hps(tmp_path_factory):
+    """(checkpoint, architecture JSON): a tiny random OpenCLIP in HPS's checkpoint format."""
+    from test_rewards import make_tiny_hps
+
+    return make_tiny_hps(tmp_path_factory.mktemp("hps"))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (python -m pytest -q -m gpu)")
 

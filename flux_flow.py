@@ -8,7 +8,7 @@
     python flux_flow.py --model ... --eval --iterations 0
 
 Everything FLUX-specific lives here; g2rpo.py stays model-agnostic; the reward models are in
-flux_rewards.py; run directories, checkpoints, export and signals in flux_run.py. Latents are kept
+rewards.py; run directories, checkpoints, export and signals in flux_run.py. Latents are kept
 in FLUX's packed layout (N, S, 64) in float32 between steps; the transformer runs in --dtype
 (bf16 autocast on GPU) and log-probabilities are computed in float32.
 """
@@ -31,7 +31,7 @@ import flux_run
 import g2rpo
 from flux_parallel import (adapters_disabled, frozen_reference, init_distributed,
                            wrap_distributed)
-from flux_rewards import load_rewards, reward_names
+import rewards as reward_models
 
 BUILTIN_PROMPTS = [
     "a red fox sitting in fresh snow, golden hour",
@@ -294,7 +294,7 @@ def sample(pipe, velocity, encoder, prompts, height, width, sigmas, generator):
 
 
 # ----------------------------------------------------------------------------------------------
-# Rewards (the models themselves: flux_rewards.py).
+# Rewards (the models themselves: rewards.py, shared by every adapter).
 
 
 def make_reward_fn(pipe, rewards, height, width, decode_batch=4):
@@ -377,7 +377,7 @@ def settings(args):
             "clip_range": args.clip_range, "adv_clip": args.adv_clip,
             "max_grad_norm": args.max_grad_norm, "weight_decay": args.weight_decay,
             "step_per_iteration": args.step_per_iteration, "guidance": args.guidance,
-            "prompts_per_gpu": args.prompts_per_gpu, "rewards": reward_names(args.rewards),
+            "prompts_per_gpu": args.prompts_per_gpu, "rewards": reward_models.reward_names(args.rewards),
             "max_sequence_length": args.max_sequence_length,
             # Only when on: checkpoints from before these settings existed resume unchanged.
             **{k: getattr(args, k) for k in ("kl_beta", "ema_decay") if getattr(args, k) > 0},
@@ -494,11 +494,24 @@ def parse_args(argv=None):
     a("--window-every", type=int, default=None,
       help=f"mixgrpo: iterations between two moves of the window (default: {d.window_every}, "
            f"for {d.num_iterations} iterations; rescale it with --iterations)")
-    a("--rewards", default="clip", help="comma-separated: clip, pickscore, hps (advantages summed)")
-    a("--clip-model", default="openai/clip-vit-large-patch14", help="CLIP reward model")
-    a("--pickscore-model", default="yuvalkirstain/PickScore_v1", help="PickScore reward model")
-    a("--pickscore-processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    rd = reward_models.DEFAULTS
+    a("--rewards", default="clip",
+      help="comma-separated rewards to train on: clip, pickscore, hps (advantages summed; the "
+           "paper: hps, or hps,clip with the DFN5B --clip-model)")
+    a("--eval-rewards", default=None,
+      help="comma-separated rewards evaluations score (default: the training rewards); those "
+           "not trained on are reported as out-of-domain")
+    a("--clip-model", default=rd["clip_model"],
+      help="CLIP score model: a transformers CLIP, or an OpenCLIP one ('hf-hub:org/name' or a "
+           "folder with open_clip_config.json; the official recipe's: "
+           "hf-hub:apple/DFN5B-CLIP-ViT-H-14-384)")
+    a("--pickscore-model", default=rd["pickscore_model"], help="PickScore reward model")
+    a("--pickscore-processor", default=rd["pickscore_processor"],
       help="PickScore's tokenizer and image processor")
+    a("--hps-checkpoint", default=rd["hps_checkpoint"],
+      help="HPS-v2.1 weights: a local file, or org/repo/filename in the Hugging Face cache")
+    a("--hps-model", default=rd["hps_model"],
+      help="the OpenCLIP architecture the HPS checkpoint is for (a name or a JSON config)")
     a("--lora-rank", type=int, default=64, help="0 = full fine-tune of the transformer")
     a("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     a("--lr", type=float, default=None,
@@ -598,7 +611,11 @@ def check_args(args):
     if not math.isfinite(args.guidance):
         raise ValueError(f"--guidance must be finite, got {args.guidance}")
     sdpa_backends(args.attention_backends)
-    reward_names(args.rewards)
+    names = reward_models.reward_names(args.rewards)
+    if args.eval_rewards is not None:
+        names += reward_models.reward_names(args.eval_rewards, "--eval-rewards")
+    if "hps" in names:  # a file: found (or named missing) now; the models load before FLUX
+        reward_models.resolve_file(args.hps_checkpoint, "--hps-checkpoint")
     try:
         make_config(args)
     except g2rpo.ConfigError as e:
@@ -652,8 +669,15 @@ def _train_flux(args, rank, world, device, run):
     prompts = read_prompts(args.prompts)
     eval_prompts = read_prompts(args.eval_prompts, BUILTIN_EVAL_PROMPTS)
     # Rewards first: a missing reward model is found before FLUX loads (minutes at full size).
-    rewards = load_rewards(args.rewards, device, args.clip_model, args.pickscore_model,
-                           args.pickscore_processor)
+    # Each is loaded once, whether it trains, evaluates or both.
+    train_names = reward_models.reward_names(args.rewards)
+    eval_names = reward_models.reward_names(args.eval_rewards or train_names, "--eval-rewards")
+    loaded = reward_models.load_rewards(
+        list(dict.fromkeys(train_names + eval_names)), device, clip_model=args.clip_model,
+        pickscore_model=args.pickscore_model, pickscore_processor=args.pickscore_processor,
+        hps_checkpoint=args.hps_checkpoint, hps_model=args.hps_model)
+    rewards = {n: loaded[n] for n in train_names}
+    eval_rewards = {n: loaded[n] for n in eval_names}
     pipe = load_pipeline(args.model, device, dtype)
     check_image_size(pipe, args.height, args.width)
     encoder = PromptEncoder(pipe, args.max_sequence_length)
@@ -711,15 +735,16 @@ def _train_flux(args, rank, world, device, run):
     def run_eval(iteration):
         """Evaluate after `iteration` iterations: eval.json, a captioned grid, the tracker."""
         with averaged():
-            scores, images = evaluate(pipe, eval_velocity, encoder, rewards, eval_prompts,
+            scores, images = evaluate(pipe, eval_velocity, encoder, eval_rewards, eval_prompts,
                                       args.height, args.width, sigmas, args.eval_seeds)
+        scores = flux_run.by_domain(scores, train_names)
         grid = flux_run.captioned_grid(images, eval_prompts, args.eval_seeds,
                                        f"after {iteration} iterations")
         path = run.record_eval(iteration, scores, grid)
         tracker.evaluation(iteration, scores, grid)
-        evaluations.append({"iteration": iteration, "scores": scores})
-        say(f"eval after {iteration} iterations{which}: "
-            + "  ".join(f"{n} {v:.4f}" for n, v in scores.items()) + f"  ({path})")
+        evaluations.append({"iteration": iteration, **scores})
+        say(f"eval after {iteration} iterations{which}: {flux_run.domain_text(scores)}  "
+            f"({path})")
 
     stopper = flux_run.GracefulStop(log=say)
     checkpointer = flux_run.Checkpointer(ckpt_path, args.async_save, log=say)

@@ -157,14 +157,15 @@ class RunDirectory:
             _write_text(self.path / EVAL, json.dumps({"evaluations": evals}, indent=1))
 
     def record_eval(self, iteration, scores, grid):
-        """Add one evaluation (mean rewards after `iteration` iterations, its grid image) to
-        eval.json, replacing an earlier one of the same iteration; returns the grid's path."""
+        """Add one evaluation (mean rewards after `iteration` iterations, by_domain's split, and
+        its grid image) to eval.json, replacing an earlier one of the same iteration; returns the
+        grid's path."""
         if not self.is_main:
             return None
         name = f"eval_{iteration:06d}.png"
         grid.save(self.path / name)
         evals = [e for e in self.evaluations() if e["iteration"] != iteration]
-        evals.append({"iteration": iteration, "scores": scores, "grid": name})
+        evals.append({"iteration": iteration, **scores, "grid": name})
         self._write_evals(sorted(evals, key=lambda e: e["iteration"]))
         return self.path / name
 
@@ -178,6 +179,26 @@ class RunDirectory:
             (self.path / LOCK).unlink(missing_ok=True)
             self.lock.close()  # releases the flock
             self.lock = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation scores: in-domain (trained on) and out-of-domain rewards.
+
+
+DOMAINS = ("in_domain", "out_of_domain")
+
+
+def by_domain(scores, trained):
+    """{reward: mean} → {"in_domain": the rewards trained on, "out_of_domain": the others}, as
+    the paper's Table 1 reports them."""
+    return {"in_domain": {n: v for n, v in scores.items() if n in trained},
+            "out_of_domain": {n: v for n, v in scores.items() if n not in trained}}
+
+
+def domain_text(scores):
+    """'in-domain clip 0.2512 | out-of-domain hps 0.2301' (a side left out when empty)."""
+    return " | ".join(d.replace("_", "-") + " " + "  ".join(f"{n} {v:.4f}" for n, v in s.items())
+                      for d, s in scores.items() if s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -753,7 +774,8 @@ class Tracker:
     def evaluation(self, iteration, scores, grid):
         if self.writer is None:
             return
-        self._log({f"eval/{k}": v for k, v in scores.items()}, iteration)
+        self._log({f"eval/{d}/{n}": v for d in DOMAINS for n, v in scores[d].items()},
+                  iteration)
         if self.kind == "tensorboard":
             import numpy as np
 

@@ -24,7 +24,7 @@ import torch
 
 import flux_flow
 import flux_parallel
-import flux_rewards
+import rewards
 import flux_run
 import g2rpo
 
@@ -149,7 +149,7 @@ def test_prompt_encoder_caches_and_matches_encode_prompt(tiny_flux):
 def test_clip_reward_is_clip_models_cosine(tiny_clip):
     from transformers import CLIPModel
 
-    reward = flux_rewards.ClipReward(tiny_clip)
+    reward = rewards.ClipReward(tiny_clip)
     images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     prompts = ["a cat", "a dog", "sun"]
     model = CLIPModel.from_pretrained(tiny_clip).eval()
@@ -161,7 +161,7 @@ def test_clip_reward_is_clip_models_cosine(tiny_clip):
                     pixel_values=(images - mean) / std)
     expected = out.logits_per_image.diagonal() / model.logit_scale.exp()
     torch.testing.assert_close(reward(images, prompts), expected)
-    pick = flux_rewards.ClipReward(tiny_clip, pickscore=True)
+    pick = rewards.ClipReward(tiny_clip, pickscore=True)
     torch.testing.assert_close(pick(images, prompts), out.logits_per_image.diagonal() / 100)
 
 
@@ -449,10 +449,10 @@ def test_ema_run_evaluates_and_exports_the_averages(tiny_flux, tiny_clip, tmp_pa
          for p in (fresh, last)]
     assert not torch.allclose(v[0], v[1])
     # ... and the evaluation after training scored the averages: the same grid again.
-    scores = json.loads((tmp_path / "eval.json").read_text())["evaluations"][-1]["scores"]
+    scores = json.loads((tmp_path / "eval.json").read_text())["evaluations"][-1]["in_domain"]
     again, _ = flux_flow.evaluate(averaged, flux_flow.FluxVelocity.from_pipe(
         averaged.transformer, averaged, H, W), flux_flow.PromptEncoder(averaged, 16),
-        flux_rewards.load_rewards("clip", "cpu", tiny_clip, None, None),
+        rewards.load_rewards("clip", "cpu", clip_model=tiny_clip),
         flux_flow.BUILTIN_EVAL_PROMPTS, H, W, flux_flow.flux_sigmas(averaged, 4, H, W), [0])
     assert again == pytest.approx(scores, rel=1e-5)
 
@@ -929,18 +929,27 @@ def test_help_shows_the_defaults(capsys):
         assert text.count("(default") == 1, (flag, text)
 
 
-def test_model_loading_errors_name_what_is_missing_and_rewards_load_first(tiny_flux, tiny_clip,
-                                                                          tmp_path):
+def test_model_loading_errors_name_what_is_missing_and_rewards_load_first(
+        tiny_flux, tiny_clip, tiny_hps, tmp_path, capsys):
     base = train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1")
+    torch.save({"state_dict": {"visual.proj": torch.zeros(3)}}, tmp_path / "not_hps.pt")
     with pytest.raises(OSError, match="could not load reward model 'no-such/reward-model'"):
         # --model is missing too: the reward, which loads first, is what the error names
         flux_flow.main(base + ["--clip-model", "no-such/reward-model",
                                "--model", str(tmp_path / "no_flux_here")])
     with pytest.raises(OSError, match="could not load a FLUX pipeline from"):
         flux_flow.main(base + ["--model", str(tmp_path / "no_flux_here")])
-    if importlib.util.find_spec("hpsv2") is None:
-        with pytest.raises(ImportError, match="needs the hpsv2 package"):
-            flux_flow.main(base + ["--rewards", "hps"])
+    # A missing HPS checkpoint is a bad flag (exit 2), for an evaluation-only reward too; the
+    # default HPS-v2.1 file is not in this machine's cache.
+    nowhere = ["--model", str(tmp_path / "no_flux_here")]
+    assert "--hps-checkpoint: no file " + str(tmp_path / "missing.pt") in parse_error(
+        base + nowhere + ["--rewards", "hps", "--hps-checkpoint", str(tmp_path / "missing.pt")],
+        capsys)
+    assert "hf download xswu/HPSv2 HPS_v2.1_compressed.pt" in parse_error(
+        base + nowhere + ["--eval-rewards", "clip,hps", "--eval"], capsys)
+    with pytest.raises(OSError, match="is not an HPS checkpoint for OpenCLIP"):
+        flux_flow.main(base + nowhere + ["--rewards", "hps", "--hps-checkpoint", str(
+            tmp_path / "not_hps.pt"), "--hps-model", tiny_hps[1]])
     assert not (tmp_path / "checkpoint").exists() and not (tmp_path / ".lock").exists()
 
 
@@ -1021,10 +1030,10 @@ def test_tensorboard_gets_every_scalar_and_the_eval_grids(tiny_flux, tiny_clip, 
     expected = {f"train/{k}" for k in ("reward", "reward_anchor", "loss", "clip_frac",
                                        "approx_kl", "kl_ref", "grad_norm", "nfe", "seconds")}
     expected |= {"train/adv_abs_k/0", "train/adv_abs_k/1", "train/adv_abs_lambda/1",
-                 "train/adv_abs_lambda/2", "eval/clip"}
+                 "train/adv_abs_lambda/2", "eval/in_domain/clip"}
     assert expected <= tags, expected - tags
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
-    assert [e.step for e in events.Scalars("eval/clip")] == [0, 1, 2]
+    assert [e.step for e in events.Scalars("eval/in_domain/clip")] == [0, 1, 2]
     assert "eval/grid" in events.Tags()["images"]
     out = capsys.readouterr().out  # the console line carries loss, grad norm and s/it
     assert "| loss " in out and "| grad " in out and " s/it" in out and "| kl_ref " in out
@@ -1037,13 +1046,46 @@ def test_evaluation_schedule_and_captioned_grids(tiny_flux, tiny_clip, tmp_path)
                                          "--lora-rank", "4", "--eval-every", "2"))
     assert [e["iteration"] for e in evals] == [0, 2, 3]  # before, every 2, after
     saved = json.loads((tmp_path / "eval.json").read_text())["evaluations"]
-    assert [e["iteration"] for e in saved] == [0, 2, 3] and "clip" in saved[0]["scores"]
+    assert [e["iteration"] for e in saved] == [0, 2, 3] and "clip" in saved[0]["in_domain"]
     grid = Image.open(tmp_path / "eval_000002.png")
     assert grid.width > 4 * W and grid.height > 2 * H  # captions around 2 seeds × 4 prompts
     _, evals = flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "only", "--iterations",
                                          "0", "--eval"))
     assert [e["iteration"] for e in evals] == [0]  # an eval-only run evaluates once
     assert not (tmp_path / "only" / "checkpoint").exists()
+
+
+def test_hps_training_with_out_of_domain_evaluation_rewards(tiny_flux, tiny_clip, tiny_hps,
+                                                            tmp_path, capsys):
+    hps = ["--rewards", "hps", "--hps-checkpoint", tiny_hps[0], "--hps-model", tiny_hps[1]]
+    base = train_args(tiny_flux, tiny_clip, tmp_path / "a", "--iterations", "2", "--lora-rank",
+                      "4", "--eval", "--eval-seeds", "0", *hps)
+    _, evals = flux_flow.main(base + ["--eval-rewards", "hps,clip,pickscore", "--pickscore-model",
+                                      tiny_clip, "--pickscore-processor", tiny_clip])
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "a" / "eval.json").read_text())["evaluations"]
+    assert [(set(e["in_domain"]), set(e["out_of_domain"])) for e in saved] == [
+        ({"hps"}, {"clip", "pickscore"})] * 2
+    assert re.search(r"eval after 2 iterations: in-domain hps -?[\d.]+ \| out-of-domain clip "
+                     r"-?[\d.]+  pickscore -?[\d.]+", out)
+    # The scores are those rewards' own on the evaluation's samples.
+    pipe = trained_pipeline(tiny_flux, tmp_path / "a" / "checkpoint", 4, 4)
+    velocity = flux_flow.FluxVelocity.from_pipe(pipe.transformer, pipe, H, W)
+    models = rewards.load_rewards("hps,clip", "cpu", clip_model=tiny_clip,
+                                  hps_checkpoint=tiny_hps[0], hps_model=tiny_hps[1])
+    again, _ = flux_flow.evaluate(pipe, velocity, flux_flow.PromptEncoder(pipe, 16), models,
+                                  flux_flow.BUILTIN_EVAL_PROMPTS, H, W,
+                                  flux_flow.flux_sigmas(pipe, 4, H, W), [0])
+    assert again == pytest.approx({**saved[-1]["in_domain"], "clip": saved[-1]["out_of_domain"]
+                                   ["clip"]}, rel=1e-5)
+    # Out-of-domain rewards only watch: the same training without them.
+    flux_flow.main(base[:base.index(str(tmp_path / "a"))] + [str(tmp_path / "b")]
+                   + base[base.index(str(tmp_path / "a")) + 1:])
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert drop(metrics_rows(tmp_path / "a")) == drop(metrics_rows(tmp_path / "b"))
+    b = json.loads((tmp_path / "b" / "eval.json").read_text())["evaluations"]
+    assert [e["in_domain"] for e in b] == [e["in_domain"] for e in saved]
+    assert all(e["out_of_domain"] == {} for e in b)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")

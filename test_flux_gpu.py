@@ -21,6 +21,7 @@ import torch
 import bench_flux
 import flux_flow
 import g2rpo
+import rewards
 from conftest import gpu_test_device
 from test_flux_flow import HERE, H, W, assert_resume_is_bit_exact, checkpoint, train_args
 
@@ -32,6 +33,21 @@ GPU_DEFAULTS = [] if CUDA else ["--dtype", "bf16"]
 # bf16 sampler vs FluxPipeline in bf16: the pipeline rounds its latents to bf16 after every step,
 # ours keeps them in fp32, so they agree to bf16 precision only.
 BF16_TOL = dict(rtol=0.05, atol=0.05)
+
+
+def test_gpu_rewards_score_on_the_device_as_on_the_cpu(tiny_hps, tiny_clip, tmp_path):
+    from test_rewards import make_tiny_open_clip, smooth_images
+
+    models = dict(clip_model=make_tiny_open_clip(tmp_path / "dfn"), pickscore_model=tiny_clip,
+                  pickscore_processor=tiny_clip, hps_checkpoint=tiny_hps[0],
+                  hps_model=tiny_hps[1])
+    images, prompts = smooth_images(4, 64, 64), ["a cat", "a dog", "a cat", "sun"]
+    cpu = rewards.load_rewards("hps,clip,pickscore", "cpu", **models)
+    dev = rewards.load_rewards("hps,clip,pickscore", DEVICE, **models)
+    for name in cpu:
+        got = dev[name](images.to(DEVICE), prompts)
+        assert got.device.type == DEVICE.type
+        torch.testing.assert_close(got.cpu(), cpu[name](images, prompts), atol=1e-4, rtol=1e-4)
 
 
 def test_gpu_default_dtype_is_bf16(tiny_flux):
@@ -134,7 +150,8 @@ def test_gpu_sharded_checkpoints_async_save_export_and_elastic_resume(tiny_flux,
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     evals = json.loads((out / "eval.json").read_text())["evaluations"]
     assert [e["iteration"] for e in evals] == [0, 1, 2]
-    assert all(math.isfinite(v) for e in evals for v in e["scores"].values())
+    assert all(math.isfinite(v) for e in evals for d in ("in_domain", "out_of_domain")
+               for v in e[d].values())
     saved = checkpoint(out / "checkpoint")
     assert saved["iteration"] == 1 and saved["world_size"] == nproc
     assert len(list((out / "checkpoint").glob("*.distcp"))) == nproc

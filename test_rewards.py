@@ -1,0 +1,224 @@
+"""rewards.py offline, on tiny OpenCLIP models with random weights: HPS-v2.1 as HPS computes it,
+OpenCLIP CLIP scores from a folder and from the Hugging Face cache, and what they refuse.
+
+The tiny HPS checkpoint is saved in HPS's own format ({'state_dict': …}, as HPS_v2.1_compressed.pt
+is read by hpsv2 1.2.0) for an OpenCLIP architecture registered from a JSON config.
+"""
+
+import json
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+import rewards
+
+TINY = {"embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16,
+                       "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                     "layers": 2}}
+# DFN5B-CLIP's preprocessing kind: no mean/std shift and a squashing resize.
+DFN_LIKE = {"size": 32, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
+            "interpolation": "bicubic", "resize_mode": "squash"}
+PROMPTS = ["a cat", "a dog on a hill", "a cat"]
+
+
+def make_tiny_hps(folder, seed=0):
+    """(checkpoint path, architecture config path): a tiny OpenCLIP in HPS's checkpoint format."""
+    import open_clip
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arch = folder / "TinyHPS.json"
+    arch.write_text(json.dumps(TINY))
+    open_clip.add_model_config(str(arch))
+    torch.manual_seed(seed)
+    model = open_clip.create_model("TinyHPS")
+    torch.save({"state_dict": model.state_dict()}, folder / "hps.pt")
+    return str(folder / "hps.pt"), str(arch)
+
+
+def make_tiny_open_clip(folder, seed=1):
+    """A tiny OpenCLIP saved as OpenCLIP's Hub repos are: open_clip_config.json + safetensors."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY)
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": TINY, "preprocess_cfg": DFN_LIKE}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(folder / "open_clip_model.safetensors"))
+    return str(folder)
+
+
+def hps_reward(tiny_hps):
+    checkpoint, architecture = tiny_hps
+    return rewards.OpenClipReward.hps(checkpoint, "cpu", architecture)
+
+
+def smooth_images(n, h, w, seed=0):
+    """Images in [0, 1] with structure at several scales (as decoded images have)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, max(h // 8, 1), max(w // 8, 1), generator=g)
+    x = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear")
+    return (0.8 * x + 0.2 * torch.rand(n, 3, h, w, generator=g)).clamp(0, 1)
+
+
+def to_pil(images):
+    from PIL import Image
+
+    return [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+            for im in images]
+
+
+def hps_val_transform(size, mean, std):
+    """HPS's validation transform as hpsv2 1.2.0 composes it (src/open_clip/transform.py,
+    image_transform(is_train=False)): to a tensor first, then a bicubic resize of the shorter
+    side, a centre crop and the normalisation."""
+    from torchvision import transforms as T
+
+    return T.Compose([lambda im: im.convert("RGB"), T.ToTensor(),
+                      T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(size), T.Normalize(mean, std)])
+
+
+@pytest.mark.parametrize("h,w", [(32, 32), (40, 56), (72, 48)])
+def test_hps_preprocessing_is_hps_transform_and_open_clip_within_rounding(tiny_hps, h, w):
+    import open_clip
+    from torchvision.transforms.functional import to_tensor
+
+    reward = hps_reward(tiny_hps)
+    images = to_pil(smooth_images(3, h, w))
+    ours = reward.preprocess(torch.stack([to_tensor(im) for im in images]))
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    hps = torch.stack([hps_val_transform(32, mean, std)(im) for im in images])
+    torch.testing.assert_close(ours, hps, atol=1e-6, rtol=0)
+    # open_clip 3's own validation transform resizes the 8-bit PIL image and rounds the result
+    # to 8 bits; ours (and HPS's) resize the tensor: within 1.5 grey levels of 255.
+    _, _, val = open_clip.create_model_and_transforms("TinyHPS", pretrained=tiny_hps[0])
+    theirs = torch.stack([val(im) for im in images])
+    pixels = (ours - theirs) * torch.tensor(std).view(1, 3, 1, 1)
+    assert pixels.abs().max() <= 1.5 / 255
+    assert pixels.abs().mean() <= 0.5 / 255
+    # ... and on the same tensors, exactly open_clip's transform.
+    torch.testing.assert_close(ours, torch.stack([val(to_tensor(im)) for im in images]),
+                               atol=1e-6, rtol=0)
+
+
+def test_hps_score_is_open_clip_forward_through_the_checkpoint(tiny_hps):
+    import open_clip
+
+    reward = hps_reward(tiny_hps)
+    images = smooth_images(3, 48, 40, seed=3)
+    model, _, val = open_clip.create_model_and_transforms("TinyHPS", pretrained=tiny_hps[0],
+                                                          output_dict=True)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.stack([val(im) for im in images]),
+                    open_clip.get_tokenizer("TinyHPS")(PROMPTS))
+    expected = (out["image_features"] @ out["text_features"].T).diagonal()  # HPS's score
+    got = reward(images, PROMPTS)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert got[0] != got[2]  # same prompt, other image
+    # A batch scores as its images one by one.
+    one = torch.cat([reward(images[i : i + 1], PROMPTS[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(got, one, atol=1e-6, rtol=0)
+
+
+def test_hps_checkpoint_is_read_once_for_many_calls(tiny_hps, monkeypatch):
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    reward = rewards.load_rewards("hps", "cpu", hps_checkpoint=tiny_hps[0],
+                                  hps_model=tiny_hps[1])["hps"]
+    for seed in range(5):
+        reward(smooth_images(4, 32, 32, seed), ["a cat"] * 4)
+    assert loads == [tiny_hps[0]]
+
+
+def test_hps_checkpoint_from_the_hugging_face_cache_and_missing_ones_named(tiny_hps, tmp_path,
+                                                                          monkeypatch):
+    import huggingface_hub
+
+    snapshot = tmp_path / "hub" / "models--org--hps" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "HPS_v2.1_compressed.pt").write_bytes(Path(tiny_hps[0]).read_bytes())
+    (tmp_path / "hub" / "models--org--hps" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--hps" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    reward = rewards.OpenClipReward.hps("org/hps/HPS_v2.1_compressed.pt", "cpu", tiny_hps[1])
+    torch.testing.assert_close(reward(smooth_images(3, 32, 32), PROMPTS),
+                               hps_reward(tiny_hps)(smooth_images(3, 32, 32),
+                                                                     PROMPTS))
+    with pytest.raises(rewards.RewardModelError,
+                       match="hf download org/other HPS_v2.1_compressed.pt"):
+        rewards.OpenClipReward.hps("org/other/HPS_v2.1_compressed.pt", "cpu", tiny_hps[1])
+    with pytest.raises(rewards.RewardModelError, match="--hps-checkpoint: no file"):
+        rewards.OpenClipReward.hps(str(tmp_path / "nowhere.pt"), "cpu", tiny_hps[1])
+    with pytest.raises(ValueError, match="not an OpenCLIP architecture"):
+        rewards.OpenClipReward.hps(tiny_hps[0], "cpu", "ViT-Q-99")
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tiny_hps, tmp_path):
+    other = {**TINY, "embed_dim": 8}
+    (tmp_path / "OtherArch.json").write_text(json.dumps(other))
+    with pytest.raises(rewards.RewardModelError, match="is not an HPS checkpoint for OpenCLIP"):
+        rewards.OpenClipReward.hps(tiny_hps[0], "cpu", str(tmp_path / "OtherArch.json"))
+
+
+def test_open_clip_clip_from_a_folder_and_from_the_hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub
+    import open_clip
+
+    folder = make_tiny_open_clip(tmp_path / "dfn")
+    images = smooth_images(3, 40, 56, seed=4)
+    model, val = open_clip.create_model_from_pretrained(f"local-dir:{folder}")
+    model.eval()
+    with torch.no_grad():  # the official script's CLIP score: normalised features, dot product
+        i = torch.nn.functional.normalize(model.encode_image(torch.stack([val(x) for x in images])),
+                                          dim=-1)
+        t = torch.nn.functional.normalize(
+            model.encode_text(open_clip.get_tokenizer(f"local-dir:{folder}")(PROMPTS)), dim=-1)
+    expected = (i * t).sum(-1)
+    for spec in (folder, f"local-dir:{folder}"):
+        reward = rewards.load_rewards("clip", "cpu", clip_model=spec)["clip"]
+        assert isinstance(reward, rewards.OpenClipReward) and reward.resize_mode == "squash"
+        torch.testing.assert_close(reward(images, PROMPTS), expected, atol=1e-6, rtol=0)
+    # The same files as a Hub repo already in the cache: 'hf-hub:org/name'.
+    repo = tmp_path / "hub" / "models--apple--tiny-dfn"
+    (repo / "snapshots" / ("1" * 40)).mkdir(parents=True)
+    for f in Path(folder).iterdir():
+        (repo / "snapshots" / ("1" * 40) / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("1" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    reward = rewards.load_rewards("clip", "cpu", clip_model="hf-hub:apple/tiny-dfn")["clip"]
+    torch.testing.assert_close(reward(images, PROMPTS), expected, atol=1e-6, rtol=0)
+    with pytest.raises(rewards.RewardModelError, match="hf download apple/not-cached"):
+        rewards.load_rewards("clip", "cpu", clip_model="hf-hub:apple/not-cached")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "open_clip_config.json").write_text("{}")
+    with pytest.raises(rewards.RewardModelError, match="no weights in"):
+        rewards.load_rewards("clip", "cpu", clip_model=f"local-dir:{tmp_path / 'empty'}")
+
+
+def test_rewards_refuse_bad_input(tiny_hps):
+    reward = hps_reward(tiny_hps)
+    good = smooth_images(2, 32, 32)
+    for images, prompts, match in [
+            (good[0], ["a", "b"], r"\(B, 3, H, W\)"), (good[:, :1], ["a", "b"], r"\(B, 3, H, W\)"),
+            (good, ["a"], "2 images but 1 prompts"), (good * 2, ["a", "b"], r"in \[0, 1\]"),
+            (good.clone().fill_(float("nan")), ["a", "b"], "NaN")]:
+        with pytest.raises(ValueError, match=match):
+            reward(images, prompts)
+    with pytest.raises(ValueError, match="listed twice"):
+        rewards.reward_names("hps,clip,hps")
+    with pytest.raises(ValueError, match="--eval-rewards: unknown reward 'imagereward'"):
+        rewards.reward_names("clip,imagereward", "--eval-rewards")
