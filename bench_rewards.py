@@ -1,6 +1,6 @@
 """Benchmark: what scoring costs, per reward and batch size, and what reloading HPS per image cost.
 
-    python bench_rewards.py                  # tiny reward models + one full-size HPS checkpoint load
+    python bench_rewards.py                  # tiny reward models, then full-size HPS-v2.1
     python bench_rewards.py --no-full-size   # tiny models only (seconds)
 
 1. Images per second of each reward (rewards.py) at batch 1, 16 and 64, on tiny random models of

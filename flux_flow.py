@@ -377,7 +377,8 @@ def settings(args):
             "clip_range": args.clip_range, "adv_clip": args.adv_clip,
             "max_grad_norm": args.max_grad_norm, "weight_decay": args.weight_decay,
             "step_per_iteration": args.step_per_iteration, "guidance": args.guidance,
-            "prompts_per_gpu": args.prompts_per_gpu, "rewards": reward_models.reward_names(args.rewards),
+            "prompts_per_gpu": args.prompts_per_gpu,
+            "rewards": reward_models.reward_names(args.rewards),
             "max_sequence_length": args.max_sequence_length,
             # Only when on: checkpoints from before these settings existed resume unchanged.
             **{k: getattr(args, k) for k in ("kl_beta", "ema_decay") if getattr(args, k) > 0},

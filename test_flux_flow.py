@@ -1023,14 +1023,15 @@ def test_tensorboard_gets_every_scalar_and_the_eval_grids(tiny_flux, tiny_clip, 
 
     flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2", "--lora-rank",
                               "4", "--report-to", "tensorboard", "--eval-every", "1",
-                              "--kl-beta", "0.05"))
+                              "--kl-beta", "0.05", "--eval-rewards", "clip,pickscore",
+                              "--pickscore-model", tiny_clip, "--pickscore-processor", tiny_clip))
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     expected = {f"train/{k}" for k in ("reward", "reward_anchor", "loss", "clip_frac",
                                        "approx_kl", "kl_ref", "grad_norm", "nfe", "seconds")}
     expected |= {"train/adv_abs_k/0", "train/adv_abs_k/1", "train/adv_abs_lambda/1",
-                 "train/adv_abs_lambda/2", "eval/in_domain/clip"}
+                 "train/adv_abs_lambda/2", "eval/in_domain/clip", "eval/out_of_domain/pickscore"}
     assert expected <= tags, expected - tags
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
     assert [e.step for e in events.Scalars("eval/in_domain/clip")] == [0, 1, 2]
