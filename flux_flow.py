@@ -71,6 +71,31 @@ SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EF
 # Loading the pipeline and prompts.
 
 
+# The diffusers pipeline classes (model_index.json's _class_name) this trainer handles.
+PIPELINES = {"FluxPipeline": "FLUX.1"}
+
+
+def check_pipeline_class(path):
+    """Refuse a checkpoint of another pipeline class before any weights load, reading its
+    model_index.json (a local folder, or a Hub id already in the cache; otherwise left to
+    load_pipeline, which names what is missing)."""
+    folder = Path(path)
+    if folder.is_dir():
+        index = folder / "model_index.json"
+        index = index if index.is_file() else None
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "model_index.json") if path.count("/") == 1 else None
+        index = Path(cached) if isinstance(cached, str) else None
+    if index is None:
+        return
+    name = json.loads(index.read_text()).get("_class_name")
+    if name not in PIPELINES:
+        supported = ", ".join(f"{c} ({f})" for c, f in PIPELINES.items())
+        raise ValueError(f"--model {path}: a {name} checkpoint; flux_flow.py trains {supported}")
+
+
 def load_pipeline(path, device="cpu", dtype=torch.float32):
     """FluxPipeline.from_pretrained(path) with VAE and text encoders frozen and in eval mode."""
     from diffusers import FluxPipeline
@@ -632,6 +657,7 @@ def check_args(args):
                                        ignore=("transformer_config",))
         except flux_run.CheckpointError as e:
             raise ValueError(f"--resume: {e}") from None
+    check_pipeline_class(args.model)
     flux_run.check_writable_dir(args.output_dir)
 
 

@@ -22,8 +22,26 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
+def blocks_to_shard(transformer):
+    """The modules FSDP2 shards one by one: those whose class the model lists in diffusers'
+    `_no_split_modules` (FLUX.1: its double- and single-stream blocks), outermost only."""
+    names = set(getattr(transformer, "_no_split_modules", None) or ())
+    if not names:
+        raise ValueError(f"{type(transformer).__name__} declares no _no_split_modules: FSDP2 "
+                         f"would gather the whole model at once")
+    blocks, inside = [], ()
+    for name, module in transformer.named_modules():
+        if type(module).__name__ in names and not name.startswith(inside):
+            blocks.append(module)
+            inside = (*inside, name + ".")
+    if not blocks:
+        raise ValueError(f"{type(transformer).__name__} holds none of its _no_split_modules "
+                         f"{sorted(names)}")
+    return blocks
+
+
 def shard(transformer):
-    """FSDP2: fully_shard per transformer block, then the root (a no-op without torchrun).
+    """FSDP2: fully_shard per block (blocks_to_shard), then the root (a no-op without torchrun).
 
     The root reshards after every forward too. FSDP2's default keeps the root's parameters
     unsharded after a forward until the backward that follows; after a forward without
@@ -34,7 +52,7 @@ def shard(transformer):
     if dist.is_initialized():
         from torch.distributed.fsdp import fully_shard
 
-        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        for block in blocks_to_shard(transformer):
             fully_shard(block)
         # Costs one all-gather of the root's parameters (embedders, final norm and projection:
         # ~0.3 % of FLUX.1's weights) per forward, beside the blocks' own.

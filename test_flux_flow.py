@@ -413,6 +413,31 @@ dist.destroy_process_group()
 """
 
 
+def test_fsdp2_shards_the_blocks_the_model_declares_unsplittable(tiny_flux):
+    t = flux_flow.load_pipeline(tiny_flux).transformer
+    blocks = flux_parallel.blocks_to_shard(t)
+    assert set(t._no_split_modules) == {"FluxTransformerBlock", "FluxSingleTransformerBlock"}
+    assert [id(b) for b in blocks] == [id(b) for b in (*t.transformer_blocks,
+                                                       *t.single_transformer_blocks)]
+
+    class Inner(torch.nn.Linear):
+        pass
+
+    class Outer(torch.nn.Sequential):
+        pass
+
+    class Model(torch.nn.Sequential):
+        _no_split_modules = ["Outer", "Inner"]
+
+    model = Model(Outer(Inner(2, 2), Inner(2, 2)), Inner(2, 2))
+    assert flux_parallel.blocks_to_shard(model) == [model[0], model[1]]  # outermost only
+    with pytest.raises(ValueError, match="Linear declares no _no_split_modules"):
+        flux_parallel.blocks_to_shard(torch.nn.Linear(2, 2))
+    Model._no_split_modules = ["Missing"]
+    with pytest.raises(ValueError, match=r"holds none of its _no_split_modules \['Missing'\]"):
+        flux_parallel.blocks_to_shard(model)
+
+
 def test_fsdp2_reference_is_sharded_and_the_policy_stays_sharded_after_an_evaluation(
         tiny_flux, tmp_path):
     script = tmp_path / "sharded_reference.py"
@@ -927,6 +952,19 @@ def test_help_shows_the_defaults(capsys):
     for flag in ("--prompts", "--lora-alpha", "--lr", "--dtype", "--step-per-iteration"):
         text = options.split(f" {flag} ")[1].split(" --")[0]
         assert text.count("(default") == 1, (flag, text)
+
+
+def test_a_checkpoint_of_another_pipeline_class_is_refused_before_any_weights_load(
+        tiny_flux, tiny_clip, tmp_path, capsys):
+    other = tmp_path / "sd3"
+    other.mkdir()
+    index = json.loads((Path(tiny_flux) / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name":
+                                                        "StableDiffusion3Pipeline"}))
+    err = parse_error(train_args(str(other), tiny_clip, tmp_path / "out"), capsys)
+    assert ("--model " + str(other) + ": a StableDiffusion3Pipeline checkpoint; flux_flow.py "
+            "trains FluxPipeline (FLUX.1)") in err
+    flux_flow.check_pipeline_class(tiny_flux)  # FLUX.1 passes
 
 
 def test_model_loading_errors_name_what_is_missing_and_rewards_load_first(
