@@ -21,9 +21,11 @@ TINY = {"embed_dim": 16,
                        "patch_size": 8},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
                      "layers": 2}}
-# DFN5B-CLIP's preprocessing kind: no mean/std shift and a squashing resize.
-DFN_LIKE = {"size": 32, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
-            "interpolation": "bicubic", "resize_mode": "squash"}
+# DFN5B-CLIP's preprocessing (open_clip's table of pretrained models: a squashing bicubic resize,
+# OpenAI's mean and std), at the tiny model's size.
+DFN_LIKE = {"size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
+            "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
+            "resize_mode": "squash"}
 PROMPTS = ["a cat", "a dog on a hill", "a cat"]
 
 
