@@ -340,9 +340,44 @@ def make_reward_fn(pipe, rewards, height, width, decode_batch=4):
 # Trainable weights (processes, FSDP2 / DDP and the KL's reference: flux_parallel.py).
 
 
+def check_lora_targets(transformer, targets):
+    """Each target must name (as peft matches it: the module's name or its dotted ending) a
+    linear layer of the transformer; a ValueError lists the names there are."""
+    linear = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in linear):
+            ends = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit()
+                           else n.split(".")[-1] for n in linear})
+            raise ValueError(f"--lora-targets: {t!r} names no linear layer of the "
+                             f"{type(transformer).__name__}; its linear layers end in "
+                             f"{', '.join(ends)}")
+
+
+def transformer_on_meta(path):
+    """The checkpoint's transformer built from its config on the meta device (no weights), or
+    None when its config is not on this machine yet (load_pipeline then names what is missing)."""
+    folder = Path(path)
+    if folder.is_dir():
+        config = folder / "transformer" / "config.json"
+        config = config if config.is_file() else None
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = (try_to_load_from_cache(path, "transformer/config.json")
+                  if path.count("/") == 1 else None)
+        config = Path(cached) if isinstance(cached, str) else None
+    if config is None:
+        return None
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        return FluxTransformer2DModel.from_config(json.loads(config.read_text()))
+
+
 def setup_trainable(transformer, lora_rank, lora_alpha, gradient_checkpointing=False,
-                    upcast=True):
-    """LoRA adapters (float32) on the attention projections, or the whole transformer.
+                    upcast=True, lora_targets=LORA_TARGETS):
+    """LoRA adapters (float32) on `lora_targets` (default: the attention projections), or the
+    whole transformer.
 
     A full fine-tune keeps float32 master weights: upcast now, or (upcast=False) after FSDP2 has
     sharded the model, so that no process ever holds a full float32 copy.
@@ -351,8 +386,10 @@ def setup_trainable(transformer, lora_rank, lora_alpha, gradient_checkpointing=F
     if lora_rank > 0:
         from peft import LoraConfig
 
+        check_lora_targets(transformer, lora_targets)
         transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha,
-                                           target_modules=LORA_TARGETS, init_lora_weights=True))
+                                           target_modules=list(lora_targets),
+                                           init_lora_weights=True))
         for p in transformer.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # fp32 adapters under bf16 autocast
@@ -407,6 +444,8 @@ def settings(args):
             "max_sequence_length": args.max_sequence_length,
             # Only when on: checkpoints from before these settings existed resume unchanged.
             **{k: getattr(args, k) for k in ("kl_beta", "ema_decay") if getattr(args, k) > 0},
+            **({"lora_targets": list(args.lora_targets)}
+               if args.lora_rank and list(args.lora_targets) != LORA_TARGETS else {}),
             **({k: getattr(args, k) for k in ("window_size", "window_stride", "window_every")}
                if args.method == "mixgrpo" else {})}
 
@@ -437,6 +476,16 @@ def int_list(s):
     if not values:
         raise argparse.ArgumentTypeError(f"expected at least one integer, got {s!r}")
     return values
+
+
+def name_list(s):
+    """'to_q, to_k' → ('to_q', 'to_k'), for argparse; empty or repeated names are refused."""
+    names = tuple(n.strip() for n in s.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {s!r}")
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"a name is listed twice in {s!r}")
+    return names
 
 
 def csv(values):
@@ -540,6 +589,9 @@ def parse_args(argv=None):
       help="the OpenCLIP architecture the HPS checkpoint is for (a name or a JSON config)")
     a("--lora-rank", type=int, default=64, help="0 = full fine-tune of the transformer")
     a("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    a("--lora-targets", type=name_list, default=None,
+      help=f"comma-separated linear layers LoRA adapts, by name or dotted ending as peft "
+           f"matches them (default: {csv(LORA_TARGETS)})")
     a("--lr", type=float, default=None,
       help=f"AdamW learning rate (default: {d.lr:g} full fine-tune, 1e-4 LoRA)")
     a("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
@@ -609,6 +661,11 @@ def check_args(args):
             setattr(args, field, getattr(d, field))
     if args.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    if args.lora_targets is not None and args.lora_rank == 0:
+        raise ValueError("--lora-targets needs --lora-rank > 0 (a full fine-tune trains every "
+                         "weight)")
+    if args.lora_targets is None:
+        args.lora_targets = tuple(LORA_TARGETS)
     if args.lora_alpha is None:
         args.lora_alpha = float(max(args.lora_rank, 1))
     elif not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
@@ -658,6 +715,8 @@ def check_args(args):
         except flux_run.CheckpointError as e:
             raise ValueError(f"--resume: {e}") from None
     check_pipeline_class(args.model)
+    if args.lora_rank > 0 and (meta := transformer_on_meta(args.model)) is not None:
+        check_lora_targets(meta, args.lora_targets)
     flux_run.check_writable_dir(args.output_dir)
 
 
@@ -715,7 +774,7 @@ def _train_flux(args, rank, world, device, run):
     reference = frozen_reference(raw, dtype) if full_reference and not sharded else None
     torch.manual_seed(args.seed)  # LoRA's initialisation: same seed, same adapters (all ranks)
     setup_trainable(raw, args.lora_rank, args.lora_alpha, args.gradient_checkpointing,
-                    upcast=world == 1)
+                    upcast=world == 1, lora_targets=args.lora_targets)
     model = wrap_distributed(raw, args.lora_rank, device)
     if full_reference and sharded:
         reference = frozen_reference(raw, dtype)  # from the policy's shards

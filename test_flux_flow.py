@@ -954,6 +954,38 @@ def test_help_shows_the_defaults(capsys):
         assert text.count("(default") == 1, (flag, text)
 
 
+def test_lora_targets_are_checked_before_any_weights_load_and_only_they_train(
+        tiny_flux, tiny_clip, tmp_path, capsys):
+    args = train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1", "--lora-rank", "4")
+    err = parse_error(args + ["--lora-targets", "to_q,to_qq"], capsys)
+    assert "--lora-targets: 'to_qq' names no linear layer of the FluxTransformer2DModel" in err
+    assert "its linear layers end in" in err and "to_out.0" in err and "proj_mlp" in err
+    assert "--lora-targets needs --lora-rank > 0" in parse_error(
+        train_args(tiny_flux, tiny_clip, tmp_path, "--lora-rank", "0", "--lora-targets", "to_q"),
+        capsys)
+    assert "listed twice" in parse_error(args + ["--lora-targets", "to_q,to_q"], capsys)
+    flux_flow.main(args + ["--lora-targets", "to_q,ff.net.2"])
+    saved = checkpoint(tmp_path / "checkpoint")
+    assert saved["fingerprint"]["lora_targets"] == ["to_q", "ff.net.2"]
+    trained = {k.split(".lora_")[0].split(".")[-1] for k in saved["model"]}
+    assert trained == {"to_q", "2"}, trained  # to_q and ff.net.2 adapters only
+    # The export carries them: diffusers loads it and gives the trained velocity.
+    fresh = flux_flow.load_pipeline(tiny_flux)
+    fresh.load_lora_weights(str(tmp_path / "lora"))
+    pipe = flux_flow.load_pipeline(tiny_flux)
+    flux_flow.setup_trainable(pipe.transformer, 4, 4, lora_targets=("to_q", "ff.net.2"))
+    assert not pipe.transformer.load_state_dict(saved["model"], strict=False).unexpected_keys
+    x, sigma, cond = tiny_inputs(fresh)
+    v = [flux_flow.FluxVelocity.from_pipe(p.transformer, p, H, W)(x, sigma, cond)
+         for p in (fresh, pipe)]
+    torch.testing.assert_close(v[0], v[1])
+    # Resuming with other targets is refused (the default ones, here).
+    assert "lora_targets" in parse_error(
+        without(args, "--output-dir") + ["--output-dir", str(tmp_path / "b"), "--resume",
+                                         str(tmp_path / "checkpoint"), "--iterations", "2"],
+        capsys)
+
+
 def test_a_checkpoint_of_another_pipeline_class_is_refused_before_any_weights_load(
         tiny_flux, tiny_clip, tmp_path, capsys):
     other = tmp_path / "sd3"
