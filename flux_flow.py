@@ -75,19 +75,22 @@ SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EF
 PIPELINES = {"FluxPipeline": "FLUX.1"}
 
 
-def check_pipeline_class(path):
-    """Refuse a checkpoint of another pipeline class before any weights load, reading its
-    model_index.json (a local folder, or a Hub id already in the cache; otherwise left to
-    load_pipeline, which names what is missing)."""
-    folder = Path(path)
-    if folder.is_dir():
-        index = folder / "model_index.json"
-        index = index if index.is_file() else None
-    else:
-        from huggingface_hub import try_to_load_from_cache
+def checkpoint_file(path, name):
+    """A file of a diffusers checkpoint (a local folder, or a Hub id already in the cache), or
+    None when it is not on this machine yet (load_pipeline then names what is missing)."""
+    if Path(path).is_dir():
+        f = Path(path) / name
+        return f if f.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(path, "model_index.json") if path.count("/") == 1 else None
-        index = Path(cached) if isinstance(cached, str) else None
+    cached = try_to_load_from_cache(path, name) if path.count("/") == 1 else None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def check_pipeline_class(path):
+    """Refuse a checkpoint of another pipeline class (its model_index.json's _class_name)
+    before any weights load."""
+    index = checkpoint_file(path, "model_index.json")
     if index is None:
         return
     name = json.loads(index.read_text()).get("_class_name")
@@ -355,17 +358,8 @@ def check_lora_targets(transformer, targets):
 
 def transformer_on_meta(path):
     """The checkpoint's transformer built from its config on the meta device (no weights), or
-    None when its config is not on this machine yet (load_pipeline then names what is missing)."""
-    folder = Path(path)
-    if folder.is_dir():
-        config = folder / "transformer" / "config.json"
-        config = config if config.is_file() else None
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = (try_to_load_from_cache(path, "transformer/config.json")
-                  if path.count("/") == 1 else None)
-        config = Path(cached) if isinstance(cached, str) else None
+    None when its config is not on this machine yet."""
+    config = checkpoint_file(path, "transformer/config.json")
     if config is None:
         return None
     from diffusers import FluxTransformer2DModel

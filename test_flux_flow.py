@@ -1154,6 +1154,9 @@ def test_hps_training_with_out_of_domain_evaluation_rewards(tiny_flux, tiny_clip
                    + base[base.index(str(tmp_path / "a")) + 1:])
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert drop(metrics_rows(tmp_path / "a")) == drop(metrics_rows(tmp_path / "b"))
+    weights = [checkpoint(tmp_path / run / "checkpoint")["model"] for run in "ab"]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     b = json.loads((tmp_path / "b" / "eval.json").read_text())["evaluations"]
     assert [e["in_domain"] for e in b] == [e["in_domain"] for e in saved]
     assert all(e["out_of_domain"] == {} for e in b)

@@ -60,6 +60,18 @@ def make_tiny_open_clip(folder, seed=1):
     return str(folder)
 
 
+def in_hub_cache(cache, repo, files):
+    """Put `files` (name → local path) into a Hugging Face cache folder as repo's main revision
+    (the layout huggingface_hub reads offline)."""
+    folder = Path(cache) / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for name, source in files.items():
+        (snapshot / name).write_bytes(Path(source).read_bytes())
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0" * 40)
+
+
 def hps_reward(tiny_hps):
     checkpoint, architecture = tiny_hps
     return rewards.OpenClipReward.hps(checkpoint, "cpu", architecture)
@@ -149,11 +161,7 @@ def test_hps_checkpoint_from_the_hugging_face_cache_and_missing_ones_named(tiny_
                                                                           monkeypatch):
     import huggingface_hub
 
-    snapshot = tmp_path / "hub" / "models--org--hps" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (snapshot / "HPS_v2.1_compressed.pt").write_bytes(Path(tiny_hps[0]).read_bytes())
-    (tmp_path / "hub" / "models--org--hps" / "refs").mkdir()
-    (tmp_path / "hub" / "models--org--hps" / "refs" / "main").write_text("0" * 40)
+    in_hub_cache(tmp_path / "hub", "org/hps", {"HPS_v2.1_compressed.pt": tiny_hps[0]})
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     reward = rewards.OpenClipReward.hps("org/hps/HPS_v2.1_compressed.pt", "cpu", tiny_hps[1])
     torch.testing.assert_close(reward(smooth_images(3, 32, 32), PROMPTS),
@@ -194,12 +202,7 @@ def test_open_clip_clip_from_a_folder_and_from_the_hub_cache(tmp_path, monkeypat
         assert isinstance(reward, rewards.OpenClipReward) and reward.resize_mode == "squash"
         torch.testing.assert_close(reward(images, PROMPTS), expected, atol=1e-6, rtol=0)
     # The same files as a Hub repo already in the cache: 'hf-hub:org/name'.
-    repo = tmp_path / "hub" / "models--apple--tiny-dfn"
-    (repo / "snapshots" / ("1" * 40)).mkdir(parents=True)
-    for f in Path(folder).iterdir():
-        (repo / "snapshots" / ("1" * 40) / f.name).write_bytes(f.read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("1" * 40)
+    in_hub_cache(tmp_path / "hub", "apple/tiny-dfn", {f.name: f for f in Path(folder).iterdir()})
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     reward = rewards.load_rewards("clip", "cpu", clip_model="hf-hub:apple/tiny-dfn")["clip"]
     torch.testing.assert_close(reward(images, PROMPTS), expected, atol=1e-6, rtol=0)
