@@ -29,6 +29,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 
+import g2rpo
 import rewards
 
 
@@ -67,8 +68,8 @@ def per_image_reload(checkpoint, arch):
     """hpsv2 1.2.0's score(): the checkpoint read into the model at every call, one image each."""
     import open_clip
 
-    model = open_clip.create_model(rewards._architecture(arch))
-    reward = rewards.OpenClipReward(model, open_clip.get_tokenizer(rewards._architecture(arch)))
+    name = rewards._architecture(arch)
+    reward = rewards.OpenClipReward(open_clip.create_model(name), open_clip.get_tokenizer(name))
 
     def score(images, prompts):
         out = []
@@ -143,7 +144,8 @@ def main(argv=None):
         print("\nfull size: HPS-v2.1's architecture, OpenCLIP ViT-H-14 (random weights)")
         load_s, per_image = full_size([int(b) for b in args.full_size_batches.split(",")],
                                       args.repeats, print)
-        n = 8 * 3 * 12 + 1  # K · L · G + 1 anchor: images scored per prompt and iteration
+        cfg = g2rpo.Config()  # the official recipe's K branch steps, L granularities, G members
+        n = len(cfg.branch_steps) * len(cfg.granularities) * cfg.group_size + 1  # + the anchor
         best = min(per_image.values())
         print(f"the official recipe scores {n} images per prompt and iteration: a checkpoint read "
               f"per image adds {n * load_s:.0f} s to {n * best:.0f} s of scoring on this machine "
