@@ -1,4 +1,4 @@
-"""Processes and where the weights live, for flux_flow.py: torchrun set-up, DDP for a LoRA, FSDP2
+"""Processes and where the weights live, for image_flow.py: torchrun set-up, DDP for a LoRA, FSDP2
 for a full fine-tune, and the reference policy of the KL penalty (--kl-beta), which costs a LoRA
 no weights and a full fine-tune one frozen copy, sharded like the policy.
 """

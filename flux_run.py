@@ -1,4 +1,4 @@
-"""What a flux_flow.py run writes, and how it survives: run directories, checkpoints, exported
+"""What an image_flow.py run writes, and how it survives: run directories, checkpoints, exported
 weights, experiment tracking, evaluation grids, graceful stops. Long runs that lose nothing.
 
 - RunDirectory: the output directory of one run. Checked writable before any model loads, locked
@@ -10,7 +10,7 @@ weights, experiment tracking, evaluation grids, graceful stops. Long runs that l
   renamed into place (never half-written), optionally in the background (async_save); resumable
   on another number of processes (DCP reshards); errors name the path and what is wrong.
 - export_weights: the trained weights in the formats diffusers loads (a LoRA for
-  FluxPipeline.load_lora_weights, or sharded safetensors for from_pretrained, gathered one tensor
+  the pipeline's load_lora_weights, or sharded safetensors for from_pretrained, gathered one tensor
   at a time).
 - Tracker: --report-to tensorboard / wandb; captioned_grid: the evaluation image grids.
 - GracefulStop: SIGTERM (a preempted cluster job) and the first Ctrl-C finish the current
@@ -294,7 +294,10 @@ def train_state(model, optimizer):
     only. No copy is made: DCP reads and writes these tensors in place."""
     opts = StateDictOptions(ignore_frozen_params=True)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-    return {"model": model_sd, "optimizer": optim_sd}
+    # Buffers are not trained (SD3's fixed position table: 226 MB at SD3.5's size).
+    buffers = {n.removeprefix("module.") for n, _ in model.named_buffers()}
+    return {"model": {k: v for k, v in model_sd.items() if k not in buffers},
+            "optimizer": optim_sd}
 
 
 @contextlib.contextmanager
@@ -630,14 +633,16 @@ def _shard_plan(sizes, max_shard_size):
     return shards + [current] if current else shards
 
 
-def export_weights(out_dir, model, raw, lora_rank, dtype=torch.float32, max_shard_size=10**10):
+def export_weights(out_dir, model, raw, lora_rank, dtype=torch.float32, max_shard_size=10**10,
+                   pipeline=None):
     """Write what diffusers loads, replacing the previous export whole; all ranks call.
 
-    LoRA: <out>/lora/pytorch_lora_weights.safetensors via FluxPipeline.save_lora_weights (with
-    the adapter's config, so alpha survives), for pipe.load_lora_weights(<out>/lora).
+    LoRA: <out>/lora/pytorch_lora_weights.safetensors via the pipeline class's
+    save_lora_weights (default FluxPipeline; with the adapter's config, so alpha survives), for
+    pipe.load_lora_weights(<out>/lora).
     Full fine-tune: <out>/transformer/ (config + safetensors in `dtype`, split into shards of at
-    most max_shard_size bytes with an index, as save_pretrained writes them) for
-    FluxTransformer2DModel.from_pretrained(<out>/transformer). Under FSDP2 the weights are
+    most max_shard_size bytes with an index, as save_pretrained writes them) for the
+    transformer class's from_pretrained(<out>/transformer). Under FSDP2 the weights are
     gathered one tensor at a time and rank 0 holds at most one shard. Returns the folder (rank 0).
     """
     is_main = _rank() == 0
@@ -650,10 +655,11 @@ def export_weights(out_dir, model, raw, lora_rank, dtype=torch.float32, max_shar
             shutil.rmtree(tmp, ignore_errors=True)
         if lora_rank > 0:
             if is_main:
-                from diffusers import FluxPipeline
                 from peft.utils import get_peft_model_state_dict
 
-                FluxPipeline.save_lora_weights(
+                if pipeline is None:
+                    from diffusers import FluxPipeline as pipeline
+                pipeline.save_lora_weights(
                     tmp, transformer_lora_layers=get_peft_model_state_dict(raw),
                     transformer_lora_adapter_metadata=raw.peft_config["default"].to_dict())
         else:

@@ -944,7 +944,7 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         flux_flow.parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "(default: 0.7)" in out and "(default: runs/flux)" in out and "(default: 50)" in out
+    assert "(default: 0.7)" in out and "(default: runs/<family>: runs/flux," in out and "(default: 50)" in out
     # Each default once, in the form the flag takes.
     assert "(default: 0,1,2,3,4,5,6,7)" in out and "(default: 1,2,3)" in out
     assert "(default: None)" not in out and "(default: False)" not in out
@@ -986,16 +986,16 @@ def test_lora_targets_are_checked_before_any_weights_load_and_only_they_train(
         capsys)
 
 
-def test_a_checkpoint_of_another_pipeline_class_is_refused_before_any_weights_load(
+def test_a_checkpoint_of_an_unsupported_pipeline_class_is_refused_before_any_weights_load(
         tiny_flux, tiny_clip, tmp_path, capsys):
     other = tmp_path / "sd3"
     other.mkdir()
     index = json.loads((Path(tiny_flux) / "model_index.json").read_text())
     (other / "model_index.json").write_text(json.dumps({**index, "_class_name":
-                                                        "StableDiffusion3Pipeline"}))
+                                                        "StableDiffusionXLPipeline"}))
     err = parse_error(train_args(str(other), tiny_clip, tmp_path / "out"), capsys)
-    assert ("--model " + str(other) + ": a StableDiffusion3Pipeline checkpoint; flux_flow.py "
-            "trains FluxPipeline (FLUX.1)") in err
+    assert ("--model " + str(other) + ": a StableDiffusionXLPipeline checkpoint; image_flow.py "
+            "trains FluxPipeline (FLUX.1), StableDiffusion3Pipeline (SD3)") in err
     flux_flow.check_pipeline_class(tiny_flux)  # FLUX.1 passes
 
 
@@ -1007,7 +1007,7 @@ def test_model_loading_errors_name_what_is_missing_and_rewards_load_first(
         # --model is missing too: the reward, which loads first, is what the error names
         flux_flow.main(base + ["--clip-model", "no-such/reward-model",
                                "--model", str(tmp_path / "no_flux_here")])
-    with pytest.raises(OSError, match="could not load a FLUX pipeline from"):
+    with pytest.raises(OSError, match="could not load a diffusers pipeline"):
         flux_flow.main(base + ["--model", str(tmp_path / "no_flux_here")])
     # A missing HPS checkpoint is a bad flag (exit 2), for an evaluation-only reward too; the
     # default HPS-v2.1 file is not in this machine's cache.

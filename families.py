@@ -1,0 +1,199 @@
+"""The seam between the shared image trainer (image_flow.py) and one diffusers model family.
+
+A family answers a short list of questions, each as its own pipeline answers it, and nothing
+else; everything else (loading, the prompt cache, the η = 0 sampler, decoding, rewards, LoRA,
+sharding, checkpoints, export, the command line) is written once in image_flow.py:
+
+    encode          prompts → conditioning rows, through the pipeline's own encode_prompt
+    latent_shape    the state the sampler moves (packed or not), and noise: the pipeline's draw
+    pipeline_sigmas the σ grid the pipeline's __call__ uses (static or resolution-dependent shift)
+    forward         what the transformer is called with: timestep convention, ids, guidance input
+    guide           how a conditional and an unconditional velocity combine (classifier-free
+                    guidance), when uses_negative says a second row is needed
+    to_vae          sampler state → what the VAE decodes (its own scaling and shift)
+    lora_targets    the linear layers LoRA adapts by default
+
+Velocity turns a family into g2rpo's velocity_fn: the trained model computes both guidance rows
+in one batched call, in the rollout, the training pass and the KL reference alike, so log π_old
+and log π use the same velocity. FAMILIES maps model_index.json's pipeline class to the module
+that holds its family.
+"""
+
+import contextlib
+import importlib
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# model_index.json's _class_name → the module whose FAMILY handles it.
+FAMILIES = {"FluxPipeline": "flux_flow", "StableDiffusion3Pipeline": "sd3_flow"}
+
+
+def family_for(pipeline_class):
+    """The Family for a pipeline class name (a ValueError names the supported ones)."""
+    if pipeline_class not in FAMILIES:
+        raise ValueError(f"a {pipeline_class} checkpoint; image_flow.py trains {supported()}")
+    return importlib.import_module(FAMILIES[pipeline_class]).FAMILY
+
+
+def family_of(pipe):
+    """The Family of a loaded pipeline."""
+    return family_for(type(pipe).__name__)
+
+
+def supported():
+    """'FluxPipeline (FLUX.1), StableDiffusion3Pipeline (SD3)': for error messages and --help."""
+    return ", ".join(f"{c} ({family_for(c).name})" for c in FAMILIES)
+
+
+class Family:
+    """Defaults that several families share; each family overrides what its pipeline does
+    differently. Methods take the loaded pipeline, so a family holds no state."""
+
+    name = pipeline = None  # "FLUX.1", "FluxPipeline"
+    slug = None  # the default output directory is runs/<slug>
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                    "add_v_proj", "to_add_out")  # joint attention's projections (MM-DiT)
+    guidance = None  # --guidance's default
+    guidance_help = ""  # what --guidance means for this family
+    max_sequence_length = 512  # the pipeline's default text length
+
+    def check_guidance(self, transformer_config, guidance):
+        """A ValueError when `guidance` means nothing for this checkpoint."""
+
+    def uses_negative(self, guidance):
+        """Whether the velocity needs a second, unconditional row per prompt (CFG)."""
+        return False
+
+    def guide(self, v_cond, v_uncond, guidance):
+        raise NotImplementedError(f"{self.name} has no classifier-free guidance")
+
+    def image_multiple(self, pipe):
+        """Height and width must be multiples of this (VAE downsampling × patch size)."""
+        return pipe.vae_scale_factor * 2
+
+    def check_image_size(self, pipe, height, width):
+        multiple = self.image_multiple(pipe)
+        for flag, value in (("height", height), ("width", width)):
+            if value <= 0 or value % multiple:
+                raise ValueError(f"{flag} must be a positive multiple of {multiple}, got {value}")
+
+    def constant_inputs(self, pipe, height, width, device, dtype):
+        """Transformer inputs that depend on the image size only (position ids …)."""
+        return {}
+
+    def to_vae(self, pipe, x, height, width):
+        """Sampler state → VAE latents: the VAE config's scaling and shift undone."""
+        return x / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention backends. cuDNN fused attention's bf16 backward gives NaN/inf gradients or illegal
+# memory accesses on Hopper GPUs (seen on an H200, torch 2.11.0+cu130; pytorch/pytorch#196678):
+# transformers run without it by default.
+
+DEFAULT_ATTENTION = ("flash", "efficient", "math")
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def sdpa_backends(spec):
+    """'flash,efficient,math' → that tuple of names; 'all' → None (PyTorch's pick, cuDNN too)."""
+    if spec is None or spec == "all":
+        return None
+    chosen = [n.strip() for n in spec.split(",") if n.strip()] if isinstance(spec, str) else spec
+    if not chosen:
+        raise ValueError("--attention-backends needs at least one of flash, efficient, math, "
+                         "cudnn (or 'all')")
+    for n in chosen:
+        if n not in SDPA_BACKENDS:
+            raise ValueError(f"unknown attention backend {n!r}; choose from "
+                             f"{', '.join(SDPA_BACKENDS)} or 'all'")
+    return tuple(dict.fromkeys(chosen))
+
+
+def attention_context(backends):
+    """A context in which scaled_dot_product_attention may use only `backends`, names already
+    checked by sdpa_backends (None: any).
+
+    torch restores the previous flags on exit, so nothing outside the context (VAE, rewards,
+    other code in the process) sees the choice.
+    """
+    if backends is None:
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPA_BACKENDS[n] for n in backends])
+
+
+def _enabled_sdpa_backends():
+    """The backend names scaled_dot_product_attention may use right now (public torch flags)."""
+    flags = {"flash": torch.backends.cuda.flash_sdp_enabled(),
+             "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+             "math": torch.backends.cuda.math_sdp_enabled(),
+             "cudnn": torch.backends.cuda.cudnn_sdp_enabled()}
+    return tuple(n for n, on in flags.items() if on)
+
+
+def checkpoint_keeping_attention(module, *args):
+    """diffusers' gradient_checkpointing_func: the recomputation in backward() runs outside
+    Velocity's attention context, so it re-enters the backends the forward pass used."""
+    backends = _enabled_sdpa_backends()
+
+    def run(*a):
+        with attention_context(backends):
+            return module(*a)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The velocity g2rpo trains.
+
+
+class Velocity:
+    """g2rpo's velocity_fn for any family: (x (N, *D), sigma (N,), cond) → v (N, *D) float32.
+
+    cond holds one row per sample: a tuple of tensors (family.encode's), or, with guidance
+    that needs an unconditional row, {"cond": rows, "uncond": rows}; both go through the
+    transformer in one call of 2N rows. attention: the scaled_dot_product_attention backends
+    the transformer may use (sdpa_backends' names; None lets PyTorch choose); the gradients of a
+    training pass use the same ones. dtype: the compute dtype (autocast when not float32).
+    """
+
+    def __init__(self, transformer, family, constant, guidance, dtype=torch.float32,
+                 attention=DEFAULT_ATTENTION, device_type=None):
+        self.transformer, self.family, self.constant = transformer, family, constant
+        self.guidance, self.dtype = guidance, dtype
+        self.cfg = family.uses_negative(guidance)
+        self.device_type = device_type or next(transformer.parameters()).device.type
+        self.autocast = dtype != torch.float32  # bf16 compute, fp32 weights/latents (CPU too)
+        self.attention = sdpa_backends(attention)
+
+    @classmethod
+    def from_pipe(cls, transformer, pipe, height, width, guidance=None, dtype=torch.float32,
+                  attention=DEFAULT_ATTENTION):
+        """For `transformer` (the pipeline's own, or a DDP / FSDP wrapper of it) at H × W;
+        guidance None: the family's default."""
+        family = family_of(pipe)
+        device = pipe.transformer.device
+        return Velocity(transformer, family,
+                        family.constant_inputs(pipe, height, width, device, dtype),
+                        family.guidance if guidance is None else guidance, dtype, attention,
+                        device.type)
+
+    def __call__(self, x, sigma, cond):
+        if self.cfg != isinstance(cond, dict):
+            raise ValueError("guidance with an unconditional row needs cond = {'cond', 'uncond'} "
+                             "(PromptEncoder with a negative prompt), and only then")
+        rows = cond
+        if self.cfg:  # the pipelines' order: unconditional rows first
+            rows = tuple(torch.cat([u, c]) for u, c in zip(cond["uncond"], cond["cond"]))
+            x, sigma = torch.cat([x, x]), torch.cat([sigma, sigma])
+        # The autograd graph records the backend chosen here, so backward() uses it as well.
+        with attention_context(self.attention), \
+                torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast):
+            v = self.family.forward(self.transformer, x, sigma, rows, self.constant,
+                                    self.guidance, self.dtype).float()
+        if self.cfg:
+            v_uncond, v_cond = v.chunk(2)
+            v = self.family.guide(v_cond, v_uncond, self.guidance)
+        return v
