@@ -1,13 +1,19 @@
-"""GPU benchmark: G²RPO on the full-size FLUX.1-dev transformer (random bf16 weights), in minutes.
+"""GPU benchmark: G²RPO on a full-size transformer of each family (random bf16 weights), in minutes.
 
-    python bench_flux.py                 # on a GPU: 512², G = 12, 8 branch steps, Λ = {1, 2, 3}
-    python bench_flux.py --full-loop     # also time the whole per-member loop (~5 min on an H200)
-    python bench_flux.py --tiny          # a tiny transformer, to check the script on a CPU
+    python bench_flux.py                          # on a GPU: FLUX.1-dev, 512², G = 12, 8 branch
+                                                  # steps, Λ = {1, 2, 3}
+    python bench_flux.py --family sd3.5-medium    # another family's transformer (list: --help)
+    python bench_flux.py --flops                  # model FLOPs per row of every family at 512² and
+                                                  # 1024² (meta device: any machine, seconds)
+    python bench_flux.py --full-loop              # also time the whole per-member loop
+    python bench_flux.py --tiny                   # a tiny transformer, to check the script on a CPU
 
-No download is possible on the GPU machines, so the transformer is built from FLUX.1-dev's
-architecture config with random weights (speed and memory do not depend on the values). Text
-embeddings are random tensors of T5/CLIP's shapes, and the reward is a cheap function of the
-latents: the benchmark measures the transformer work of an iteration (rollout + policy update).
+No download is possible on the GPU machines, so the transformer is built from its checkpoint's
+architecture config (transformer/config.json) with random weights (speed and memory do not
+depend on the values). Text embeddings are random tensors of the shapes the family's
+encode_prompt gives one prompt, and the reward is a cheap function of the latents: the
+benchmark measures the transformer work of an iteration (rollout + policy update), one
+transformer row per sample (guidance off; classifier-free guidance doubles the rows).
 
 What it prints, in order (everything after a warm-up):
   1. model FLOPs per row (counted by torch's FlopCounterMode on the meta device) and the bf16
@@ -21,6 +27,7 @@ What it prints, in order (everything after a warm-up):
 """
 
 import argparse
+import importlib
 import time
 
 import torch
@@ -28,6 +35,7 @@ import torch
 import flux_flow
 import g2rpo
 from bench_rollout import rollout_per_member
+from families import Velocity
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
@@ -38,17 +46,100 @@ TINY = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
 TEXT_TOKENS = 512  # T5 sequence length of the official recipe
 
 
-def build_transformer(arch, device, dtype):
-    """FluxTransformer2DModel(**arch) with random weights, built directly in dtype on device."""
-    from diffusers import FluxTransformer2DModel
+class Arch:
+    """One family's transformer for the benchmark: its family module, transformer and pipeline
+    classes, the released checkpoint's config, a tiny config, and the shapes of one prompt's
+    conditioning rows (text: prompt tokens where the family keeps each prompt's own length)."""
+
+    def __init__(self, module, transformer, pipeline, config, tiny, rows):
+        self.module, self.transformer, self.pipeline = module, transformer, pipeline
+        self.config, self.tiny, self.rows = config, tiny, rows
+
+
+def _text(key, tokens, extra=()):
+    """Rows of one prompt: embeds (tokens, config[key]) and further vectors (config keys)."""
+    return lambda c: [(tokens, c[key]), *[(c[k],) for k in extra]]
+
+
+def _text_with_length(key, tokens):
+    """Rows of one prompt that keeps its own length: embeds (tokens, config[key]) and the length."""
+    return lambda c: [(tokens, c[key]), tokens]
+
+
+ARCHS = {
+    "flux.1-dev": Arch("flux_flow", "FluxTransformer2DModel", "FluxPipeline", FLUX_DEV, TINY,
+                       _text("joint_attention_dim", TEXT_TOKENS, ["pooled_projection_dim"])),
+    "sd3.5-medium": Arch(
+        "sd3_flow", "SD3Transformer2DModel", "StableDiffusion3Pipeline",
+        dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+             pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+             dual_attention_layers=list(range(13)), qk_norm="rms_norm"),
+        dict(sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+             num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+             pooled_projection_dim=32, out_channels=16, pos_embed_max_size=32,
+             dual_attention_layers=[0], qk_norm="rms_norm"),
+        _text("joint_attention_dim", 77 + 256, ["pooled_projection_dim"])),  # CLIPs + T5 256
+    "sd3.5-large": Arch(
+        "sd3_flow", "SD3Transformer2DModel", "StableDiffusion3Pipeline",
+        dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+             num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+             pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
+             qk_norm="rms_norm"),
+        dict(sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+             num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+             pooled_projection_dim=32, out_channels=16, pos_embed_max_size=32,
+             qk_norm="rms_norm"),
+        _text("joint_attention_dim", 77 + 256, ["pooled_projection_dim"])),
+    "qwen-image": Arch(
+        "qwen_image_flow", "QwenImageTransformer2DModel", "QwenImagePipeline",
+        dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+             num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+             axes_dims_rope=(16, 56, 56)),
+        dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
+             num_attention_heads=2, joint_attention_dim=32, guidance_embeds=False,
+             axes_dims_rope=(8, 4, 4)),
+        _text_with_length("joint_attention_dim", 128)),
+    "flux2-klein-4b": Arch(
+        "flux2_klein_flow", "Flux2Transformer2DModel", "Flux2KleinPipeline",
+        dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20,
+             attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680,
+             timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+             rope_theta=2000, guidance_embeds=False),
+        dict(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1,
+             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+             timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
+             guidance_embeds=False),
+        _text("joint_attention_dim", 512)),  # padded to max_sequence_length
+    "z-image-turbo": Arch(
+        "z_image_flow", "ZImageTransformer2DModel", "ZImagePipeline",
+        dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30,
+             n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True,
+             cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48],
+             axes_lens=[1536, 512, 512]),
+        dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2,
+             n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+             axes_dims=[8, 4, 4], axes_lens=[256, 32, 32]),
+        _text_with_length("cap_feat_dim", 128)),
+}
+
+
+def build_transformer(arch, device, dtype, cls="FluxTransformer2DModel"):
+    """cls(**arch) with random weights, built directly in dtype on device (default FLUX.1)."""
+    import diffusers
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # no 48 GB float32 copy of FLUX.1-dev on the way
     try:
         with torch.device(device):
-            return FluxTransformer2DModel(**arch).eval()
+            model = getattr(diffusers, cls)(**arch).eval()
     finally:
         torch.set_default_dtype(default)
+    for name in ("x_pad_token", "cap_pad_token"):  # Z-Image's pad tokens may start as empty
+        if hasattr(model, name) and device != "meta":
+            with torch.no_grad():
+                getattr(model, name).normal_()
+    return model
 
 
 def random_inputs(arch, resolution, device, generator):
@@ -63,17 +154,45 @@ def random_inputs(arch, resolution, device, generator):
     return img_ids.view(-1, 3), cond
 
 
-def model_flops_per_row(arch, tokens, text_tokens=TEXT_TOKENS):
-    """(total, attention) FLOPs of one forward on one row, counted on the meta device."""
+def family_setup(name, transformer, config, resolution, device, generator=None):
+    """(velocity pieces) for one Arch: the family, a weightless pipeline of its class around
+    `transformer` (what the family's questions are asked of), the latent shape of one sample,
+    the constant inputs and one prompt's random conditioning rows (meta tensors on "meta")."""
+    import diffusers
+
+    arch = ARCHS[name]
+    family = importlib.import_module(arch.module).FAMILY
+    cls = getattr(diffusers, arch.pipeline)
+    components = {k: None for k in cls._get_signature_keys(cls)[0]}
+    pipe = cls(**{**components, "transformer": transformer,
+                  "scheduler": diffusers.FlowMatchEulerDiscreteScheduler()})
+    shape = tuple(family.latent_shape(pipe, resolution, resolution))
+    constant = family.constant_inputs(pipe, resolution, resolution, "cpu", torch.float32)
+    constant = {k: v.to(device) if torch.is_tensor(v) else v for k, v in constant.items()}
+    rows = []
+    for r in arch.rows(config):
+        if isinstance(r, int):  # a prompt's own length, read on the host
+            rows.append(torch.tensor([r]))
+        elif device == "meta":
+            rows.append(torch.zeros(1, *r, device="meta"))
+        else:
+            rows.append(torch.randn(1, *r, generator=generator, device=device))
+    return family, shape, constant, tuple(rows)
+
+
+def model_flops_per_row(arch, tokens=None, text_tokens=TEXT_TOKENS, name="flux.1-dev",
+                        resolution=None):
+    """(total, attention) FLOPs of one forward on one row, counted on the meta device: FLUX.1 at
+    `tokens` image tokens, or family `name` at resolution²."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_transformer(arch, "meta", torch.float32)
-    meta = lambda *shape: torch.zeros(*shape, device="meta")
+    if resolution is None:
+        resolution = 16 * round(tokens ** 0.5)
+    model = build_transformer(arch, "meta", torch.float32, ARCHS[name].transformer)
+    family, shape, constant, rows = family_setup(name, model, arch, resolution, "meta")
+    x, sigma = torch.zeros(1, *shape, device="meta"), torch.zeros(1, device="meta")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(hidden_states=meta(1, tokens, arch["in_channels"]), timestep=meta(1),
-              guidance=meta(1), pooled_projections=meta(1, arch["pooled_projection_dim"]),
-              encoder_hidden_states=meta(1, text_tokens, arch["joint_attention_dim"]),
-              txt_ids=meta(text_tokens, 3), img_ids=meta(tokens, 3), return_dict=False)
+        family.forward(model, x, sigma, rows, constant, 1.0, torch.float32)
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     attention = sum(n for op, n in by_op.items() if "bmm" in op or "attention" in op)
     return counter.get_total_flops(), attention
@@ -158,6 +277,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
+    a("--family", choices=ARCHS, default="flux.1-dev",
+      help="whose transformer (the released checkpoint's architecture; default flux.1-dev)")
+    a("--flops", action="store_true",
+      help="only the model FLOPs per row of every family at 512² and 1024² (meta device)")
     a("--tiny", action="store_true", help="tiny transformer (a CPU check of the script)")
     a("--resolution", type=int, default=None, help="default 512 (64 with --tiny)")
     a("--group-size", type=int, default=12)
@@ -171,7 +294,7 @@ def parse_args(argv=None):
     a("--skip-loop", action="store_true", help="leave the per-member loop out")
     a("--repeats", type=int, default=3, help="timed repeats per batch size in the table")
     a("--attention-backends", default=",".join(flux_flow.DEFAULT_ATTENTION),
-      help="as flux_flow.py (default: no cuDNN attention)")
+      help="as image_flow.py (default: no cuDNN attention)")
     a("--gradient-checkpointing", action="store_true")
     args = p.parse_args(argv)
     args.resolution = args.resolution or (64 if args.tiny else 512)
@@ -190,32 +313,53 @@ def parse_args(argv=None):
     return args
 
 
+def flops_table():
+    """Model FLOPs per row of every family's released transformer at 512² and 1024²."""
+    print(f"{'family':>15s} {'parameters':>11s} {'512²':>9s} {'1024²':>9s}   "
+          f"(model FLOPs per transformer row; attention at 1024²)")
+    for name, arch in ARCHS.items():
+        model = build_transformer(arch.config, "meta", torch.float32, arch.transformer)
+        n = sum(p.numel() for p in model.parameters())
+        small, _ = model_flops_per_row(arch.config, name=name, resolution=512)
+        large, attention = model_flops_per_row(arch.config, name=name, resolution=1024)
+        print(f"{name:>15s} {count(n):>11s} {flop(small):>9s} {flop(large):>9s}   "
+              f"({flop(attention)} attention)")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.flops:
+        return flops_table()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    arch = TINY if args.tiny else FLUX_DEV
-    tokens = (args.resolution // 16) ** 2
-    flops, attn_flops = model_flops_per_row(arch, tokens)
-    transformer = build_transformer(arch, device, dtype)
+    family_arch = ARCHS[args.family]
+    arch = family_arch.tiny if args.tiny else family_arch.config
+    flops, attn_flops = model_flops_per_row(arch, name=args.family, resolution=args.resolution)
+    transformer = build_transformer(arch, device, dtype, family_arch.transformer)
     n_params = sum(p.numel() for p in transformer.parameters())
-    params = flux_flow.setup_trainable(transformer, args.lora_rank, args.lora_rank,
-                                       args.gradient_checkpointing)
     g = torch.Generator(device).manual_seed(0)
-    img_ids, cond = random_inputs(arch, args.resolution, device, g)
-    velocity = flux_flow.FluxVelocity(transformer, img_ids.to(dtype), True, 3.5, dtype,
-                                      args.attention_backends)
+    family, shape, constant, cond = family_setup(args.family, transformer, arch, args.resolution,
+                                                 device, g)
+    params = flux_flow.setup_trainable(transformer, args.lora_rank, args.lora_rank,
+                                       args.gradient_checkpointing,
+                                       lora_targets=family.lora_targets)
+    # One transformer row per sample: the family's guidance, or a scale that turns CFG off.
+    guidance = next(w for w in (family.guidance, 1.0, 0.0) if not family.uses_negative(w))
+    velocity = Velocity(transformer, family, constant, guidance, dtype, args.attention_backends,
+                        device.type)
     cfg = g2rpo.Config(group_size=args.group_size, batch_size=args.batch_size, lr=1e-5)
     sigmas = g2rpo.sigma_schedule(cfg.num_steps, cfg.shift).to(device)
-    shape = (tokens, arch["in_channels"])
+    tokens = shape[0] if len(shape) == 2 else shape[1] * shape[2] // 4
     reward_fn = lambda x, prompts: x.float().flatten(1).mean(1)  # cheap: excludes VAE and reward
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     name = torch.cuda.get_device_name() if cuda else "CPU"
     peak_flops = matmul_flops(device, dtype, 8192 if cuda else 1024)
-    print(f"{name}, torch {torch.__version__}; transformer {count(n_params)} params, {dtype}, "
+    text = cond[0].shape[1]
+    print(f"{name}, torch {torch.__version__}; {args.family} transformer "
+          f"{'(tiny) ' if args.tiny else ''}{count(n_params)} params, {dtype}, "
           f"LoRA r={args.lora_rank} ({count(sum(p.numel() for p in params))} trainable); "
-          f"{args.resolution}² ({tokens} image + {TEXT_TOKENS} text tokens); attention "
+          f"{args.resolution}² ({tokens} image + {text} text tokens); attention "
           f"{args.attention_backends}")
     print(f"model FLOPs per row {flop(flops)} (attention {flop(attn_flops)}); "
           f"{str(dtype).split('.')[-1]} matmul peak measured {flop(peak_flops)}FLOP/s")

@@ -4,13 +4,15 @@ A family answers a short list of questions, each as its own pipeline answers it,
 else; everything else (loading, the prompt cache, the η = 0 sampler, decoding, rewards, LoRA,
 sharding, checkpoints, export, the command line) is written once in image_flow.py:
 
-    encode          prompts → conditioning rows, through the pipeline's own encode_prompt
+    encode          prompts → conditioning rows (one per prompt), through the pipeline's own
+                    encode_prompt
+    collate         rows of several prompts → one batch (padding text of unequal lengths)
     latent_shape    the state the sampler moves (packed or not), and noise: the pipeline's draw
     pipeline_sigmas the σ grid the pipeline's __call__ uses (static or resolution-dependent shift)
     forward         what the transformer is called with: timestep convention, ids, guidance input
     guide           how a conditional and an unconditional velocity combine (classifier-free
                     guidance), when uses_negative says a second row is needed
-    to_vae          sampler state → what the VAE decodes (its own scaling and shift)
+    decode          sampler state → what the VAE decodes (its own scaling and shift), decoded
     lora_targets    the linear layers LoRA adapts by default
 
 Velocity turns a family into g2rpo's velocity_fn: the trained model computes both guidance rows
@@ -26,7 +28,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # model_index.json's _class_name → the module whose FAMILY handles it.
-FAMILIES = {"FluxPipeline": "flux_flow", "StableDiffusion3Pipeline": "sd3_flow"}
+FAMILIES = {"FluxPipeline": "flux_flow", "StableDiffusion3Pipeline": "sd3_flow",
+            "QwenImagePipeline": "qwen_image_flow", "Flux2KleinPipeline": "flux2_klein_flow",
+            "ZImagePipeline": "z_image_flow"}
 
 
 def family_for(pipeline_class):
@@ -57,15 +61,26 @@ class Family:
     guidance = None  # --guidance's default
     guidance_help = ""  # what --guidance means for this family
     max_sequence_length = 512  # the pipeline's default text length
+    unused_parameters = False  # True: some weights never get a gradient (DDP must know)
 
-    def check_guidance(self, transformer_config, guidance):
-        """A ValueError when `guidance` means nothing for this checkpoint."""
+    negative_prompt = True  # False: the pipeline's unconditional prompt is fixed
+
+    def default_guidance(self, index):
+        """--guidance's default for this checkpoint (index: its model_index.json)."""
+        return self.guidance
+
+    def check_guidance(self, index, transformer_config, guidance):
+        """A ValueError when `guidance` (None: not given) means nothing for this checkpoint."""
 
     def uses_negative(self, guidance):
         """Whether the velocity needs a second, unconditional row per prompt (CFG)."""
         return False
 
-    def guide(self, v_cond, v_uncond, guidance):
+    guidance_options = ()  # flags (Config-style names) that only this family's guidance takes
+    uncond_first = True  # the order of the two halves of a guided call, as the pipeline has it
+
+    def guide(self, v_cond, v_uncond, guidance, sigma, **options):
+        """The guided velocity (float32) from the two rows' velocities at σ (N,)."""
         raise NotImplementedError(f"{self.name} has no classifier-free guidance")
 
     def image_multiple(self, pipe):
@@ -82,9 +97,29 @@ class Family:
         """Transformer inputs that depend on the image size only (position ids …)."""
         return {}
 
+    def collate(self, rows):
+        """Per-prompt rows (tuples of tensors, as encode gives them) → one tuple of (P, ...)
+        tensors. Rows of equal shapes are stacked."""
+        return tuple(torch.stack(parts) for parts in zip(*rows))
+
     def to_vae(self, pipe, x, height, width):
         """Sampler state → VAE latents: the VAE config's scaling and shift undone."""
         return x / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
+
+    def decode(self, pipe, x, height, width):
+        """Sampler states → images in [-1, 1] (B, 3, H, W), as the pipeline decodes them."""
+        return pipe.vae.decode(self.to_vae(pipe, x, height, width).to(pipe.vae.dtype),
+                               return_dict=False)[0]
+
+
+def pad_text(rows):
+    """Rows (embeds (L_i, D),) of unequal lengths → (embeds (P, L_max, D) zero-padded at the end,
+    lengths (P,)): a collate for pipelines whose prompts keep their own lengths."""
+    lengths = torch.tensor([r[0].shape[0] for r in rows])
+    longest = int(lengths.max())
+    embeds = torch.stack([torch.nn.functional.pad(r[0], (0, 0, 0, longest - r[0].shape[0]))
+                          for r in rows])
+    return embeds, lengths
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,9 +195,10 @@ class Velocity:
     """
 
     def __init__(self, transformer, family, constant, guidance, dtype=torch.float32,
-                 attention=DEFAULT_ATTENTION, device_type=None):
+                 attention=DEFAULT_ATTENTION, device_type=None, guidance_options=None):
         self.transformer, self.family, self.constant = transformer, family, constant
         self.guidance, self.dtype = guidance, dtype
+        self.guidance_options = guidance_options or {}
         self.cfg = family.uses_negative(guidance)
         self.device_type = device_type or next(transformer.parameters()).device.type
         self.autocast = dtype != torch.float32  # bf16 compute, fp32 weights/latents (CPU too)
@@ -170,23 +206,25 @@ class Velocity:
 
     @classmethod
     def from_pipe(cls, transformer, pipe, height, width, guidance=None, dtype=torch.float32,
-                  attention=DEFAULT_ATTENTION):
+                  attention=DEFAULT_ATTENTION, guidance_options=None):
         """For `transformer` (the pipeline's own, or a DDP / FSDP wrapper of it) at H × W;
         guidance None: the family's default."""
         family = family_of(pipe)
         device = pipe.transformer.device
         return Velocity(transformer, family,
                         family.constant_inputs(pipe, height, width, device, dtype),
-                        family.guidance if guidance is None else guidance, dtype, attention,
-                        device.type)
+                        family.default_guidance(dict(pipe.config)) if guidance is None
+                        else guidance, dtype, attention,
+                        device.type, guidance_options)
 
     def __call__(self, x, sigma, cond):
         if self.cfg != isinstance(cond, dict):
             raise ValueError("guidance with an unconditional row needs cond = {'cond', 'uncond'} "
                              "(PromptEncoder with a negative prompt), and only then")
-        rows = cond
-        if self.cfg:  # the pipelines' order: unconditional rows first
-            rows = tuple(torch.cat([u, c]) for u, c in zip(cond["uncond"], cond["cond"]))
+        rows, n = cond, len(x)
+        if self.cfg:  # in the order the family's pipeline stacks them
+            first, second = ("uncond", "cond") if self.family.uncond_first else ("cond", "uncond")
+            rows = tuple(torch.cat([a, b]) for a, b in zip(cond[first], cond[second]))
             x, sigma = torch.cat([x, x]), torch.cat([sigma, sigma])
         # The autograd graph records the backend chosen here, so backward() uses it as well.
         with attention_context(self.attention), \
@@ -194,6 +232,7 @@ class Velocity:
             v = self.family.forward(self.transformer, x, sigma, rows, self.constant,
                                     self.guidance, self.dtype).float()
         if self.cfg:
-            v_uncond, v_cond = v.chunk(2)
-            v = self.family.guide(v_cond, v_uncond, self.guidance)
+            v_uncond, v_cond = (v[:n], v[n:]) if self.family.uncond_first else (v[n:], v[:n])
+            v = self.family.guide(v_cond, v_uncond, self.guidance, sigma[:n],
+                                  **self.guidance_options)
         return v

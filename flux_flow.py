@@ -26,7 +26,7 @@ class Flux1(Family):
     guidance_help = ("the distilled guidance embedding (FLUX.1-dev; FLUX.1-schnell has none), one "
                      "transformer row per sample")
 
-    def check_guidance(self, transformer_config, guidance):
+    def check_guidance(self, index, transformer_config, guidance):
         if guidance is not None and not transformer_config.get("guidance_embeds", False):
             raise ValueError(f"--guidance {guidance:g}: this FLUX.1 checkpoint has no guidance "
                              f"embedding (guidance_embeds is false); leave --guidance out")
@@ -35,7 +35,7 @@ class Flux1(Family):
         embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None,
                                                device=pipe._execution_device,
                                                max_sequence_length=max_sequence_length)
-        return embeds, pooled  # (P, S_txt, D_txt) T5, (P, D_pool) CLIP pooled
+        return list(zip(embeds, pooled))  # per prompt: T5 (S_txt, D_txt), CLIP pooled (D_pool,)
 
     def latent_shape(self, pipe, height, width):
         """(S, C): S = (H/16)·(W/16) tokens of C = 4·latent_channels."""

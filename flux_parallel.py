@@ -60,15 +60,17 @@ def shard(transformer):
     return transformer
 
 
-def wrap_distributed(transformer, lora_rank, device):
-    """DDP for LoRA; FSDP2 (fully_shard per block, then the root, then fp32 shards) for full."""
+def wrap_distributed(transformer, lora_rank, device, unused_parameters=False):
+    """DDP for LoRA; FSDP2 (fully_shard per block, then the root, then fp32 shards) for full.
+    unused_parameters: some trainable weights get no gradient (DDP then looks for them after
+    every backward)."""
     if not dist.is_initialized():
         return transformer
     if lora_rank > 0:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(transformer, device_ids=[device.index] if device.type == "cuda" else None,
-                   broadcast_buffers=False)
+                   broadcast_buffers=False, find_unused_parameters=unused_parameters)
     return shard(transformer).float()  # each rank upcasts only its own shards
 
 

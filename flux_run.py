@@ -540,6 +540,12 @@ def load_checkpoint(path, model, optimizer, generator, fp, seed, lr=None, log=pr
     world = _world()
     rank, elastic = _rank(), meta["world_size"] != world
     state = train_state(model, optimizer)  # initialises AdamW's state so DCP can fill it
+    # A weight that never had a gradient has no AdamW state in the checkpoint (Qwen-Image's last
+    # block: its text stream's output is unused); it gets none here either.
+    saved = metadata.state_dict_metadata
+    stateless = [k for k in state["optimizer"]["state"] if f"optimizer.state.{k}.step" not in saved]
+    for k in stateless:
+        del state["optimizer"]["state"][k]
     if not elastic:
         state["rng"] = {f"rank{rank}": _rng_state(generator)}
         if f"rng.rank{rank}.generator" not in metadata.state_dict_metadata:
@@ -565,6 +571,10 @@ def load_checkpoint(path, model, optimizer, generator, fp, seed, lr=None, log=pr
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    if stateless:
+        by_name = {n.removeprefix("module."): p for n, p in model.named_parameters()}
+        for k in stateless:
+            optimizer.state.pop(by_name[k], None)
     old_lrs = {group["lr"] for group in optimizer.param_groups}
     if lr is not None and old_lrs != {lr}:
         if log is not None:

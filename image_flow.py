@@ -162,20 +162,23 @@ class PromptEncoder:
     @torch.no_grad()
     def rows(self, prompts):
         """list of P prompts → a tuple of (P, ...) tensors on the transformer's device."""
-        new = [p for p in dict.fromkeys(prompts) if p not in self.cache]
-        if new:  # a copy: some pipelines rewrite the list they are given
-            encoded = self.family.encode(self.pipe, list(new), self.max_len)
-            for i, p in enumerate(new):
-                self.cache[p] = tuple(t[i].cpu() for t in encoded)
+        # One prompt at a time: its rows then do not depend on which prompts shared its batch
+        # (last bits of batched matmuls do), so a resumed run encodes what the first run did.
+        for p in dict.fromkeys(prompts):
+            if p not in self.cache:  # a fresh list: some pipelines rewrite the one they are given
+                (row,) = self.family.encode(self.pipe, [p], self.max_len)
+                self.cache[p] = tuple(t.cpu() for t in row)
         device = self.pipe.transformer.device
-        return tuple(torch.stack([self.cache[p][j] for p in prompts]).to(device)
-                     for j in range(len(self.cache[prompts[0]])))
+        return tuple(t.to(device) for t in self.family.collate([self.cache[p] for p in prompts]))
 
     def __call__(self, prompts):
-        rows = self.rows(list(prompts))
+        prompts = list(prompts)
         if self.negative_prompt is None:
-            return rows
-        return {"cond": rows, "uncond": self.rows([self.negative_prompt] * len(prompts))}
+            return self.rows(prompts)
+        # One collated batch, so that both halves share a text length (padded where they differ).
+        both = self.rows(prompts + [self.negative_prompt] * len(prompts))
+        return {"cond": tuple(t[: len(prompts)] for t in both),
+                "uncond": tuple(t[len(prompts) :] for t in both)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,8 +210,7 @@ def sigma_grid(pipe, num_steps, height, width, schedule="static", shift=3.0):
 def decode(pipe, latents, height, width):
     """Sampler states (B, *D) → images in [0, 1], (B, 3, H, W) float32, as the pipeline decodes
     them (the family's unpacking and the VAE config's scaling and shift)."""
-    x = family_of(pipe).to_vae(pipe, latents, height, width)
-    image = pipe.vae.decode(x.to(pipe.vae.dtype), return_dict=False)[0]
+    image = family_of(pipe).decode(pipe, latents, height, width)
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -312,7 +314,7 @@ def reference_velocity(raw, reference, pipe, args, dtype):
     own transformer with its adapters off (LoRA), without DDP (no gradient, no collectives)."""
     velocity = Velocity.from_pipe(reference if reference is not None else raw, pipe,
                                   args.height, args.width, args.guidance, dtype,
-                                  args.attention_backends)
+                                  args.attention_backends, guidance_options(args))
     if reference is not None:
         return velocity
 
@@ -353,6 +355,7 @@ def settings(args):
                if args.lora_rank and tuple(args.lora_targets or ()) != Family.lora_targets
                else {}),
             **({"negative_prompt": args.negative_prompt} if args.negative_prompt else {}),
+            **guidance_options(args),
             **({k: getattr(args, k) for k in ("window_size", "window_stride", "window_every")}
                if args.method == "mixgrpo" else {})}
 
@@ -421,6 +424,10 @@ FLAGS = {"num_steps": "--steps", "prompts_per_iteration": "--prompts-per-gpu",
 METHOD_FIELDS = ("branch_steps", "granularities", "window_size", "window_stride", "window_every")
 
 
+# Guidance flags that only some families take (families.Family.guidance_options).
+GUIDANCE_OPTIONS = ("cfg_normalization", "cfg_truncation")
+
+
 def flag_of(field):
     return FLAGS.get(field, "--" + field.replace("_", "-"))
 
@@ -464,7 +471,14 @@ def parse_args(argv=None):
       help="guidance scale, in the model's own form (default per family): " + "; ".join(
           f"{f.name}: {f.guidance_help} (default {f.guidance:g})" for f in families))
     a("--negative-prompt", default="",
-      help="the unconditional row's prompt, for guidance that has one (SD3)")
+      help="the unconditional row's prompt, for guidance that has one (SD3, Qwen-Image, "
+           "Z-Image)")
+    a("--cfg-normalization", type=float, default=None,
+      help="Z-Image: clamp the guided velocity's norm to this multiple of the conditional one's "
+           "(the pipeline's cfg_normalization; default off)")
+    a("--cfg-truncation", type=float, default=None,
+      help="Z-Image: no guidance at steps where 1 − σ exceeds this (the pipeline's "
+           "cfg_truncation; default 1: never)")
     a("--max-sequence-length", type=int, default=None,
       help="text-encoder tokens per prompt (default: the pipeline's, " + ", ".join(
           f"{f.name} {f.max_sequence_length}" for f in families) + ")")
@@ -611,6 +625,9 @@ def check_args(args):
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise ValueError(f"--guidance must be finite, got {args.guidance}")
+    for option, value in guidance_options(args).items():
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{flag_of(option)} must be >= 0 and finite, got {value}")
     sdpa_backends(args.attention_backends)
     names = reward_models.reward_names(args.rewards)
     if args.eval_rewards is not None:
@@ -629,7 +646,8 @@ def check_args(args):
     family = check_pipeline_class(args.model)
     meta = transformer_on_meta(args.model)
     if family is not None:
-        apply_family(args, family, meta.config if meta is not None else {})
+        apply_family(args, family, model_index(args.model),
+                     meta.config if meta is not None else {})
     if args.output_dir is None:  # needed now: the run directory is locked before loading
         args.output_dir = f"runs/{Path(args.model).name.lower()}"
     if args.resume is not None:
@@ -647,13 +665,26 @@ def check_args(args):
     flux_run.check_writable_dir(args.output_dir)
 
 
-def apply_family(args, family, transformer_config):
+def guidance_options(args):
+    """The family-specific guidance flags that were given, by name (Z-Image's norm clamp and
+    truncation)."""
+    return {k: getattr(args, k) for k in GUIDANCE_OPTIONS if getattr(args, k, None) is not None}
+
+
+def apply_family(args, family, index, transformer_config):
     """Check the flags whose meaning depends on the family and fill in their defaults; once,
-    when the family is known (args.family then names it)."""
-    family.check_guidance(dict(transformer_config), args.guidance)
+    when the family is known (args.family then names it). index: the checkpoint's
+    model_index.json (the pipeline's config)."""
+    family.check_guidance(dict(index), dict(transformer_config), args.guidance)
+    if args.negative_prompt and not family.negative_prompt:
+        raise ValueError(f"--negative-prompt: {family.name}'s pipeline takes none (its "
+                         f"unconditional row is the empty prompt)")
+    for option in guidance_options(args):
+        if option not in family.guidance_options:
+            raise ValueError(f"{flag_of(option)} is not an option of {family.name}'s guidance")
     args.family = family.name
     if args.guidance is None:
-        args.guidance = family.guidance
+        args.guidance = family.default_guidance(dict(index))
     if args.max_sequence_length is None:
         args.max_sequence_length = family.max_sequence_length
     if args.lora_targets is None:
@@ -710,7 +741,7 @@ def _run_training(args, rank, world, device, run):
     pipe = load_pipeline(args.model, device, dtype)
     family = family_of(pipe)
     if args.family is None:  # a Hub checkpoint that was not on this machine at check_args
-        apply_family(args, family, pipe.transformer.config)
+        apply_family(args, family, pipe.config, pipe.transformer.config)
     check_image_size(pipe, args.height, args.width)
     encoder = PromptEncoder(pipe, args.max_sequence_length,
                             args.negative_prompt if family.uses_negative(args.guidance) else None)
@@ -722,7 +753,7 @@ def _run_training(args, rank, world, device, run):
     torch.manual_seed(args.seed)  # LoRA's initialisation: same seed, same adapters (all ranks)
     setup_trainable(raw, args.lora_rank, args.lora_alpha, args.gradient_checkpointing,
                     upcast=world == 1, lora_targets=args.lora_targets)
-    model = wrap_distributed(raw, args.lora_rank, device)
+    model = wrap_distributed(raw, args.lora_rank, device, family.unused_parameters)
     if full_reference and sharded:
         reference = frozen_reference(raw, dtype)  # from the policy's shards
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 swaps in DTensors
@@ -733,10 +764,11 @@ def _run_training(args, rank, world, device, run):
     which = f" (EMA weights, decay {cfg.ema_decay:g})" if ema is not None else ""
     generator = torch.Generator(device).manual_seed(cfg.seed)
     velocity = Velocity.from_pipe(model, pipe, args.height, args.width, args.guidance, dtype,
-                                  args.attention_backends)
+                                  args.attention_backends, guidance_options(args))
     # Evaluation bypasses DDP (no gradient, no collectives); FSDP2 needs every rank's forward.
     eval_velocity = Velocity.from_pipe(getattr(model, "module", model), pipe, args.height,
-                                       args.width, args.guidance, dtype, args.attention_backends)
+                                       args.width, args.guidance, dtype, args.attention_backends,
+                                       guidance_options(args))
     ref_velocity = reference_velocity(raw, reference, pipe, args, dtype) if cfg.kl_beta else None
     fp = fingerprint(args, raw)
     out, ckpt_path = run.path, run.path / flux_run.CHECKPOINT

@@ -24,14 +24,14 @@ class SD3(Family):
     def uses_negative(self, guidance):
         return guidance > 1  # the pipeline's do_classifier_free_guidance
 
-    def guide(self, v_cond, v_uncond, guidance):
+    def guide(self, v_cond, v_uncond, guidance, sigma):
         return v_uncond + guidance * (v_cond - v_uncond)
 
     def encode(self, pipe, prompts, max_sequence_length):
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=pipe._execution_device,
             do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
-        return embeds, pooled  # (P, 77 + S_t5, D) CLIP-L/G ⊕ T5, (P, D_pool) CLIP-L/G pooled
+        return list(zip(embeds, pooled))  # per prompt: CLIP-L/G ⊕ T5 (77 + S_t5, D), pooled
 
     def image_multiple(self, pipe):
         return pipe.vae_scale_factor * pipe.patch_size

@@ -85,34 +85,192 @@ def make_tiny_sd3(path, dynamic_shift=False):
     return str(path)
 
 
-# Each family: its builder and the guidance scale its tests train with (both rows when it has
-# classifier-free guidance).
-FAMILIES = {"sd3": (make_tiny_sd3, 4.5)}
+def byte_chars():
+    """The 256 characters a byte-level BPE vocabulary (GPT-2's, Qwen2's) writes bytes as."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {b: b for b in printable}, iter(range(256, 512))
+    return [chr(chars[b] if b in chars else next(extra)) for b in range(256)]
+
+
+def qwen_tokenizer(path):
+    """A byte-level Qwen2Tokenizer (every byte one token, no merges) with the chat template's
+    special tokens. transformers 5 ignores vocab/merges files passed to the constructor: they
+    are written and loaded with from_pretrained."""
+    from transformers import Qwen2Tokenizer
+
+    path.mkdir(parents=True)
+    (path / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(byte_chars())}))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(path), unk_token=None, bos_token=None,
+                                               eos_token="<|endoftext|>",
+                                               pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def make_tiny_qwen_image(path, dynamic_shift=True):
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,
+                           QwenImagePipeline, QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4)).eval()
+    vae = AutoencoderKLQwenImage(  # 4× downsampling; a mean and std that are not 0 and 1
+        base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+        temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
+        latents_std=[1.5, 0.8, 1.0, 1.2]).eval()
+    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(  # mrope sums to head_dim / 2
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, vocab_size=300,
+                         bos_token_id=None, eos_token_id=256, pad_token_id=256,
+                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default",
+                                       "type": "default"}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
+                           out_hidden_size=16),
+        hidden_size=16, vocab_size=300)).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=dynamic_shift, shift=1.0 if dynamic_shift else 3.0,
+        base_shift=0.5, max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192)
+    QwenImagePipeline(transformer=transformer, vae=vae, scheduler=scheduler,
+                      text_encoder=encoder,
+                      tokenizer=qwen_tokenizer(path / "tokenizer_files")).save_pretrained(path)
+    return str(path)
+
+
+def make_tiny_z_image(path, dynamic_shift=False):
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
+        n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4],
+        axes_lens=[256, 32, 32]).eval()
+    with torch.no_grad():  # the pad tokens are not initialised by every diffusers release
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+    encoder = Qwen3Model(Qwen3Config(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=8, vocab_size=300, max_position_embeddings=512,
+        bos_token_id=None, eos_token_id=256, pad_token_id=256)).eval()
+    tokenizer = chat_tokenizer(path / "tokenizer_files")
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=dynamic_shift, shift=1.0 if dynamic_shift else 3.0,
+        base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    ZImagePipeline(transformer=transformer, scheduler=scheduler, text_encoder=encoder,
+                   tokenizer=tokenizer,
+                   vae=tiny_vae(4, shift_factor=0.1159, scaling_factor=0.3611)).save_pretrained(path)
+    return str(path)
+
+
+def chat_tokenizer(path):
+    """The byte-level tokenizer with a chat template (FLUX.2 [klein] and Z-Image apply one)."""
+    tokenizer = qwen_tokenizer(path)
+    tokenizer.chat_template = (  # Qwen3's shape, without the thinking block
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tokenizer
+
+
+def make_tiny_flux2_klein(path, dynamic_shift=True, distilled=False):
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler,
+                           Flux2KleinPipeline, Flux2Transformer2DModel)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    transformer = Flux2Transformer2DModel(  # text: 3 encoder layers of 16 concatenated
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False).eval()
+    encoder = Qwen3ForCausalLM(Qwen3Config(  # 27 layers: the pipeline reads layers 9, 18, 27
+        hidden_size=16, intermediate_size=16, num_hidden_layers=27, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=8, vocab_size=300, max_position_embeddings=512,
+        bos_token_id=None, eos_token_id=256, pad_token_id=256)).eval()
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(4, 4, 4, 4),
+        layers_per_block=1, latent_channels=1, norm_num_groups=1, sample_size=32,
+        use_quant_conv=False, use_post_quant_conv=False).eval()
+    with torch.no_grad():  # batch-norm statistics that are not the identity
+        vae.bn.running_mean.copy_(torch.tensor([0.2, -0.1, 0.05, 0.3]))
+        vae.bn.running_var.copy_(torch.tensor([1.5, 0.7, 1.2, 0.9]))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=dynamic_shift, shift=1.0 if dynamic_shift else 3.0)
+    Flux2KleinPipeline(transformer=transformer, vae=vae, scheduler=scheduler,
+                       text_encoder=encoder, tokenizer=chat_tokenizer(path / "tokenizer_files"),
+                       is_distilled=distilled).save_pretrained(path)
+    return str(path)
+
+
+class Case:
+    """How the tests build and call one family: its tiny pipeline, the guidance scale they train
+    with (both rows when it has classifier-free guidance), the text length (long enough that the
+    prompts differ after the family's template) and the pipeline's own guidance arguments."""
+
+    def __init__(self, make, guidance, max_len, call, off=1.0):
+        self.make, self.guidance, self.max_len, self.call = make, guidance, max_len, call
+        self.off = off  # a scale that turns guidance off
+
+
+FAMILIES = {
+    "sd3": Case(make_tiny_sd3, 4.5, 16,
+                lambda w, negative, n: {"guidance_scale": w, "negative_prompt": negative}),
+    "qwen-image": Case(make_tiny_qwen_image, 4.0, 512,
+                       lambda w, negative, n: {"true_cfg_scale": w,
+                                            "negative_prompt": negative if w > 1 else None}),
+    "flux2-klein": Case(make_tiny_flux2_klein, 4.0, 64,
+                        lambda w, negative, n: {"guidance_scale": w}),
+    # Z-Image's w = 1 is guidance on (the usual 2); off is 0.
+    "z-image": Case(make_tiny_z_image, 1.5, 64,
+                    lambda w, negative, n: {"guidance_scale": w,  # one negative per prompt
+                                            "negative_prompt": [negative] * n},
+                    off=0.0),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def tiny(request, tmp_path_factory):
     """(family key, saved tiny pipeline folder)."""
-    make, _ = FAMILIES[request.param]
-    return request.param, make(tmp_path_factory.mktemp(request.param))
+    return request.param, FAMILIES[request.param].make(tmp_path_factory.mktemp(request.param))
 
 
-def pipeline_call(pipe, prompts, guidance, steps=5, **kw):
+def case_of(pipe):
+    return next(c for k, c in FAMILIES.items() if families.family_of(pipe).slug == k)
+
+
+def pipeline_call(pipe, prompts, guidance, steps=5, negative="", **kw):
     """The family's own pipeline, η = 0, latent or pt output."""
-    return pipe(prompts, generator=torch.Generator().manual_seed(0), height=H, width=W,
-                num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=16,
-                **kw).images
+    case = case_of(pipe)
+    # A copy: ZImagePipeline replaces the caller's prompts with their templated text.
+    return pipe(prompt=list(prompts), generator=torch.Generator().manual_seed(0), height=H,
+                width=W, num_inference_steps=steps, max_sequence_length=case.max_len,
+                **case.call(guidance, negative, len(prompts)), **kw).images
 
 
-def ours(pipe, prompts, guidance, steps=5, negative=""):
-    """Our η = 0 sampler (g2rpo.ode_step) on the pipeline's own σ grid."""
+def as_pipeline_latents(pipe, x):
+    """Our sampler's states as the pipeline's output_type="latent" gives them: what its VAE
+    decodes for FLUX.2 [klein] (unpacked, denormalised, unpatchified), the state itself for
+    the others."""
     family = families.family_of(pipe)
-    velocity = image_flow.Velocity.from_pipe(pipe.transformer, pipe, H, W, guidance)
-    encoder = image_flow.PromptEncoder(pipe, 16, negative if family.uses_negative(guidance)
-                                       else None)
-    return image_flow.sample(pipe, velocity, encoder, prompts, H, W,
-                             image_flow.sigma_grid(pipe, steps, H, W, "pipeline"),
-                             torch.Generator().manual_seed(0))
+    return family.to_vae(pipe, x, H, W) if family.slug == "flux2-klein" else x
+
+
+def ours(pipe, prompts, guidance, steps=5, negative="", **options):
+    """Our η = 0 sampler (g2rpo.ode_step) on the pipeline's own σ grid, its states as the
+    pipeline's latents, and the images."""
+    family = families.family_of(pipe)
+    velocity = image_flow.Velocity.from_pipe(pipe.transformer, pipe, H, W, guidance,
+                                             guidance_options=options)
+    encoder = image_flow.PromptEncoder(pipe, case_of(pipe).max_len,
+                                       negative if family.uses_negative(guidance) else None)
+    x, images = image_flow.sample(pipe, velocity, encoder, prompts, H, W,
+                                  image_flow.sigma_grid(pipe, steps, H, W, "pipeline"),
+                                  torch.Generator().manual_seed(0))
+    return as_pipeline_latents(pipe, x), images
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,9 +280,9 @@ def ours(pipe, prompts, guidance, steps=5, negative=""):
 @pytest.mark.parametrize("cfg", [False, True], ids=["no-guidance", "guidance"])
 @pytest.mark.parametrize("dynamic_shift", [False, True], ids=["static-shift", "dynamic-shift"])
 def test_eta_zero_sampler_equals_the_family_pipeline(tmp_path, cfg, dynamic_shift):
-    for key, (make, guidance) in FAMILIES.items():
-        pipe = image_flow.load_pipeline(make(tmp_path / key, dynamic_shift=dynamic_shift))
-        w = guidance if cfg else 1.0
+    for key, case in FAMILIES.items():
+        pipe = image_flow.load_pipeline(case.make(tmp_path / key, dynamic_shift=dynamic_shift))
+        w = case.guidance if cfg else case.off
         assert families.family_of(pipe).uses_negative(w) == cfg
         prompts = ["a red fox", "a lighthouse in a storm"]
         latents, images = ours(pipe, prompts, w)
@@ -135,27 +293,43 @@ def test_eta_zero_sampler_equals_the_family_pipeline(tmp_path, cfg, dynamic_shif
 
 
 def test_the_oracle_catches_a_wrong_guidance_form_or_timestep(tiny, monkeypatch):
-    """Z-Image's form pos + w·(pos − neg), or FLUX's σ timestep, in place of this family's:
-    the pipeline comparison above would fail."""
+    """Another family's guidance form (Z-Image's pos + w·(pos − neg); SD3's for Z-Image) or
+    timestep (1 − σ; σ for Z-Image) in place of this family's: the comparison above fails."""
     key, folder = tiny
     pipe = image_flow.load_pipeline(folder)
-    family, guidance = families.family_of(pipe), FAMILIES[key][1]
+    family, guidance = families.family_of(pipe), FAMILIES[key].guidance
     prompts = ["a red fox"]
     ref = pipeline_call(pipe, prompts, guidance, output_type="latent").float()
     torch.testing.assert_close(ours(pipe, prompts, guidance)[0], ref, rtol=1e-4, atol=1e-5)
     with monkeypatch.context() as m:
-        m.setattr(type(family), "guide", lambda self, c, u, w: c + w * (c - u))
+        wrong = ((lambda self, c, u, w, sigma, **o: u + w * (c - u)) if key == "z-image" else
+                 (lambda self, c, u, w, sigma, **o: c + w * (c - u)))
+        m.setattr(type(family), "guide", wrong)
         assert (ours(pipe, prompts, guidance)[0] - ref).abs().max() > 1e-3
-    with monkeypatch.context() as m:
-        m.setattr(type(family), "constant_inputs",
-                  lambda self, *a: {"num_train_timesteps": 1})
+    forward = type(family).forward
+    with monkeypatch.context() as m:  # Z-Image's convention, 1 − σ, in place of this family's
+        m.setattr(type(family), "forward",
+                  lambda self, t, x, sigma, *a: forward(self, t, x, 1 - sigma, *a))
         assert (ours(pipe, prompts, guidance)[0] - ref).abs().max() > 1e-3
+    if not family.negative_prompt:
+        return
     # The negative prompt is the unconditional row's.
     other = pipeline_call(pipe, prompts, guidance, output_type="latent",
-                          negative_prompt="blurry").float()
+                          negative="blurry").float()
     torch.testing.assert_close(ours(pipe, prompts, guidance, negative="blurry")[0], other,
                                rtol=1e-4, atol=1e-5)
     assert (other - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("options", [{"cfg_normalization": 1.0}, {"cfg_truncation": 0.3},
+                                     {"cfg_normalization": 1.05, "cfg_truncation": 0.5}])
+def test_z_image_norm_clamp_and_truncation_are_the_pipelines(tmp_path, options):
+    pipe = image_flow.load_pipeline(make_tiny_z_image(tmp_path / "z"))
+    prompts = ["a red fox", "a lighthouse in a storm"]
+    ref = pipeline_call(pipe, prompts, 2.0, output_type="latent", **options).float()
+    torch.testing.assert_close(ours(pipe, prompts, 2.0, **options)[0], ref, rtol=1e-4,
+                               atol=1e-5)
+    assert (ours(pipe, prompts, 2.0)[0] - ref).abs().max() > 1e-4  # the options do something
 
 
 def test_guidance_rows_go_through_the_transformer_in_one_call(tiny):
@@ -163,12 +337,13 @@ def test_guidance_rows_go_through_the_transformer_in_one_call(tiny):
     pipe = image_flow.load_pipeline(folder)
     calls = []
     hook = pipe.transformer.register_forward_hook(
-        lambda m, args, kwargs, out: calls.append(kwargs["hidden_states"].shape[0]),
+        lambda m, args, kwargs, out: calls.append(len(kwargs.get("hidden_states", args[:1] and
+                                                                 args[0]))),
         with_kwargs=True)
-    ours(pipe, ["a cat", "a dog", "a fox"], FAMILIES[key][1], steps=3)
+    ours(pipe, ["a cat", "a dog", "a fox"], FAMILIES[key].guidance, steps=3)
     assert calls == [6, 6, 6]  # 3 prompts × (conditional, unconditional), once per step
     calls.clear()
-    ours(pipe, ["a cat", "a dog", "a fox"], 1.0, steps=3)
+    ours(pipe, ["a cat", "a dog", "a fox"], FAMILIES[key].off, steps=3)
     assert calls == [3, 3, 3]  # guidance off: one row per sample
     hook.remove()
 
@@ -192,6 +367,15 @@ def test_a_guidance_scale_the_checkpoint_cannot_take_is_refused_before_loading(t
     args = train_args(schnell_like, tiny_clip, tmp_path / "out", "--iterations", "1")
     assert ("--guidance 3.5: this FLUX.1 checkpoint has no guidance embedding" in
             parse_error(args + ["--guidance", "3.5"], capsys))
+    assert ("--cfg-normalization is not an option of FLUX.1's guidance" in
+            parse_error(args + ["--cfg-normalization", "1.5"], capsys))
+    # A step-distilled FLUX.2 [klein]: its pipeline ignores guidance; off by default here.
+    distilled = make_tiny_flux2_klein(tmp_path / "klein", distilled=True)
+    args = train_args(distilled, tiny_clip, tmp_path / "out", "--iterations", "1")
+    assert "this FLUX.2 [klein] checkpoint is step-distilled" in parse_error(
+        args + ["--guidance", "4"], capsys)
+    assert image_flow.parse_args(args).guidance == 1.0
+    assert image_flow.parse_args(args + ["--guidance", "1"]).guidance == 1.0
     assert not (tmp_path / "out").exists()
 
 
@@ -200,7 +384,9 @@ def test_a_guidance_scale_the_checkpoint_cannot_take_is_refused_before_loading(t
 
 
 def family_args(folder, clip, out, key, *extra):
-    return train_args(folder, clip, out, "--guidance", str(FAMILIES[key][1]), *extra)
+    case = FAMILIES[key]
+    return train_args(folder, clip, out, "--guidance", str(case.guidance),
+                      "--max-sequence-length", str(case.max_len), *extra)
 
 
 @pytest.mark.parametrize("lora_rank", ["4", "0"], ids=["lora", "full"])
@@ -224,12 +410,13 @@ def test_a_short_run_trains_with_guidance_rows(tiny, tiny_clip, tmp_path, lora_r
     else:
         assert set(saved["model"]) == set(original)
         assert any(not torch.equal(v, original[k]) for k, v in saved["model"].items())
-    assert saved["fingerprint"]["guidance"] == FAMILIES[key][1]
+    assert saved["fingerprint"]["guidance"] == FAMILIES[key].guidance
 
 
 def trained(folder, ckpt, lora_rank):
     pipe = image_flow.load_pipeline(folder)
-    image_flow.setup_trainable(pipe.transformer, lora_rank, max(lora_rank, 1))
+    image_flow.setup_trainable(pipe.transformer, lora_rank, max(lora_rank, 1),
+                               lora_targets=families.family_of(pipe).lora_targets)
     assert not pipe.transformer.load_state_dict(checkpoint(ckpt)["model"],
                                                 strict=False).unexpected_keys
     return pipe
@@ -251,7 +438,7 @@ def test_exported_lora_loads_with_the_pipelines_load_lora_weights(tiny, tiny_cli
     loaded = image_flow.load_pipeline(folder)
     loaded.load_lora_weights(str(tmp_path / "lora"))
     assert_same_samples(loaded, trained(folder, tmp_path / "checkpoint", 4),
-                        image_flow.load_pipeline(folder), FAMILIES[key][1])
+                        image_flow.load_pipeline(folder), FAMILIES[key].guidance)
 
 
 def test_exported_full_transformer_loads_with_the_familys_transformer_class(tiny, tiny_clip,
@@ -266,13 +453,15 @@ def test_exported_full_transformer_loads_with_the_familys_transformer_class(tiny
     loaded = image_flow.load_pipeline(folder)
     loaded.transformer = cls.from_pretrained(str(tmp_path / "transformer")).eval()
     assert_same_samples(loaded, trained(folder, tmp_path / "checkpoint", 0),
-                        image_flow.load_pipeline(folder), FAMILIES[key][1])
+                        image_flow.load_pipeline(folder), FAMILIES[key].guidance)
 
 
 def test_resume_is_bit_exact(tiny, tiny_clip, tmp_path):
     key, folder = tiny
-    assert_resume_is_bit_exact(folder, tiny_clip, tmp_path, "--guidance", str(FAMILIES[key][1]),
-                               "--lora-rank", "0", "--kl-beta", "0.1")
+    case = FAMILIES[key]
+    assert_resume_is_bit_exact(folder, tiny_clip, tmp_path, "--guidance", str(case.guidance),
+                               "--max-sequence-length", str(case.max_len), "--lora-rank", "0",
+                               "--kl-beta", "0.1")
 
 
 def test_resume_with_another_guidance_or_negative_prompt_is_refused(tiny, tiny_clip, tmp_path,
@@ -282,16 +471,27 @@ def test_resume_with_another_guidance_or_negative_prompt_is_refused(tiny, tiny_c
     image_flow.main(args)
     capsys.readouterr()
     resume = ["--iterations", "2", "--resume", str(tmp_path / "checkpoint")]
-    for extra, field in ((["--guidance", "2"], "guidance"),
-                         (["--negative-prompt", "blurry"], "negative_prompt")):
+    takes_negative = families.family_of(image_flow.load_pipeline(folder)).negative_prompt
+    for extra, message in ((["--guidance", "2"], "differs in: guidance"),
+                           (["--negative-prompt", "blurry"], "differs in: negative_prompt"
+                            if takes_negative else "--negative-prompt: FLUX.2 [klein]'s "
+                            "pipeline takes none")):
         with pytest.raises(SystemExit):
             image_flow.main(args + extra + resume)
-        assert f"differs in: {field}" in capsys.readouterr().err
+        assert message in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen_image(tmp_path_factory):
+    return "qwen-image", make_tiny_qwen_image(tmp_path_factory.mktemp("qwen-image"))
+
+
+# One family under torchrun (each costs ~12 s per case on 2 cores): Qwen-Image, whose last
+# block's text-stream weights never get a gradient, the case DDP must be told about.
 @pytest.mark.parametrize("lora_rank", ["4", "0"], ids=["ddp-lora", "fsdp2-full"])
-def test_torchrun_two_processes_keep_ranks_identical(tiny, tiny_clip, tmp_path, lora_rank):
-    key, folder = tiny
+def test_torchrun_two_processes_keep_ranks_identical(tiny_qwen_image, tiny_clip, tmp_path,
+                                                     lora_rank):
+    key, folder = tiny_qwen_image
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(29600 + int(lora_rank) + os.getpid() % 1000),
@@ -307,3 +507,32 @@ def test_torchrun_two_processes_keep_ranks_identical(tiny, tiny_clip, tmp_path, 
     assert [m["iteration"] for m in metrics] == [0, 1]
     assert all(math.isfinite(m["loss"]) and m["ratio_dev_first"] < 1e-5 for m in metrics)
     assert len(sorted((out / "checkpoint").glob("*.distcp"))) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark takes every family.
+
+
+@pytest.mark.parametrize("name", ["sd3.5-medium", "qwen-image", "flux2-klein-4b",
+                                  "z-image-turbo"])
+def test_the_benchmark_runs_each_family_tiny(name, capsys):
+    import bench_flux
+
+    bench_flux.main(["--tiny", "--family", name, "--batches", "1,2", "--repeats", "1",
+                     "--group-size", "2", "--skip-loop"])
+    out = capsys.readouterr().out
+    assert f"{name} transformer (tiny)" in out and "batched iteration (G=2" in out
+    assert "train row (1)" in out
+
+
+def test_the_benchmark_counts_each_familys_real_size_flops(capsys):
+    import bench_flux
+
+    bench_flux.main(["--flops"])
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(rows) == set(bench_flux.ARCHS)
+    # FLUX.1-dev: 11.9 B parameters, 21.5 TFLOPs per row at 512² (the figure of the H200 page).
+    assert rows["flux.1-dev"][1:3] == ["11.9", "B"] and rows["flux.1-dev"][3] == "21.5"
+    for name, cells in rows.items():  # 4× the image tokens (the text's stay): > 3× the work
+        small, large = float(cells[3]), float(cells[5])
+        assert 3 * small < large < 5 * small, (name, cells)

@@ -194,3 +194,40 @@ def test_gpu_full_size_flux_dev_lora_gradients_are_finite_at_sigma_one_and_late(
         assert torch.isfinite(norm) and norm > 0, f"gradient norm {norm.item()} at branch step {k}"
         for p in params:
             p.grad = None
+
+
+@pytest.mark.parametrize("name", [n for n in bench_flux.ARCHS if n != "flux.1-dev"])
+def test_gpu_full_size_training_pass_of_each_family(name):
+    """Each family's released transformer architecture (random bf16 weights), LoRA r = 64 on its
+    default targets, 512²: one training pass at branch step 0 (σ = 1) and one at step 7, with
+    finite gradients, under the default attention backends (no cuDNN)."""
+    arch = bench_flux.ARCHS[name]
+    config = arch.config if CUDA else arch.tiny
+    dtype = torch.bfloat16
+    transformer = bench_flux.build_transformer(config, DEVICE, dtype, arch.transformer)
+    g = torch.Generator(DEVICE).manual_seed(0)
+    family, shape, constant, cond = bench_flux.family_setup(name, transformer, config, 512,
+                                                            DEVICE, g)
+    params = flux_flow.setup_trainable(transformer, 64, 64, lora_targets=family.lora_targets)
+    velocity = flux_flow.Velocity(transformer, family, constant, 1.0 if family.guidance else 0.0,
+                                  dtype, device_type=DEVICE.type)
+    sigmas = g2rpo.sigma_schedule(16, 3.0).to(DEVICE)
+    for k in (0, 7):
+        x = torch.randn(1, 1, *shape, generator=g, device=DEVICE)  # (P, 1, *D)
+        with torch.no_grad():
+            v = velocity(x[:, 0], sigmas[k].view(1), cond)
+            x_next, _, _, _ = g2rpo.sde_step(x[:, 0], v, sigmas[k], sigmas[k + 1], 0.7, g)
+        lp = g2rpo.policy_log_prob(velocity, cond, x, x_next[:, None], sigmas[k], sigmas[k + 1],
+                                   0.7)
+        loss, _ = g2rpo.clipped_grpo_loss(lp, lp.detach(), torch.ones_like(lp), 1e-4)
+        loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        assert grads, f"{name}: no gradient reached the LoRA weights at branch step {k}"
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gr.float())
+                                                     for gr in grads]))
+        assert torch.isfinite(norm) and norm > 0, f"{name}: gradient norm {norm.item()} at {k}"
+        for p in params:
+            p.grad = None
+    del transformer, params
+    if CUDA:
+        torch.cuda.empty_cache()

@@ -1,0 +1,91 @@
+"""Qwen-Image (QwenImagePipeline) for the shared image trainer.
+
+    python image_flow.py --model Qwen/Qwen-Image --guidance 4 --negative-prompt " " ...
+
+What Qwen-Image does differently: the prompt is wrapped in a chat template and encoded by
+Qwen2.5-VL (the last hidden layer, the template's first tokens dropped), so prompts have
+different lengths: rows are padded and carry a mask; latents are FLUX-like packed 2×2 patches of
+a video VAE's single frame, decoded with the VAE's per-channel mean and std; the transformer
+takes σ (as 1000·σ rounded to the compute dtype, then / 1000) and the image's patch grid;
+guidance is the pipeline's true CFG, v_u + w·(v_c − v_u) rescaled per token to the norm of v_c,
+on for w > 1; the σ grid is linspace(1, 1/T, T) with the resolution-dependent shift.
+"""
+
+import torch
+
+from families import Family, pad_text
+
+
+class QwenImage(Family):
+    name, pipeline, slug = "Qwen-Image", "QwenImagePipeline", "qwen-image"
+    guidance = 4.0  # QwenImagePipeline's default true_cfg_scale
+    # The last block's text stream feeds nothing: its output projection and MLP get no gradient.
+    unused_parameters = True
+    guidance_help = ("true CFG w: v_u + w·(v_c − v_u) against --negative-prompt, rescaled per "
+                     "token to the norm of v_c, two transformer rows per sample; w <= 1 turns it "
+                     "off")
+
+    def uses_negative(self, guidance):
+        return guidance > 1  # the pipeline's do_true_cfg (it needs a negative prompt: ours)
+
+    def guide(self, v_cond, v_uncond, guidance, sigma):
+        v = v_uncond + guidance * (v_cond - v_uncond)
+        return v * (v_cond.norm(dim=-1, keepdim=True) / v.norm(dim=-1, keepdim=True))
+
+    def encode(self, pipe, prompts, max_sequence_length):
+        embeds, mask = pipe.encode_prompt(prompt=prompts, device=pipe._execution_device,
+                                          max_sequence_length=max_sequence_length)
+        lengths = [embeds.shape[1]] * len(prompts) if mask is None else mask.sum(1).tolist()
+        return [(e[:n],) for e, n in zip(embeds, lengths)]  # each prompt: its own tokens only
+
+    def collate(self, rows):
+        return pad_text(rows)  # text of unequal lengths: padded, then masked in forward
+
+    def latent_shape(self, pipe, height, width):
+        """(S, C): S = (H/16)·(W/16) tokens of C = 4·z_dim, as FLUX.1 packs them."""
+        f = self.image_multiple(pipe)
+        return ((height // f) * (width // f), pipe.transformer.config.in_channels)
+
+    def noise(self, pipe, n, height, width, dtype, generator):
+        return pipe.prepare_latents(n, pipe.transformer.config.in_channels // 4, height, width,
+                                    dtype, pipe.transformer.device, generator)
+
+    def pipeline_sigmas(self, pipe, num_steps, height, width):
+        """QwenImagePipeline.__call__'s grid: linspace(1, 1/T, T), mu from the token count."""
+        import numpy as np
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        c = sched.config
+        mu = calculate_shift(self.latent_shape(pipe, height, width)[0],
+                             c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+        return sched.sigmas
+
+    def constant_inputs(self, pipe, height, width, device, dtype):
+        f = self.image_multiple(pipe)
+        return {"img_shape": (1, height // f, width // f)}  # frames, patch rows, patch columns
+
+    def forward(self, transformer, x, sigma, rows, constant, guidance, dtype):
+        embeds, lengths = rows
+        # No mask when nothing is padded, as in the pipeline.
+        padded = not bool((lengths == embeds.shape[1]).all())
+        mask = torch.arange(embeds.shape[1], device=x.device) < lengths.to(x.device)[:, None]
+        # QwenImagePipeline passes t/1000 with t = 1000·σ cast to the latents' dtype.
+        timestep = (sigma * 1000).to(dtype) / 1000
+        return transformer(hidden_states=x.to(dtype), timestep=timestep,
+                           encoder_hidden_states=embeds.to(dtype),
+                           encoder_hidden_states_mask=mask.long() if padded else None,
+                           img_shapes=[[constant["img_shape"]]] * len(x), return_dict=False)[0]
+
+    def decode(self, pipe, x, height, width):
+        x = pipe._unpack_latents(x, height, width, pipe.vae_scale_factor)  # (B, C, 1, h, w)
+        c = pipe.vae.config
+        mean = torch.tensor(c.latents_mean).view(1, c.z_dim, 1, 1, 1).to(x)
+        std = torch.tensor(c.latents_std).view(1, c.z_dim, 1, 1, 1).to(x)
+        x = (x * std + mean).to(pipe.vae.dtype)
+        return pipe.vae.decode(x, return_dict=False)[0][:, :, 0]  # the one frame
+
+
+FAMILY = QwenImage()

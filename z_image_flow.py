@@ -1,0 +1,88 @@
+"""Z-Image (ZImagePipeline) for the shared image trainer.
+
+    python image_flow.py --model Tongyi-MAI/Z-Image-Turbo ...   # distilled: --guidance 0
+
+What Z-Image does differently: the prompt goes through the tokenizer's chat template and a Qwen3
+encoder (its second-to-last hidden layer, padding dropped), so prompts keep their own lengths;
+the transformer takes lists (one latent (C, 1, h, w) and one caption per sample), the timestep
+1 − σ, computed as the pipeline does, (1000 − 1000·σ) / 1000, and returns the negated velocity;
+latents are the VAE's (C, H/8, W/8), drawn in float32; guidance is pos + w·(pos − neg), on for
+w > 0 (so its w is the usual w − 1: 1 is not off), with the pipeline's optional norm clamp
+(--cfg-normalization) and truncation at late steps (--cfg-truncation).
+"""
+
+import torch
+
+from families import Family, pad_text
+
+
+class ZImage(Family):
+    name, pipeline, slug = "Z-Image", "ZImagePipeline", "z-image"
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # single-stream attention
+    # Z-Image-Turbo, the distilled checkpoint, samples without guidance (its model card: 0.0).
+    guidance = 0.0
+    guidance_help = ("CFG pos + w·(pos − neg) against --negative-prompt, two transformer rows "
+                     "per sample; w <= 0 turns it off, w = 1 is the usual scale 2")
+    guidance_options = ("cfg_normalization", "cfg_truncation")
+    uncond_first = False  # ZImagePipeline stacks the prompts, then the negative prompts
+
+    def uses_negative(self, guidance):
+        return guidance > 0  # the pipeline's do_classifier_free_guidance
+
+    def guide(self, v_cond, v_uncond, guidance, sigma, cfg_normalization=0.0,
+              cfg_truncation=1.0):
+        v = v_cond + guidance * (v_cond - v_uncond)
+        if cfg_normalization > 0:  # at most cfg_normalization × |v_cond|, over the whole sample
+            dims = tuple(range(1, v.ndim))
+            cap = cfg_normalization * torch.linalg.vector_norm(v_cond, dim=dims, keepdim=True)
+            norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+            v = torch.where(norm > cap, v * (cap / norm), v)
+        if cfg_truncation <= 1:  # no guidance where the pipeline's t_norm exceeds it
+            t_norm = (1000 - sigma.float() * 1000) / 1000
+            off = (t_norm > cfg_truncation).view(-1, *[1] * (v.ndim - 1))
+            v = torch.where(off, v_cond, v)
+        return v
+
+    def encode(self, pipe, prompts, max_sequence_length):
+        embeds = pipe.encode_prompt(prompt=prompts, device=pipe._execution_device,
+                                    do_classifier_free_guidance=False,
+                                    max_sequence_length=max_sequence_length)[0]
+        return [(e,) for e in embeds]  # a list of (L_i, D): each prompt its own length
+
+    def collate(self, rows):
+        return pad_text(rows)
+
+    def latent_shape(self, pipe, height, width):
+        f = pipe.vae_scale_factor
+        return (pipe.transformer.config.in_channels, height // f, width // f)
+
+    def noise(self, pipe, n, height, width, dtype, generator):
+        # ZImagePipeline draws its noise in float32 whatever the model's dtype.
+        return pipe.prepare_latents(n, pipe.transformer.config.in_channels, height, width,
+                                    torch.float32, pipe.transformer.device, generator)
+
+    def pipeline_sigmas(self, pipe, num_steps, height, width):
+        """ZImagePipeline.__call__'s grid: linspace(1, 1/T, T), mu from the patch count."""
+        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
+
+        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        c = sched.config
+        _, h, w = self.latent_shape(pipe, height, width)
+        mu = calculate_shift((h // 2) * (w // 2), c.get("base_image_seq_len", 256),
+                             c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
+                             c.get("max_shift", 1.15))
+        sched.set_timesteps(sigmas=torch.linspace(1.0, 1 / num_steps, num_steps).tolist(),
+                            mu=mu)
+        return sched.sigmas
+
+    def forward(self, transformer, x, sigma, rows, constant, guidance, dtype):
+        embeds, lengths = rows
+        # The pipeline: t = 1000·σ (the scheduler's, float32), then (1000 − t) / 1000.
+        timestep = (1000 - sigma.float() * 1000) / 1000
+        captions = [e[:n] for e, n in zip(embeds.to(dtype), lengths.tolist())]
+        out = transformer(list(x.to(dtype).unsqueeze(2).unbind(0)), timestep, captions,
+                          return_dict=False)[0]
+        return -torch.stack(out).squeeze(2)  # the transformer predicts −v
+
+
+FAMILY = ZImage()
