@@ -35,7 +35,7 @@ import torch
 import flux_flow
 import g2rpo
 from bench_rollout import rollout_per_member
-from families import Velocity
+from families import Velocity, weightless_pipeline
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
@@ -158,14 +158,9 @@ def family_setup(name, transformer, config, resolution, device, generator=None):
     """(velocity pieces) for one Arch: the family, a weightless pipeline of its class around
     `transformer` (what the family's questions are asked of), the latent shape of one sample,
     the constant inputs and one prompt's random conditioning rows (meta tensors on "meta")."""
-    import diffusers
-
     arch = ARCHS[name]
     family = importlib.import_module(arch.module).FAMILY
-    cls = getattr(diffusers, arch.pipeline)
-    components = {k: None for k in cls._get_signature_keys(cls)[0]}
-    pipe = cls(**{**components, "transformer": transformer,
-                  "scheduler": diffusers.FlowMatchEulerDiscreteScheduler()})
+    pipe = weightless_pipeline(arch.pipeline, transformer=transformer)
     shape = tuple(family.latent_shape(pipe, resolution, resolution))
     constant = family.constant_inputs(pipe, resolution, resolution, "cpu", torch.float32)
     constant = {k: v.to(device) if torch.is_tensor(v) else v for k, v in constant.items()}

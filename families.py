@@ -45,6 +45,18 @@ def family_of(pipe):
     return family_for(type(pipe).__name__)
 
 
+def weightless_pipeline(pipeline_class, **models):
+    """The pipeline class built around `models` (e.g. a transformer and VAE on the meta device),
+    every other component None: what a family's questions about sizes and ids can be asked of
+    before any weights load."""
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class)
+    components = {k: None for k in cls._get_signature_keys(cls)[0]}
+    return cls(**{**components, "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(),
+                  **models})
+
+
 def supported():
     """'FluxPipeline (FLUX.1), StableDiffusion3Pipeline (SD3)': for error messages and --help."""
     return ", ".join(f"{c} ({family_for(c).name})" for c in FAMILIES)
@@ -72,8 +84,9 @@ class Family:
     def check_guidance(self, index, transformer_config, guidance):
         """A ValueError when `guidance` (None: not given) means nothing for this checkpoint."""
 
-    def uses_negative(self, guidance):
-        """Whether the velocity needs a second, unconditional row per prompt (CFG)."""
+    def uses_negative(self, guidance, **options):
+        """Whether the velocity needs a second, unconditional row per prompt (CFG), at this
+        scale and with these guidance options."""
         return False
 
     guidance_options = ()  # flags (Config-style names) that only this family's guidance takes
@@ -199,7 +212,7 @@ class Velocity:
         self.transformer, self.family, self.constant = transformer, family, constant
         self.guidance, self.dtype = guidance, dtype
         self.guidance_options = guidance_options or {}
-        self.cfg = family.uses_negative(guidance)
+        self.cfg = family.uses_negative(guidance, **self.guidance_options)
         self.device_type = device_type or next(transformer.parameters()).device.type
         self.autocast = dtype != torch.float32  # bf16 compute, fp32 weights/latents (CPU too)
         self.attention = sdpa_backends(attention)

@@ -38,7 +38,7 @@ class Flux2Klein(Family):
                              f"step-distilled (is_distilled), its pipeline ignores guidance; "
                              f"leave --guidance out")
 
-    def uses_negative(self, guidance):
+    def uses_negative(self, guidance, **options):
         return guidance > 1
 
     def guide(self, v_cond, v_uncond, guidance, sigma):

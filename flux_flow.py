@@ -4,8 +4,9 @@
 
 Latents are packed: 2×2 patches of the VAE latent become (N, S, 4·C) tokens with position ids;
 the transformer takes σ (as 1000·σ rounded to the compute dtype, then / 1000) and, in the
-guidance-distilled checkpoints (FLUX.1-dev), the guidance scale as an embedding instead of
-classifier-free guidance. The σ grid of FluxPipeline shifts with the image size.
+guidance-distilled checkpoints (FLUX.1-dev), the guidance scale as an embedding; the pipeline's
+optional true CFG (--true-cfg s > 1) adds an unconditional row for --negative-prompt,
+v_u + s·(v_c − v_u). The σ grid of FluxPipeline shifts with the image size.
 
 The trainer's names (main, load_pipeline, sample, PromptEncoder …) are reachable from here too,
 so `flux_flow.main(argv)` and `python flux_flow.py` keep working.
@@ -24,7 +25,15 @@ class Flux1(Family):
     lora_targets = tuple(LORA_TARGETS)
     guidance = 3.5
     guidance_help = ("the distilled guidance embedding (FLUX.1-dev; FLUX.1-schnell has none), one "
-                     "transformer row per sample")
+                     "transformer row per sample (--true-cfg adds a second)")
+
+    guidance_options = ("true_cfg",)  # FluxPipeline's true_cfg_scale, besides the embedding
+
+    def uses_negative(self, guidance, true_cfg=1.0):
+        return true_cfg > 1  # the pipeline's do_true_cfg (with a negative prompt: ours)
+
+    def guide(self, v_cond, v_uncond, guidance, sigma, true_cfg=1.0):
+        return v_uncond + true_cfg * (v_cond - v_uncond)
 
     def check_guidance(self, index, transformer_config, guidance):
         if guidance is not None and not transformer_config.get("guidance_embeds", False):

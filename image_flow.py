@@ -33,7 +33,7 @@ import flux_run
 import g2rpo
 from families import (DEFAULT_ATTENTION, FAMILIES, Family, Velocity, _enabled_sdpa_backends,
                       attention_context, checkpoint_keeping_attention, family_for, family_of,
-                      sdpa_backends, supported)
+                      sdpa_backends, supported, weightless_pipeline)
 from flux_parallel import (adapters_disabled, frozen_reference, init_distributed,
                            wrap_distributed)
 import rewards as reward_models
@@ -268,17 +268,22 @@ def check_lora_targets(transformer, targets):
                              f"{', '.join(ends)}")
 
 
-def transformer_on_meta(path):
-    """The checkpoint's transformer built from its config on the meta device (no weights), or
-    None when its config is not on this machine yet."""
-    config, index = checkpoint_file(path, "transformer/config.json"), model_index(path)
-    if config is None or index is None:
+def pipeline_on_meta(path):
+    """The checkpoint's pipeline class around its transformer and VAE built from their configs
+    on the meta device (no weights; the text encoders left out), or None when those configs are
+    not on this machine yet: sizes, ids and LoRA targets can be checked before loading."""
+    index = model_index(path)
+    configs = {k: checkpoint_file(path, f"{k}/config.json") for k in ("transformer", "vae")}
+    if index is None or None in configs.values():
         return None
     import diffusers
 
-    cls = getattr(diffusers, index["transformer"][1])  # ["diffusers", "<its class>"]
+    models = {}
     with torch.device("meta"):
-        return cls.from_config(json.loads(config.read_text()))
+        for name, config in configs.items():  # model_index: {"vae": ["diffusers", "<class>"]}
+            cls = getattr(diffusers, index[name][1])
+            models[name] = cls.from_config(json.loads(config.read_text()))
+    return weightless_pipeline(index["_class_name"], **models)
 
 
 def setup_trainable(transformer, lora_rank, lora_alpha, gradient_checkpointing=False,
@@ -425,7 +430,7 @@ METHOD_FIELDS = ("branch_steps", "granularities", "window_size", "window_stride"
 
 
 # Guidance flags that only some families take (families.Family.guidance_options).
-GUIDANCE_OPTIONS = ("cfg_normalization", "cfg_truncation")
+GUIDANCE_OPTIONS = ("true_cfg", "cfg_normalization", "cfg_truncation")
 
 
 def flag_of(field):
@@ -471,8 +476,12 @@ def parse_args(argv=None):
       help="guidance scale, in the model's own form (default per family): " + "; ".join(
           f"{f.name}: {f.guidance_help} (default {f.guidance:g})" for f in families))
     a("--negative-prompt", default="",
-      help="the unconditional row's prompt, for guidance that has one (SD3, Qwen-Image, "
-           "Z-Image)")
+      help="the unconditional row's prompt, for guidance that has one (FLUX.1's --true-cfg, SD3, "
+           "Qwen-Image, Z-Image)")
+    a("--true-cfg", type=float, default=None,
+      help="FLUX.1: true classifier-free guidance v_u + s·(v_c − v_u) against --negative-prompt "
+           "besides the distilled embedding, on for s > 1 (the pipeline's true_cfg_scale; "
+           "default off)")
     a("--cfg-normalization", type=float, default=None,
       help="Z-Image: clamp the guided velocity's norm to this multiple of the conditional one's "
            "(the pipeline's cfg_normalization; default off)")
@@ -644,10 +653,16 @@ def check_args(args):
     # checkpoint not downloaded yet: its defaults are filled in once it has loaded).
     args.family = None
     family = check_pipeline_class(args.model)
-    meta = transformer_on_meta(args.model)
+    shell = pipeline_on_meta(args.model) if family is not None else None
+    meta = shell.transformer if shell is not None else None
     if family is not None:
         apply_family(args, family, model_index(args.model),
                      meta.config if meta is not None else {})
+    if shell is not None:
+        try:  # the family's own limits (SD3: its position table), with the VAE's real factor
+            family.check_image_size(shell, args.height, args.width)
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None
     if args.output_dir is None:  # needed now: the run directory is locked before loading
         args.output_dir = f"runs/{Path(args.model).name.lower()}"
     if args.resume is not None:
@@ -744,7 +759,9 @@ def _run_training(args, rank, world, device, run):
         apply_family(args, family, pipe.config, pipe.transformer.config)
     check_image_size(pipe, args.height, args.width)
     encoder = PromptEncoder(pipe, args.max_sequence_length,
-                            args.negative_prompt if family.uses_negative(args.guidance) else None)
+                            args.negative_prompt
+                            if family.uses_negative(args.guidance, **guidance_options(args))
+                            else None)
     sigmas = sigma_grid(pipe, args.steps, args.height, args.width, args.schedule, args.shift)
     raw = pipe.transformer
     full_reference = cfg.kl_beta > 0 and not args.lora_rank  # LoRA's: the adapter switched off

@@ -25,7 +25,7 @@ class QwenImage(Family):
                      "token to the norm of v_c, two transformer rows per sample; w <= 1 turns it "
                      "off")
 
-    def uses_negative(self, guidance):
+    def uses_negative(self, guidance, **options):
         return guidance > 1  # the pipeline's do_true_cfg (it needs a negative prompt: ours)
 
     def guide(self, v_cond, v_uncond, guidance, sigma):

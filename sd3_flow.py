@@ -21,7 +21,7 @@ class SD3(Family):
                      "two transformer rows per sample; w <= 1 turns it off (one row)")
     max_sequence_length = 256  # StableDiffusion3Pipeline's default T5 length
 
-    def uses_negative(self, guidance):
+    def uses_negative(self, guidance, **options):
         return guidance > 1  # the pipeline's do_classifier_free_guidance
 
     def guide(self, v_cond, v_uncond, guidance, sigma):

@@ -321,6 +321,44 @@ def test_the_oracle_catches_a_wrong_guidance_form_or_timestep(tiny, monkeypatch)
     assert (other - ref).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("negative", ["", "blurry"])
+def test_flux1_true_cfg_is_the_pipelines(tmp_path, negative):
+    """FLUX.1's optional true CFG beside the distilled embedding: FluxPipeline's true_cfg_scale
+    with a negative prompt, the two rows in one call."""
+    from test_flux_flow import make_tiny_flux
+
+    pipe = image_flow.load_pipeline(make_tiny_flux(tmp_path / "flux"))
+    prompts = ["a red fox", "a lighthouse in a storm"]
+    ref = pipe(prompt=list(prompts), negative_prompt=[negative] * 2, true_cfg_scale=2.5,
+               guidance_scale=3.5, generator=torch.Generator().manual_seed(0), height=H,
+               width=W, num_inference_steps=5, max_sequence_length=16, output_type="latent")
+    velocity = image_flow.Velocity.from_pipe(pipe.transformer, pipe, H, W, 3.5,
+                                             guidance_options={"true_cfg": 2.5})
+    assert velocity.cfg
+    ours_, _ = image_flow.sample(pipe, velocity, image_flow.PromptEncoder(pipe, 16, negative),
+                                 prompts, H, W, image_flow.sigma_grid(pipe, 5, H, W, "pipeline"),
+                                 torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours_, ref.images.float(), rtol=1e-4, atol=1e-5)
+    assert (plain_latents(pipe, prompts) - ref.images).abs().max() > 1e-4
+
+
+def plain_latents(pipe, prompts):
+    return pipe(prompt=list(prompts), guidance_scale=3.5, height=H, width=W,
+                generator=torch.Generator().manual_seed(0), num_inference_steps=5,
+                max_sequence_length=16, output_type="latent").images
+
+
+def test_flux1_trains_with_true_cfg(tiny_flux, tiny_clip, tmp_path, capsys):
+    history, _ = image_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
+                                            "--lora-rank", "4", "--true-cfg", "2",
+                                            "--negative-prompt", "blurry"))
+    assert "guidance 3.5 (2 transformer rows per sample)" in capsys.readouterr().out
+    assert history[0]["ratio_dev_first"] < 1e-5 and math.isfinite(history[0]["loss"])
+    fingerprint = checkpoint(tmp_path / "checkpoint")["fingerprint"]
+    assert fingerprint["true_cfg"] == 2 and fingerprint["negative_prompt"] == "blurry"
+
+
+
 @pytest.mark.parametrize("options", [{"cfg_normalization": 1.0}, {"cfg_truncation": 0.3},
                                      {"cfg_normalization": 1.05, "cfg_truncation": 0.5}])
 def test_z_image_norm_clamp_and_truncation_are_the_pipelines(tmp_path, options):
@@ -348,8 +386,13 @@ def test_guidance_rows_go_through_the_transformer_in_one_call(tiny):
     hook.remove()
 
 
-def test_image_size_and_guidance_are_checked(tiny):
-    _, folder = tiny
+def test_image_size_and_guidance_are_checked(tiny, tiny_clip, tmp_path, capsys):
+    from test_flux_flow import parse_error
+
+    key, folder = tiny
+    if key == "sd3":  # refused before any weights load, from the configs alone
+        assert "--width 144 is larger than this SD3 transformer takes (128" in parse_error(
+            family_args(folder, tiny_clip, tmp_path / "out", key, "--width", "144"), capsys)
     pipe = image_flow.load_pipeline(folder)
     multiple = families.family_of(pipe).image_multiple(pipe)
     with pytest.raises(ValueError, match=f"height must be a positive multiple of {multiple}"):
@@ -369,6 +412,8 @@ def test_a_guidance_scale_the_checkpoint_cannot_take_is_refused_before_loading(t
             parse_error(args + ["--guidance", "3.5"], capsys))
     assert ("--cfg-normalization is not an option of FLUX.1's guidance" in
             parse_error(args + ["--cfg-normalization", "1.5"], capsys))
+    assert "--true-cfg must be >= 0 and finite, got nan" in parse_error(
+        args + ["--true-cfg", "nan"], capsys)
     # A step-distilled FLUX.2 [klein]: its pipeline ignores guidance; off by default here.
     distilled = make_tiny_flux2_klein(tmp_path / "klein", distilled=True)
     args = train_args(distilled, tiny_clip, tmp_path / "out", "--iterations", "1")

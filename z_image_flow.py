@@ -26,7 +26,7 @@ class ZImage(Family):
     guidance_options = ("cfg_normalization", "cfg_truncation")
     uncond_first = False  # ZImagePipeline stacks the prompts, then the negative prompts
 
-    def uses_negative(self, guidance):
+    def uses_negative(self, guidance, **options):
         return guidance > 0  # the pipeline's do_classifier_free_guidance
 
     def guide(self, v_cond, v_uncond, guidance, sigma, cfg_normalization=0.0,
