@@ -12,7 +12,9 @@ sharding, checkpoints, export, the command line) is written once in image_flow.p
     forward         what the transformer is called with: timestep convention, ids, guidance input
     guide           how a conditional and an unconditional velocity combine (classifier-free
                     guidance), when uses_negative says a second row is needed
-    decode          sampler state → what the VAE decodes (its own scaling and shift), decoded
+    to_vae, decode  sampler state → what the VAE decodes (its own scaling and shift), decoded
+    check_image_size, check_guidance, default_guidance
+                    what this checkpoint can take, before any weights load where possible
     lora_targets    the linear layers LoRA adapts by default
 
 Velocity turns a family into g2rpo's velocity_fn: the trained model computes both guidance rows

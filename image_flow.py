@@ -9,8 +9,8 @@
     python image_flow.py --model ... --eval --iterations 0
 
 What a family does differently (prompt encoding, latent layout, σ grid, timestep convention,
-guidance, decoding, LoRA targets) is in its own file (flux_flow.py, sd3_flow.py), behind the seam
-in families.py; g2rpo.py stays model-agnostic; the reward models are in rewards.py; run
+guidance, decoding, LoRA targets) is in its own file (flux_flow.py, sd3_flow.py,
+qwen_image_flow.py, flux2_klein_flow.py, z_image_flow.py), behind the seam in families.py; g2rpo.py stays model-agnostic; the reward models are in rewards.py; run
 directories, checkpoints, export and signals in flux_run.py. Latents are kept in float32 between
 steps, in the family's layout; the transformer runs in --dtype (bf16 autocast on GPU) and
 log-probabilities are computed in float32.
