@@ -47,6 +47,12 @@ def family_of(pipe):
     return family_for(type(pipe).__name__)
 
 
+def rounded_timestep(sigma, dtype):
+    """σ as FluxPipeline (and Qwen-Image's, FLUX.2's) pass it: t = 1000·σ cast to the latents'
+    dtype, then t / 1000."""
+    return (sigma * 1000).to(dtype) / 1000
+
+
 def weightless_pipeline(pipeline_class, **models):
     """The pipeline class built around `models` (e.g. a transformer and VAE on the meta device),
     every other component None: what a family's questions about sizes and ids can be asked of
@@ -107,6 +113,33 @@ class Family:
         for flag, value in (("height", height), ("width", width)):
             if value <= 0 or value % multiple:
                 raise ValueError(f"{flag} must be a positive multiple of {multiple}, got {value}")
+
+    def latent_shape(self, pipe, height, width):
+        """FLUX-style packing, the default: (S, C), S = (H/16)·(W/16) tokens of the
+        transformer's in_channels (4 latent channels per 2×2 patch)."""
+        f = self.image_multiple(pipe)
+        return ((height // f) * (width // f), pipe.transformer.config.in_channels)
+
+    def pipeline_sigmas(self, pipe, num_steps, height, width):
+        """The default grid (FluxPipeline's, and pipelines that copy it): linspace(1, 1/T, T),
+        shifted by mu = calculate_shift(image tokens) from the scheduler config."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        c = sched.config
+        mu = calculate_shift(self.image_tokens(pipe, height, width),
+                             c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        sched.set_timesteps(sigmas=self.linspace(num_steps), mu=mu)
+        return sched.sigmas
+
+    def image_tokens(self, pipe, height, width):
+        return self.latent_shape(pipe, height, width)[0]
+
+    def linspace(self, num_steps):
+        import numpy as np
+
+        return np.linspace(1.0, 1 / num_steps, num_steps)
 
     def constant_inputs(self, pipe, height, width, device, dtype):
         """Transformer inputs that depend on the image size only (position ids …)."""

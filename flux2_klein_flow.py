@@ -15,7 +15,7 @@ here); the σ grid is linspace(1, 1/T, T) shifted by the pipeline's empirical mu
 
 import torch
 
-from families import Family
+from families import Family, rounded_timestep
 
 
 class Flux2Klein(Family):
@@ -49,10 +49,6 @@ class Flux2Klein(Family):
                                        max_sequence_length=max_sequence_length)
         return [(e,) for e in embeds]  # (L, 3·D) each, padded to max_sequence_length
 
-    def latent_shape(self, pipe, height, width):
-        f = self.image_multiple(pipe)
-        return ((height // f) * (width // f), pipe.transformer.config.in_channels)
-
     def noise(self, pipe, n, height, width, dtype, generator):
         x, _ = pipe.prepare_latents(n, pipe.transformer.config.in_channels // 4, height, width,
                                     dtype, pipe.transformer.device, generator)
@@ -84,8 +80,7 @@ class Flux2Klein(Family):
     def forward(self, transformer, x, sigma, rows, constant, guidance, dtype):
         (embeds,) = rows
         n = len(x)
-        # Flux2KleinPipeline passes t/1000 with t = 1000·σ cast to the latents' dtype.
-        timestep = (sigma * 1000).to(dtype) / 1000
+        timestep = rounded_timestep(sigma, dtype)
         return transformer(hidden_states=x.to(dtype), timestep=timestep, guidance=None,
                            encoder_hidden_states=embeds.to(dtype),
                            txt_ids=constant["text_ids"](embeds).to(x.device),

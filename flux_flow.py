@@ -14,7 +14,7 @@ so `flux_flow.main(argv)` and `python flux_flow.py` keep working.
 
 import torch
 
-from families import DEFAULT_ATTENTION, Family, Velocity
+from families import DEFAULT_ATTENTION, Family, Velocity, rounded_timestep
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                 "to_add_out"]
@@ -46,28 +46,10 @@ class Flux1(Family):
                                                max_sequence_length=max_sequence_length)
         return list(zip(embeds, pooled))  # per prompt: T5 (S_txt, D_txt), CLIP pooled (D_pool,)
 
-    def latent_shape(self, pipe, height, width):
-        """(S, C): S = (H/16)·(W/16) tokens of C = 4·latent_channels."""
-        f = self.image_multiple(pipe)
-        return ((height // f) * (width // f), pipe.transformer.config.in_channels)
-
     def noise(self, pipe, n, height, width, dtype, generator):
         x, _ = pipe.prepare_latents(n, pipe.transformer.config.in_channels // 4, height, width,
                                     dtype, pipe.transformer.device, generator)
         return x  # already packed
-
-    def pipeline_sigmas(self, pipe, num_steps, height, width):
-        """FluxPipeline.__call__'s grid: linspace(1, 1/T, T) with the resolution-dependent mu."""
-        import numpy as np
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        c = sched.config
-        mu = calculate_shift(self.latent_shape(pipe, height, width)[0],
-                             c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
-        return sched.sigmas
 
     def constant_inputs(self, pipe, height, width, device, dtype):
         f = self.image_multiple(pipe)
@@ -77,8 +59,7 @@ class Flux1(Family):
 
     def forward(self, transformer, x, sigma, rows, constant, guidance, dtype):
         embeds, pooled = rows
-        # FluxPipeline passes t/1000 with t = 1000·σ cast to the latents' dtype: do the same.
-        timestep = (sigma * 1000).to(dtype) / 1000
+        timestep = rounded_timestep(sigma, dtype)
         txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=dtype)
         g = (torch.full((len(x),), guidance, device=x.device, dtype=torch.float32)
              if constant["guidance_embeds"] else None)

@@ -13,7 +13,7 @@ on for w > 1; the σ grid is linspace(1, 1/T, T) with the resolution-dependent s
 
 import torch
 
-from families import Family, pad_text
+from families import Family, pad_text, rounded_timestep
 
 
 class QwenImage(Family):
@@ -41,27 +41,9 @@ class QwenImage(Family):
     def collate(self, rows):
         return pad_text(rows)  # text of unequal lengths: padded, then masked in forward
 
-    def latent_shape(self, pipe, height, width):
-        """(S, C): S = (H/16)·(W/16) tokens of C = 4·z_dim, as FLUX.1 packs them."""
-        f = self.image_multiple(pipe)
-        return ((height // f) * (width // f), pipe.transformer.config.in_channels)
-
     def noise(self, pipe, n, height, width, dtype, generator):
         return pipe.prepare_latents(n, pipe.transformer.config.in_channels // 4, height, width,
                                     dtype, pipe.transformer.device, generator)
-
-    def pipeline_sigmas(self, pipe, num_steps, height, width):
-        """QwenImagePipeline.__call__'s grid: linspace(1, 1/T, T), mu from the token count."""
-        import numpy as np
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-
-        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        c = sched.config
-        mu = calculate_shift(self.latent_shape(pipe, height, width)[0],
-                             c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
-        return sched.sigmas
 
     def constant_inputs(self, pipe, height, width, device, dtype):
         f = self.image_multiple(pipe)
@@ -72,8 +54,7 @@ class QwenImage(Family):
         # No mask when nothing is padded, as in the pipeline.
         padded = not bool((lengths == embeds.shape[1]).all())
         mask = torch.arange(embeds.shape[1], device=x.device) < lengths.to(x.device)[:, None]
-        # QwenImagePipeline passes t/1000 with t = 1000·σ cast to the latents' dtype.
-        timestep = (sigma * 1000).to(dtype) / 1000
+        timestep = rounded_timestep(sigma, dtype)
         return transformer(hidden_states=x.to(dtype), timestep=timestep,
                            encoder_hidden_states=embeds.to(dtype),
                            encoder_hidden_states_mask=mask.long() if padded else None,

@@ -61,19 +61,12 @@ class ZImage(Family):
         return pipe.prepare_latents(n, pipe.transformer.config.in_channels, height, width,
                                     torch.float32, pipe.transformer.device, generator)
 
-    def pipeline_sigmas(self, pipe, num_steps, height, width):
-        """ZImagePipeline.__call__'s grid: linspace(1, 1/T, T), mu from the patch count."""
-        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
-
-        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        c = sched.config
+    def image_tokens(self, pipe, height, width):  # the pipeline's mu: 2×2 latent patches
         _, h, w = self.latent_shape(pipe, height, width)
-        mu = calculate_shift((h // 2) * (w // 2), c.get("base_image_seq_len", 256),
-                             c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
-                             c.get("max_shift", 1.15))
-        sched.set_timesteps(sigmas=torch.linspace(1.0, 1 / num_steps, num_steps).tolist(),
-                            mu=mu)
-        return sched.sigmas
+        return (h // 2) * (w // 2)
+
+    def linspace(self, num_steps):  # ZImagePipeline's default sigmas, built with torch
+        return torch.linspace(1.0, 1 / num_steps, num_steps).tolist()
 
     def forward(self, transformer, x, sigma, rows, constant, guidance, dtype):
         embeds, lengths = rows
