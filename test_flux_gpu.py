@@ -167,6 +167,29 @@ def test_gpu_sharded_checkpoints_async_save_export_and_elastic_resume(tiny_flux,
     assert checkpoint(out / "checkpoint")["world_size"] == 1
 
 
+def assert_training_passes_have_gradients(velocity, cond, params, shape, g, prefix=""):
+    """One training pass at branch step 0 (σ = 1, pure noise) and one at step 7 (of 16, shift
+    3): each gives a finite, non-zero gradient norm on `params`."""
+    sigmas = g2rpo.sigma_schedule(16, 3.0).to(DEVICE)
+    for k in (0, 7):
+        x = torch.randn(1, 1, *shape, generator=g, device=DEVICE)  # (P, 1, *D)
+        with torch.no_grad():
+            v = velocity(x[:, 0], sigmas[k].view(1), cond)
+            x_next, _, _, _ = g2rpo.sde_step(x[:, 0], v, sigmas[k], sigmas[k + 1], 0.7, g)
+        lp = g2rpo.policy_log_prob(velocity, cond, x, x_next[:, None], sigmas[k], sigmas[k + 1],
+                                   0.7)
+        loss, _ = g2rpo.clipped_grpo_loss(lp, lp.detach(), torch.ones_like(lp), 1e-4)
+        loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        assert grads, f"{prefix}no gradient reached the LoRA weights at branch step {k}"
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gr.float())
+                                                     for gr in grads]))
+        assert torch.isfinite(norm) and norm > 0, (
+            f"{prefix}gradient norm {norm.item()} at branch step {k}")
+        for p in params:
+            p.grad = None
+
+
 def test_gpu_full_size_flux_dev_lora_gradients_are_finite_at_sigma_one_and_late():
     """The case that crashed: FLUX.1-dev's architecture (random bf16 weights), LoRA r = 64, 512²,
     one training pass at branch step 0 (σ = 1, pure noise) and one at branch step 7."""
@@ -177,23 +200,8 @@ def test_gpu_full_size_flux_dev_lora_gradients_are_finite_at_sigma_one_and_late(
     g = torch.Generator(DEVICE).manual_seed(0)
     img_ids, cond = bench_flux.random_inputs(arch, 512, DEVICE, g)
     velocity = flux_flow.FluxVelocity(transformer, img_ids.to(dtype), True, 3.5, dtype)
-    sigmas = g2rpo.sigma_schedule(16, 3.0).to(DEVICE)
-    for k in (0, 7):
-        x = torch.randn(1, 1, 1024, arch["in_channels"], generator=g, device=DEVICE)  # (P, 1, *D)
-        with torch.no_grad():
-            v = velocity(x[:, 0], sigmas[k].view(1), cond)
-            x_next, _, _, _ = g2rpo.sde_step(x[:, 0], v, sigmas[k], sigmas[k + 1], 0.7, g)
-        lp = g2rpo.policy_log_prob(velocity, cond, x, x_next[:, None], sigmas[k], sigmas[k + 1],
-                                   0.7)
-        loss, _ = g2rpo.clipped_grpo_loss(lp, lp.detach(), torch.ones_like(lp), 1e-4)
-        loss.backward()
-        grads = [p.grad for p in params if p.grad is not None]
-        assert grads, f"no gradient reached the LoRA weights at branch step {k}"
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gr.float())
-                                                     for gr in grads]))
-        assert torch.isfinite(norm) and norm > 0, f"gradient norm {norm.item()} at branch step {k}"
-        for p in params:
-            p.grad = None
+    assert_training_passes_have_gradients(velocity, cond, params, (1024, arch["in_channels"]),
+                                          g)
 
 
 @pytest.mark.parametrize("name", [n for n in bench_flux.ARCHS if n != "flux.1-dev"])
@@ -211,23 +219,7 @@ def test_gpu_full_size_training_pass_of_each_family(name):
     params = flux_flow.setup_trainable(transformer, 64, 64, lora_targets=family.lora_targets)
     velocity = flux_flow.Velocity(transformer, family, constant, 1.0 if family.guidance else 0.0,
                                   dtype, device_type=DEVICE.type)
-    sigmas = g2rpo.sigma_schedule(16, 3.0).to(DEVICE)
-    for k in (0, 7):
-        x = torch.randn(1, 1, *shape, generator=g, device=DEVICE)  # (P, 1, *D)
-        with torch.no_grad():
-            v = velocity(x[:, 0], sigmas[k].view(1), cond)
-            x_next, _, _, _ = g2rpo.sde_step(x[:, 0], v, sigmas[k], sigmas[k + 1], 0.7, g)
-        lp = g2rpo.policy_log_prob(velocity, cond, x, x_next[:, None], sigmas[k], sigmas[k + 1],
-                                   0.7)
-        loss, _ = g2rpo.clipped_grpo_loss(lp, lp.detach(), torch.ones_like(lp), 1e-4)
-        loss.backward()
-        grads = [p.grad for p in params if p.grad is not None]
-        assert grads, f"{name}: no gradient reached the LoRA weights at branch step {k}"
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gr.float())
-                                                     for gr in grads]))
-        assert torch.isfinite(norm) and norm > 0, f"{name}: gradient norm {norm.item()} at {k}"
-        for p in params:
-            p.grad = None
+    assert_training_passes_have_gradients(velocity, cond, params, shape, g, f"{name}: ")
     del transformer, params
     if CUDA:
         torch.cuda.empty_cache()
