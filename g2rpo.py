@@ -74,6 +74,10 @@ class Config:
     """ε of the clipped ratio. 1e-4 fits FLUX (log-prob averaged over ~1e5 latent elements)."""
     adv_clip: float = 5.0
     """Summed advantages are clipped to [−adv_clip, adv_clip]."""
+    adv_scale: float = 1.0
+    """Advantages are multiplied by this before the clip (1: the paper). A control, not part of
+    the recipe: MGAI sums |Λ| group advantages that mostly agree, about |Λ| times one; G²RPO w/o
+    MGAI with adv_scale = |Λ| has that scale without the other granularities."""
     lr: float = 2e-6
     """AdamW learning rate (used only when the trainer builds the optimizer)."""
     weight_decay: float = 1e-4
@@ -258,14 +262,16 @@ def group_advantages(rewards, eps=1e-8):
     return torch.where(tied, torch.zeros_like(adv), adv)
 
 
-def multi_granularity_advantages(rewards, adv_clip=5.0, eps=1e-8):
+def multi_granularity_advantages(rewards, adv_clip=5.0, eps=1e-8, scale=1.0):
     """rewards (..., L, G) → advantages (..., G): sum over L of group advantages, then clip (Eq. ~11).
 
-    L runs over granularities (and over reward models in the multi-reward setting).
+    L runs over granularities (and over reward models in the multi-reward setting). scale
+    multiplies the sum before the clip (1 in the paper; Config.adv_scale, a control).
     """
     if rewards.dim() < 2:
         raise ValueError(f"rewards must be (..., L, G), got shape {tuple(rewards.shape)}")
-    return group_advantages(rewards, eps).sum(dim=-2).clamp(-adv_clip, adv_clip)  # (..., G)
+    adv = group_advantages(rewards, eps).sum(dim=-2)  # (..., G)
+    return (scale * adv).clamp(-adv_clip, adv_clip)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -637,7 +643,8 @@ def rollout(velocity_fn, reward_fn, prompts, cond, cfg, sigmas, latent_shape, ge
                   cfg.batch_size)  # (K·L·P·G, R)
         R = r.shape[1]
         rewards = r.view(K, L, P, G, R).permute(0, 2, 1, 4, 3)  # (K, P, L, R, G)
-        adv = multi_granularity_advantages(rewards.reshape(K, P, L * R, G), cfg.adv_clip)
+        adv = multi_granularity_advantages(rewards.reshape(K, P, L * R, G), cfg.adv_clip,
+                                           scale=cfg.adv_scale)
         per_lam = group_advantages(rewards).abs().mean(dim=(1, 3, 4))  # (K, L)
         anchor_r = score(reward_fn, out["anchor"], list(prompts), cfg.batch_size).sum(1)
         metrics = {"reward": rewards[:, :, 0].sum(2).mean().item(),  # λ = 1 completions
@@ -651,7 +658,8 @@ def rollout(velocity_fn, reward_fn, prompts, cond, cfg, sigmas, latent_shape, ge
         out = full_sde_sampling(velocity, cond, x_T, sigmas, ks, G, cfg.eta, generator)
         r = score(reward_fn, out["samples"].flatten(0, 1), member_prompts, cfg.batch_size)
         rewards = r.view(P, G, -1).transpose(1, 2)  # (P, R, G)
-        adv = multi_granularity_advantages(rewards, cfg.adv_clip).expand(len(ks), P, G)
+        adv = multi_granularity_advantages(rewards, cfg.adv_clip, scale=cfg.adv_scale)
+        adv = adv.expand(len(ks), P, G)
         metrics = {"reward": rewards.sum(1).mean().item(),
                    "reward_std": rewards.sum(1).std().item()}
     zero_std = (rewards == rewards[..., :1]).all(dim=-1).float().mean().item()
@@ -878,8 +886,8 @@ def check_config(cfg):
     for field in ("num_steps", "group_size", "prompts_per_iteration", "num_iterations",
                   "batch_size", "seed", "window_size", "window_stride", "window_every"):
         setattr(cfg, field, _number(field, getattr(cfg, field), int))
-    for field in ("shift", "eta", "clip_range", "adv_clip", "lr", "weight_decay", "max_grad_norm",
-                  "kl_beta", "ema_decay"):
+    for field in ("shift", "eta", "clip_range", "adv_clip", "adv_scale", "lr", "weight_decay",
+                  "max_grad_norm", "kl_beta", "ema_decay"):
         setattr(cfg, field, _number(field, getattr(cfg, field), float))
     for field in ("branch_steps", "granularities"):
         value = getattr(cfg, field)
@@ -897,7 +905,7 @@ def check_config(cfg):
             why = " (advantages need a group)" if field == "group_size" else ""
             raise ConfigError(field, f"{field} must be an integer >= {low}{why}, "
                                      f"got {getattr(cfg, field)!r}")
-    for field in ("shift", "eta", "clip_range", "adv_clip", "lr", "max_grad_norm"):
+    for field in ("shift", "eta", "clip_range", "adv_clip", "adv_scale", "lr", "max_grad_norm"):
         if not getattr(cfg, field) > 0:
             why = " (an SDE step is needed)" if field == "eta" else ""
             raise ConfigError(field, f"{field} must be > 0{why}, got {getattr(cfg, field)!r}")

@@ -37,6 +37,7 @@ from families import (DEFAULT_ATTENTION, FAMILIES, Family, Velocity, _enabled_sd
 from flux_parallel import (adapters_disabled, frozen_reference, init_distributed,
                            wrap_distributed)
 import rewards as reward_models
+import studies
 
 BUILTIN_PROMPTS = [
     "a red fox sitting in fresh snow, golden hour",
@@ -382,15 +383,7 @@ def evaluate(pipe, velocity, encoder, rewards, prompts, height, width, sigmas, s
     return {n: torch.cat(s).mean().item() for n, s in scores.items()}, torch.stack(images)
 
 
-def int_list(s):
-    """'0,1,2' → (0, 1, 2), for argparse; empty or non-integer lists are refused."""
-    try:
-        values = tuple(int(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected at least one integer, got {s!r}")
-    return values
+int_list = studies.int_tuple  # '0,1,2' → (0, 1, 2) for argparse; empty or non-integer: refused
 
 
 def name_list(s):

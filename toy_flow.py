@@ -19,16 +19,12 @@ chasing the offset peak too hard pulls samples off the modes, so reward hacking 
 """
 
 import argparse
-import ast
-import contextlib
 import dataclasses
 import functools
 import hashlib
-import inspect
 import json
 import math
 import os
-import textwrap
 import time
 from pathlib import Path
 
@@ -36,6 +32,10 @@ import torch
 import torch.nn as nn
 
 import g2rpo
+import studies
+from studies import (at_budget, ci_text, config_field_help, float_tuple, int_tuple, mean_ci,
+                     mean_std, ode_samples, paired_difference, sde_samples,
+                     t_quantile_975)  # noqa: F401 (toy_flow.X)
 
 NUM_CLASSES = 4
 MODES_PER_CLASS = 3
@@ -185,23 +185,8 @@ def pretrain(steps=10000, batch=256, lr=1e-3, seed=0, progress=True, dim=2):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = ToyFlow(dim=dim)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    it = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc="pretrain flow", dynamic_ncols=True)
-    for _ in it:
-        x0, c = sample_data(batch, g, dim)
-        eps = torch.randn(batch, dim, generator=g)
-        sigma = torch.rand(batch, generator=g)
-        x = (1 - sigma[:, None]) * x0 + sigma[:, None] * eps
-        loss = ((model(x, sigma, c) - (eps - x0)) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval()
+    return studies.flow_matching(model, lambda n: sample_data(n, g, dim), steps, batch, lr, g,
+                                 progress, "pretrain flow")
 
 
 def load_or_pretrain(cache_dir=".cache", steps=10000, seed=0, retrain=False, progress=True,
@@ -213,45 +198,21 @@ def load_or_pretrain(cache_dir=".cache", steps=10000, seed=0, retrain=False, pro
         spec.update(dim=dim, extra_std=EXTRA_STD)
     spec = json.dumps(spec, sort_keys=True)
     path = Path(cache_dir) / f"toy_flow_{hashlib.sha1(spec.encode()).hexdigest()[:10]}.pt"
-    if path.exists() and not retrain:
+
+    def load(state):
         model = ToyFlow(dim=dim)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.load_state_dict(state)
         return model.eval()
-    model = pretrain(steps=steps, seed=seed, progress=progress, dim=dim)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)  # never leave a half-written cache file
-    return model
+
+    build = lambda: pretrain(steps=steps, seed=seed, progress=progress, dim=dim)
+    return studies.cached(path, build, load, rebuild=retrain)
 
 
-def velocity_fn(model):
-    """The g2rpo velocity interface for a ToyFlow: (x (N, 2), sigma (N,), classes (N,)) → v."""
-    return lambda x, sigma, c: model(x, sigma, c)
+velocity_fn = studies.velocity_fn
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation and runs.
-
-
-@torch.no_grad()
-def sde_samples(model, classes, sde_steps, eta=0.7, num_steps=16, shift=1.0, seed=1234):
-    """Samples with an SDE step at every grid index in sde_steps and ODE steps elsewhere."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(classes), model.dim, generator=g)
-    sigmas = g2rpo.sigma_schedule(num_steps, shift)
-    for i in range(num_steps):
-        v = model(x, sigmas[i].expand(len(x)), classes)
-        if i in sde_steps:
-            x = g2rpo.sde_step(x, v, sigmas[i], sigmas[i + 1], eta, g)[0]
-        else:
-            x = g2rpo.ode_step(x, v, sigmas[i], sigmas[i + 1])
-    return x
-
-
-def ode_samples(model, classes, num_steps=16, shift=1.0, seed=1234):
-    """Deterministic samples (η = 0) for the given classes from fixed noise."""
-    return sde_samples(model, classes, sde_steps=(), num_steps=num_steps, shift=shift, seed=seed)
 
 
 def evaluate(model, n_per_class=512, num_steps=16, shift=1.0, seed=1234):
@@ -271,37 +232,9 @@ def sliced_wasserstein(a, b, num_projections=256, seed=0):
     return (pa - pb).abs().mean().item()
 
 
-@torch.no_grad()
-def credited_noise_share(model, step, sde_steps, classes, outer=16, inner=16, eta=0.7,
-                         num_steps=16, shift=1.0, seed=0):
-    """Share of the within-group reward variance explained by the noise of one step (first-order
-    Sobol index), per condition, averaged: Var(E[r | ε_step]) / Var(r).
-
-    Each group shares its initial noise; `outer` draws of ε_step, each finished `inner` times with
-    fresh noise at the other SDE steps. Singular sampling is sde_steps = {step} (share 1 by
-    construction); full-SDE sampling is sde_steps = the branch steps.
-    """
-    g = torch.Generator().manual_seed(seed)
-    C, A, B = len(classes), outer, inner
-    sigmas = g2rpo.sigma_schedule(num_steps, shift)
-    c = torch.as_tensor(classes).repeat_interleave(A * B)  # rows (C, A, B)
-    D = model.dim
-    x = torch.randn(C, 1, 1, D, generator=g).expand(C, A, B, D).reshape(-1, D)
-    credited = torch.randn(C, A, 1, D, generator=g).expand(C, A, B, D).reshape(-1, D)
-    for i in range(num_steps):
-        v = model(x, sigmas[i].expand(len(x)), c)
-        if i in sde_steps:
-            noise = credited if i == step else torch.randn(x.shape, generator=g)
-            _, _, mean, std = g2rpo.sde_step(x, v, sigmas[i], sigmas[i + 1], eta, prev_sample=x)
-            x = mean + std * noise
-        else:
-            x = g2rpo.ode_step(x, v, sigmas[i], sigmas[i + 1])
-    r = reward(x, c).view(C, A, B)
-    total = r.flatten(1).var(dim=1)  # (C,)
-    # Var of the A conditional means, less the part the inner sampling noise adds to it.
-    explained = r.mean(2).var(1) - r.var(2).mean(1) / B
-    share = (explained / total.clamp_min(1e-12)).clamp(0, 1)
-    return share.mean().item()
+def credited_noise_share(model, step, sde_steps, classes, **kwargs):
+    """studies.credited_noise_share with the toy's reward: Var(E[r | ε_step]) / Var(r)."""
+    return studies.credited_noise_share(model, step, sde_steps, classes, reward, **kwargs)
 
 
 def frozen_copy(model):
@@ -328,45 +261,12 @@ def run(base_model, method="g2rpo", seed=0, eval_every=10, progress=True, log=No
     model = ToyFlow(dim=base_model.dim)
     model.load_state_dict(base_model.state_dict())
     reference = frozen_copy(base_model) if cfg.kl_beta > 0 else None
-    ema = g2rpo.EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    weights = ema.applied if ema is not None else contextlib.nullcontext
-
-    start = evaluate(model, shift=cfg.shift)
-    curve = [dict(iteration=0, nfe=0, evals=0, **start,
-                  **({"live": start} if ema is not None else {}))]
-    nfe, evals = [0], [0]
-
-    def callback(it, m):
-        nfe[0] += m["nfe"]  # rollout evaluations
-        evals[0] += m["nfe"] + m["train_rows"]  # ... plus the training passes' rows
-        if (it + 1) % eval_every == 0 or it + 1 == cfg.num_iterations:
-            live = {"live": evaluate(model, shift=cfg.shift)} if ema is not None else {}
-            with weights():
-                curve.append(dict(iteration=it + 1, nfe=nfe[0], evals=evals[0],
-                                  **evaluate(model, shift=cfg.shift), **live))
-
-    history = g2rpo.train(model, velocity_fn(model), functools.partial(reward_fn, which=reward),
-                          list(range(NUM_CLASSES)), cfg, latent_shape=(model.dim,),
-                          callback=callback, log=log, progress=progress,
-                          ref_velocity_fn=reference and velocity_fn(reference), ema=ema)
-    if ema is not None:  # the returned model is the one evaluated: the averages
-        model.load_state_dict(ema.state_dict(), strict=False)  # weights only; buffers stay
+    result = studies.fine_tune(model, cfg, functools.partial(evaluate, shift=cfg.shift),
+                               velocity_fn(model), functools.partial(reward_fn, which=reward),
+                               list(range(NUM_CLASSES)), (model.dim,),
+                               reference and velocity_fn(reference), eval_every, progress, log)
     return model, {"method": method, "seed": seed, "reward": reward,
-                   "config": dataclasses.asdict(cfg), "curve": curve, "history": history,
-                   "nfe": nfe[0], "evals": evals[0]}
-
-
-def at_budget(result, budget, key="reward"):
-    """`key` of a run once it has used `budget` model evaluations (rollout + training rows),
-    linearly interpolated between its evaluation points."""
-    points = result["curve"]
-    if budget > points[-1]["evals"]:
-        raise ValueError(f"budget {budget:,} is beyond the run's {points[-1]['evals']:,}")
-    for a, b in zip(points, points[1:]):
-        if b["evals"] >= budget:
-            w = (budget - a["evals"]) / (b["evals"] - a["evals"])
-            return a[key] + w * (b[key] - a[key])
-    return points[0][key]
+                   "config": dataclasses.asdict(cfg), **result}
 
 
 def plot(base_model, results, path, shift=1.0, runs=None):
@@ -416,95 +316,44 @@ def plot(base_model, results, path, shift=1.0, runs=None):
     plt.close(fig)
 
 
-def mean_std(values):
-    t = torch.tensor(values, dtype=torch.float64)
-    return f"{t.mean():.4f} ± {t.std() if len(t) > 1 else 0.0:.4f}"
-
-
-# Two-sided 95 % Student-t quantiles t_{0.975, df} for df = 1..30 (standard tables).
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def t_quantile_975(df):
-    """t_{0.975, df}: the table up to 30, then the Cornish–Fisher expansion around z = 1.96."""
-    if df <= len(T975):
-        return T975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def mean_ci(values):
-    """(mean, half-width of the 95 % confidence interval of the mean), Student t over n values."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if len(t) < 2:
-        return t.mean().item(), float("nan")
-    return t.mean().item(), t_quantile_975(len(t) - 1) * t.std().item() / math.sqrt(len(t))
-
-
-def ci_text(values, signed=False):
-    """'[lo, hi]' of the 95 % CI of the mean ('–' for one value); signed for differences."""
-    m, h = mean_ci(values)
-    f = "+.4f" if signed else ".4f"
-    # round first: an end within 5e-5 of 0 prints as 0.0000, not -0.0000
-    end = lambda x: f"{round(x, 4) + 0.0:{f}}"
-    return "–" if math.isnan(h) else f"[{end(m - h)}, {end(m + h)}]"
-
-
-def paired_difference(a, b):
-    """Mean and 95 % CI of a − b over seeds run on both (a, b lists in the same seed order);
-    'excludes 0' only when the interval does."""
-    d = [x - y for x, y in zip(a, b)]
-    m, h = mean_ci(d)
-    verdict = "–" if math.isnan(h) else ("excludes 0" if abs(m) > h else "includes 0")
-    return f"{m:+.4f}", ci_text(d, signed=True), verdict
-
-
-@torch.no_grad()
-def granularity_disagreement(model, granularities=(1, 2, 3), branch_steps=tuple(range(8)),
-                             prompts=64, group_size=12, eta=0.7, shift=1.0, seed=7):
-    """{λ: share of (k, prompt, member) whose group advantage at λ has the opposite sign of
-    λ = 1's}, from one singular-sampling rollout of `prompts` prompts (classes in turn)."""
-    g = torch.Generator().manual_seed(seed)
-    c = torch.arange(prompts) % NUM_CLASSES
-    sigmas = g2rpo.sigma_schedule(16, shift)
-    velocity = g2rpo.CountingVelocity(velocity_fn(model), 1 << 16)
-    x_T = torch.randn(prompts, model.dim, generator=g)
-    out = g2rpo.singular_stochastic_sampling(velocity, c, x_T, sigmas, branch_steps, granularities,
-                                             group_size, eta, g)
-    K, L = len(branch_steps), len(granularities)
-    members = c.repeat_interleave(group_size).repeat(K * L)
-    r = reward(out["samples"].reshape(-1, model.dim), members).view(K, L, prompts, group_size)
-    adv = g2rpo.group_advantages(r)  # (K, L, P, G)
-    return {lam: ((adv[:, 0] * adv[:, j]) < 0).float().mean().item()
-            for j, lam in enumerate(granularities) if j > 0}
+def granularity_disagreement(model, **kwargs):
+    """{λ: share of group advantages whose sign differs from λ = 1's} under the toy's reward
+    (studies.granularity_disagreement has the other statistics)."""
+    out = studies.granularity_disagreement(model, reward, NUM_CLASSES, **kwargs)
+    return out["disagree"]
 
 
 def mgai_vs_dim(dims, seeds, cache_dir=".cache", pretrain_steps=10000, log=print, **overrides):
     """Does MGAI matter as the data dimension grows? For each D: the λ-disagreement rate, and
-    the final reward of G²RPO vs G²RPO w/o MGAI on the same seeds with the paired interval.
-    Returns one row per D and prints a markdown table."""
+    the final reward of G²RPO, G²RPO w/o MGAI and the scale-matched control (w/o MGAI with its
+    advantages multiplied by |Λ| before the same clip, Config.adv_scale) on the same seeds, with
+    paired intervals. Returns one row per D and prints a markdown table."""
     rows = []
+    scale = float(len(METHODS["g2rpo"]["granularities"]))
+    arms = {"g2rpo": {}, "g2rpo_wo_mgai": {}, "control": {"adv_scale": scale}}
     for dim in dims:
         base = load_or_pretrain(cache_dir, pretrain_steps, progress=False, dim=dim)
         dis = granularity_disagreement(base, shift=TOY["shift"])
-        final = {m: [run(base, m, s, progress=False, eval_every=10**9, **overrides)[1]["curve"][-1]
-                     ["reward"] for s in seeds] for m in ("g2rpo", "g2rpo_wo_mgai")}
+        final = {arm: [run(base, "g2rpo_wo_mgai" if arm == "control" else arm, s, progress=False,
+                           eval_every=10**9, **{**overrides, **extra})[1]["curve"][-1]["reward"]
+                       for s in seeds] for arm, extra in arms.items()}
         diff, ci, verdict = paired_difference(final["g2rpo"], final["g2rpo_wo_mgai"])
+        control = paired_difference(final["g2rpo"], final["control"])
         rows.append(dict(dim=dim, disagreement=dis, g2rpo=final["g2rpo"],
-                         g2rpo_wo_mgai=final["g2rpo_wo_mgai"], difference=diff, ci=ci,
-                         verdict=verdict, pretrained=evaluate(base, shift=TOY["shift"])))
+                         g2rpo_wo_mgai=final["g2rpo_wo_mgai"], control=final["control"],
+                         difference=diff, ci=ci, verdict=verdict, control_difference=control,
+                         pretrained=evaluate(base, shift=TOY["shift"])))
     if log is not None:
         log(f"| D | pretrained reward / fidelity | sign disagreement λ=2 / λ=3 vs λ=1 | G²RPO | "
-            f"w/o MGAI | G²RPO − w/o MGAI | 95% CI | |  ({len(seeds)} paired seeds)\n"
-            f"|---|---|---|---|---|---|---|---|")
+            f"w/o MGAI | w/o MGAI, advantages ×{scale:g} | G²RPO − w/o MGAI | 95% CI | | "
+            f"G²RPO − ×{scale:g} control | 95% CI | |  ({len(seeds)} paired seeds)\n"
+            f"|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             log(f"| {r['dim']} | {r['pretrained']['reward']:.4f} / "
                 f"{r['pretrained']['fidelity']:.3f} | {r['disagreement'][2]:.1%} / "
                 f"{r['disagreement'][3]:.1%} | {mean_std(r['g2rpo'])} | "
-                f"{mean_std(r['g2rpo_wo_mgai'])} | {r['difference']} | {r['ci']} | "
-                f"{r['verdict']} |")
+                f"{mean_std(r['g2rpo_wo_mgai'])} | {mean_std(r['control'])} | {r['difference']} | "
+                f"{r['ci']} | {r['verdict']} | " + " | ".join(r["control_difference"]) + " |")
     return rows
 
 
@@ -606,34 +455,6 @@ def plot_guard_rails(runs, path):
     plt.close(fig)
 
 
-def config_field_help():
-    """{field: its docstring} from g2rpo.Config's source: the CLI's help cannot drift from it."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(g2rpo.Config)))
-    body = tree.body[0].body
-    return {node.target.id: " ".join(doc.value.value.split())
-            for node, doc in zip(body, body[1:])
-            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr)
-            and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
-
-
-def _tuple_of(kind, what):
-    """An argparse type: comma-separated `what` → a non-empty tuple of `kind`."""
-
-    def parse(s):
-        try:
-            values = tuple(kind(x) for x in s.split(",") if x.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}") from None
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected at least one {what[:-1]}, got {s!r}")
-        return values
-
-    return parse
-
-
-_int_tuple, _float_tuple = _tuple_of(int, "integers"), _tuple_of(float, "numbers")
-
-
 # Config fields with a flag name of their own, or none (the toy's --method picks the method).
 TOY_FLAG_NAMES = {"num_iterations": ("--iterations", "--num-iterations"), "method": None}
 
@@ -659,45 +480,26 @@ def parse_args(argv=None):
     a("--dim", type=int, default=2,
       help="data dimension D: the 2-D problem embedded by a fixed random orthogonal map, plus "
            "D − 2 narrow directions the reward ignores (default: 2)")
-    a("--mgai-vs-dim", type=_int_tuple, default=None, metavar="D1,D2,...",
+    a("--mgai-vs-dim", type=int_tuple, default=None, metavar="D1,D2,...",
       help="the MGAI study instead of a run: for each D, λ-disagreement and G²RPO vs G²RPO w/o "
            "MGAI over --seeds paired seeds (docs/toy.md, 'Does MGAI matter as the data dimension "
            "grows?')")
     a("--reward", default="gold", choices=list(REWARDS),
       help="what to train on: gold, the toy's reward, or proxy, one that can be gamed (it keeps "
            "rising outward past the gold reward's peak); evaluations report both (default: gold)")
-    a("--guard-rails", type=_float_tuple, default=None, metavar="B1,B2,...",
+    a("--guard-rails", type=float_tuple, default=None, metavar="B1,B2,...",
       help="the reward-hacking study instead of a run: train on the proxy with each kl-beta, "
            "each with EMA off and on (--ema-decay, default 0.99), over --seeds seeds "
            "(docs/toy.md, 'Reward hacking and its guard rails')")
     a("--verbose", action="store_true", help="print one metrics line per iteration")
-    group = p.add_argument_group("algorithm (g2rpo.Config; the toy's defaults in brackets)")
-    docs, toy = config_field_help(), toy_config("g2rpo")
-    flags = {}
-    for field in dataclasses.fields(g2rpo.Config):
-        names = TOY_FLAG_NAMES.get(field.name, ("--" + field.name.replace("_", "-"),))
-        if names is None:
-            continue
-        value = getattr(toy, field.name)
-        default = ",".join(map(str, value)) if isinstance(value, tuple) else value
-        if field.name == "granularities":
-            default = f"{default} for g2rpo, 1 for g2rpo_wo_mgai"
-        kind = {bool: argparse.BooleanOptionalAction, tuple: None}.get(type(value))
-        kw = (dict(action=kind) if kind else
-              dict(type=_int_tuple if isinstance(value, tuple) else type(value)))
-        group.add_argument(*names, dest=field.name, default=None,
-                           help=f"{docs.get(field.name, '')} [{default}]".replace("%", "%%"), **kw)
-        flags[field.name] = names[0]
-    args = p.parse_args(argv)
-    args.overrides = {f: getattr(args, f) for f in flags if getattr(args, f) is not None}
-    args.seed = args.overrides.pop("seed", 0)
-    if args.method != "all":  # a flag the method would silently ignore is refused
-        for field in g2rpo.UNUSED_FIELDS[METHODS[args.method]["method"]]:
-            if field in args.overrides:
-                p.error(f"{flags[field]} is not used by --method {args.method}")
-    for flag, value in (("--seeds", args.seeds), ("--pretrain-steps", args.pretrain_steps)):
-        if value < 1:
-            p.error(f"{flag} must be >= 1, got {value}")
+    flags = studies.add_config_flags(
+        p, toy_config("g2rpo"), TOY_FLAG_NAMES, "algorithm (g2rpo.Config; the toy's defaults in "
+        "brackets)", {"granularities": "1,2,3 for g2rpo, 1 for g2rpo_wo_mgai"})
+    return studies.parse_run_args(p, argv, flags, METHODS, toy_config, _check_study_flags)
+
+
+def _check_study_flags(p, args):
+    """The checks of this file's own flags (studies.parse_run_args runs the shared ones)."""
     for value in (args.dim, *(args.mgai_vs_dim or ())):
         if value < 2:
             p.error(f"--dim and --mgai-vs-dim need D >= 2, got {value}")
@@ -712,22 +514,6 @@ def parse_args(argv=None):
                 p.error(f"--guard-rails: every β must be >= 0 and finite, got {beta}")
         if args.overrides.get("ema_decay", STUDY_EMA_DECAY) == 0:
             p.error("--guard-rails compares EMA off and on: --ema-decay must be > 0")
-    for method in (METHODS if args.method == "all" else [args.method]):
-        try:
-            cfg = toy_config(method, args.seed, **args.overrides)
-        except g2rpo.ConfigError as e:
-            p.error(f"{flags.get(e.field, e.field)}: {e}")
-        if cfg.num_iterations < 1:
-            p.error(f"--iterations must be >= 1, got {cfg.num_iterations}")
-    for flag, path in (("--out", Path(args.out).parent), ("--cache-dir", Path(args.cache_dir))):
-        existing = next(d for d in (path, *path.parents) if d.exists())
-        if flag == "--out" and existing != path:
-            p.error(f"--out {args.out!r}: the directory {str(path)!r} does not exist")
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            p.error(f"{flag} {str(path)!r}: {str(existing)!r} is not a writable directory")
-    if Path(args.out).is_dir():
-        p.error(f"--out {args.out!r} is a directory; give a .png file name")
-    return args
 
 
 COMPARED = (("g2rpo", "full_sde"), ("g2rpo", "mixgrpo"), ("g2rpo", "g2rpo_wo_mgai"),
