@@ -567,9 +567,7 @@ def hacking_study(base_model, betas, seeds, method="g2rpo", ema_decay=HACKING_EM
         for seed in seeds:
             model, r = run(base_model, method, seed, eval_every=eval_every, progress=False,
                            kl_beta=beta, ema_decay=ema_decay, keep_live=True, **overrides)
-            live = {**r, "curve": [{**p, **p["live"]} for p in r["curve"]]}
-            runs.setdefault((beta, 0.0), []).append(live)
-            runs.setdefault((beta, ema_decay), []).append(r)
+            studies.add_ema_rows(runs, beta, r, ema_decay)
             if seed == seeds[0]:
                 models[(beta, 0.0)], models[(beta, ema_decay)] = r["live"], model
     return runs, models

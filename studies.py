@@ -102,6 +102,15 @@ def velocity_fn(model):
     return lambda x, sigma, c: model(x, sigma, c)
 
 
+def add_ema_rows(runs, beta, result, ema_decay):
+    """File one run trained with an EMA under both rows of its β: (β, 0) reads the trained
+    weights' evaluations ("live"), (β, ema_decay) the averages'. The EMA does not change
+    training, so one run gives both."""
+    live = {**result, "curve": [{**p, **p["live"]} for p in result["curve"]]}
+    runs.setdefault((beta, 0.0), []).append(live)
+    runs.setdefault((beta, ema_decay), []).append(result)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling and measurements on a model v(x (N, D), σ (N,), classes (N,)) with a `dim` attribute;
 # score(x, classes) → (N,) is the reward measured.

@@ -375,9 +375,7 @@ def guard_rails_study(base_model, betas, seeds, ema_decay=STUDY_EMA_DECAY, metho
         for seed in seeds:
             _, r = run(base_model, method, seed, eval_every=eval_every, progress=False,
                        reward="proxy", kl_beta=beta, ema_decay=ema_decay, **overrides)
-            live = {**r, "curve": [{**p, **p["live"]} for p in r["curve"]]}
-            runs.setdefault((beta, 0.0), []).append(live)
-            runs.setdefault((beta, ema_decay), []).append(r)
+            studies.add_ema_rows(runs, beta, r, ema_decay)
         for decay in (0.0, ema_decay):
             if log is not None:
                 end = [r["curve"][-1] for r in runs[(beta, decay)]]
