@@ -1,4 +1,5 @@
-"""pytest set-up: the `gpu` marker. Tests marked gpu are skipped where CUDA is missing.
+"""pytest set-up: the `gpu` marker (tests marked gpu are skipped where CUDA is missing) and the
+tiny random models the image trainer's tests share (image_flow/tiny.py).
 
     python -m pytest -q -m gpu                             # on a GPU machine: only the GPU tests
     G2RPO_GPU_TEST_DEVICE=cpu python -m pytest -q -m gpu   # dry run of their code on a CPU
@@ -18,7 +19,7 @@ def gpu_test_device():
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory):
     """A tiny random FluxPipeline saved with save_pretrained (read-only for the tests)."""
-    from test_flux_flow import make_tiny_flux
+    from image_flow.tiny import make_tiny_flux
 
     return make_tiny_flux(tmp_path_factory.mktemp("flux"))
 
@@ -26,7 +27,7 @@ def tiny_flux(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     """A tiny random CLIPModel with its tokenizer and image processor, saved."""
-    from test_flux_flow import make_tiny_clip
+    from image_flow.tiny import make_tiny_clip
 
     return make_tiny_clip(tmp_path_factory.mktemp("clip"))
 
@@ -34,7 +35,7 @@ def tiny_clip(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_hps(tmp_path_factory):
     """(checkpoint, architecture JSON): a tiny random OpenCLIP in HPS's checkpoint format."""
-    from test_rewards import make_tiny_hps
+    from image_flow.tiny import make_tiny_hps
 
     return make_tiny_hps(tmp_path_factory.mktemp("hps"))
 

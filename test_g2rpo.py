@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import g2rpo
-from bench_rollout import rollout_per_member
+from benchmarks.rollout import rollout_per_member
 
 torch.set_num_threads(2)
 
@@ -759,11 +759,12 @@ def test_toy_cli_has_one_flag_per_config_field_and_uses_them(tmp_path, capsys):
     import json
 
     import toy_flow
+    from worlds import studies
 
     with pytest.raises(SystemExit):
         toy_flow.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    docs = toy_flow.config_field_help()
+    docs = studies.config_field_help()
     for field in dataclasses.fields(g2rpo.Config):
         if field.name != "method":  # the toy's --method chooses it
             flag = {"num_iterations": "--iterations"}.get(field.name,
@@ -788,26 +789,26 @@ def test_toy_cli_has_one_flag_per_config_field_and_uses_them(tmp_path, capsys):
 
 
 def test_t_quantiles_match_closed_forms_and_the_table():
-    import toy_flow
+    from worlds import studies
 
     p = 0.975
-    assert toy_flow.t_quantile_975(1) == pytest.approx(math.tan(math.pi * (p - 0.5)), abs=1e-3)
-    assert toy_flow.t_quantile_975(2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)),
+    assert studies.t_quantile_975(1) == pytest.approx(math.tan(math.pi * (p - 0.5)), abs=1e-3)
+    assert studies.t_quantile_975(2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)),
                                                        abs=1e-3)
-    assert toy_flow.t_quantile_975(30) == 2.042
-    assert toy_flow.t_quantile_975(40) == pytest.approx(2.021, abs=1e-3)  # expansion beyond 30
-    assert toy_flow.t_quantile_975(10**6) == pytest.approx(1.960, abs=1e-3)
-    m, h = toy_flow.mean_ci([1.0, 2.0, 3.0, 4.0])
+    assert studies.t_quantile_975(30) == 2.042
+    assert studies.t_quantile_975(40) == pytest.approx(2.021, abs=1e-3)  # expansion beyond 30
+    assert studies.t_quantile_975(10**6) == pytest.approx(1.960, abs=1e-3)
+    m, h = studies.mean_ci([1.0, 2.0, 3.0, 4.0])
     assert m == 2.5 and h == pytest.approx(3.182 * math.sqrt(5 / 3) / 2, rel=1e-6)
 
 
 def test_paired_difference_claims_an_effect_only_when_the_interval_excludes_zero():
-    import toy_flow
+    from worlds import studies
 
     a = [0.90, 0.91, 0.92, 0.93]
-    assert toy_flow.paired_difference(a, [x - 0.02 for x in a])[2] == "excludes 0"
-    assert toy_flow.paired_difference(a, [0.92, 0.90, 0.93, 0.91])[2] == "includes 0"
-    assert toy_flow.paired_difference([0.9], [0.8])[2] == "–"
+    assert studies.paired_difference(a, [x - 0.02 for x in a])[2] == "excludes 0"
+    assert studies.paired_difference(a, [0.92, 0.90, 0.93, 0.91])[2] == "includes 0"
+    assert studies.paired_difference([0.9], [0.8])[2] == "–"
 
 
 def test_the_embedded_toy_is_the_2d_toy_on_a_plane():

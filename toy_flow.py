@@ -32,10 +32,9 @@ import torch
 import torch.nn as nn
 
 import g2rpo
-import studies
-from studies import (at_budget, ci_text, config_field_help, float_tuple, int_tuple, mean_ci,
-                     mean_std, ode_samples, paired_difference, sde_samples,
-                     t_quantile_975)  # noqa: F401 (toy_flow.X)
+from worlds import studies
+from worlds.studies import (at_budget, ci_text, float_tuple, int_tuple, mean_ci, mean_std,
+                            ode_samples, paired_difference)
 
 NUM_CLASSES = 4
 MODES_PER_CLASS = 3

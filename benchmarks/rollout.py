@@ -1,6 +1,6 @@
 """Benchmark: one G²RPO rollout, batched (g2rpo.py) vs a batch-1 per-member loop (official style).
 
-    python bench_rollout.py            # toy flow, G = 12, 8 branch steps, granularities (1, 2, 3)
+    python -m benchmarks.rollout       # toy flow, G = 12, 8 branch steps, granularities (1, 2, 3)
 
 Prints seconds per rollout for both and their ratio, measured in the same run. The loop is also
 the reference the tests compare the batched rollout against (same noise → same samples).
@@ -74,7 +74,7 @@ def rollout_per_member(velocity_fn, cond, x_T, sigmas, branch_steps, granulariti
 def main():
     import toy_flow
 
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.rollout", description=__doc__)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()

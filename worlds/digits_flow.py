@@ -18,11 +18,11 @@ fit on GOLD, which neither the flow nor the proxy saw. Fidelity: a third classif
 (fit on HELD-OUT) and the nearest-neighbour distance of samples to real digits, relative to the
 data's own (and to the flow's training digits, which shows memorisation).
 
-    python digits_flow.py                          # G²RPO, one seed: before -> after, a PNG
-    python digits_flow.py --method all --seeds 10  # the comparison tables (docs/digits.md)
-    python digits_flow.py --study mgai --seeds 10  # does MGAI matter here? with its control
-    python digits_flow.py --study credit           # the credited step's share of the spread
-    python digits_flow.py --study hacking --seeds 10   # gold vs proxy, KL β and EMA, pictures
+    python -m worlds.digits_flow                         # G²RPO, one seed: before -> after, a PNG
+    python -m worlds.digits_flow --method all --seeds 10 # the comparison tables (docs/digits.md)
+    python -m worlds.digits_flow --study mgai --seeds 10 # does MGAI matter here? with its control
+    python -m worlds.digits_flow --study credit          # the credited step's share of the spread
+    python -m worlds.digits_flow --study hacking --seeds 10  # gold vs proxy, KL β, EMA, pictures
 """
 
 import argparse
@@ -41,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import g2rpo
-import studies
-from studies import ci_text, mean_ci, paired_difference
+from worlds import studies
+from worlds.studies import ci_text, mean_ci, paired_difference
 
 NUM_CLASSES = 10
 SIDE = 8  # images are SIDE × SIDE, flattened to D = 64 in [-1, 1] (-1: no ink)
@@ -699,7 +699,7 @@ STUDIES = ("credit", "hacking")
 def parse_args(argv=None):
     """The digits' flags (one per g2rpo.Config field, generated from it), all checked before
     anything is trained: errors name the flag and the value."""
-    p = argparse.ArgumentParser(prog="digits_flow.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m worlds.digits_flow", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--method", default="g2rpo", choices=[*METHODS, "all"],
@@ -753,7 +753,7 @@ def describe(m, before=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    command = "python digits_flow.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m worlds.digits_flow " + " ".join(sys.argv[1:] if argv is None else argv)
     start = time.time()
     base = load_or_pretrain(args.cache_dir, args.pretrain_steps, retrain=args.retrain)
     judges()

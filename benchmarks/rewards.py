@@ -1,12 +1,13 @@
 """Benchmark: what scoring costs, per reward and batch size, and what reloading HPS per image cost.
 
-    python bench_rewards.py                  # tiny reward models, then full-size HPS-v2.1
-    python bench_rewards.py --no-full-size   # tiny models only (seconds)
+    python -m benchmarks.rewards                 # tiny reward models, then full-size HPS-v2.1
+    python -m benchmarks.rewards --no-full-size  # tiny models only (seconds)
 
-1. Images per second of each reward (rewards.py) at batch 1, 16 and 64, on tiny random models of
-   each kind (transformers CLIP / PickScore, OpenCLIP CLIP with DFN5B's preprocessing, HPS-v2.1's
-   OpenCLIP), scoring 512² images as FLUX at 512² decodes them. Tiny models measure the
-   preprocessing and the per-call overhead, not a full-size model's arithmetic.
+1. Images per second of each reward (image_flow/rewards.py) at batch 1, 16 and 64, on tiny
+   random models of each kind (transformers CLIP / PickScore, OpenCLIP CLIP with DFN5B's
+   preprocessing, HPS-v2.1's OpenCLIP), scoring 512² images as FLUX at 512² decodes them. Tiny
+   models measure the preprocessing and the per-call overhead, not a full-size model's
+   arithmetic.
 2. The same HPS reward scored the way hpsv2 1.2.0's `score()` does it, once per image and reading
    the checkpoint (torch.load + load_state_dict) at every call.
 3. (full size) One read of an HPS-format checkpoint of OpenCLIP ViT-H-14 (the HPS-v2.1 model, random
@@ -30,7 +31,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 
 import g2rpo
-import rewards
+from image_flow import rewards
+from image_flow.tiny import make_tiny_clip, make_tiny_hps, make_tiny_open_clip
 
 
 def timed(fn, repeats):
@@ -51,8 +53,6 @@ def images_and_prompts(n, size, seed=0):
 
 def tiny_rewards(folder):
     """The four reward kinds on tiny random models, saved and loaded back as users' files are."""
-    from test_flux_flow import make_tiny_clip
-    from test_rewards import make_tiny_hps, make_tiny_open_clip
 
     clip = make_tiny_clip(folder / "clip")
     hps, arch = make_tiny_hps(folder / "hps")
@@ -114,7 +114,8 @@ def full_size(batches, repeats, log):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.rewards",
+                                description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per figure (median)")
@@ -131,7 +132,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         hps, arch, models = tiny_rewards(Path(tmp))
         print(f"\n{'reward (tiny random model)':<40}" + "".join(f"{'batch ' + str(b):>12}"
-                                                             for b in batches) + "   images/s")
+                                                                for b in batches) + "   images/s")
         rows = dict(models)
         rows["hps, checkpoint read per image (hpsv2)"] = per_image_reload(hps, arch)
         for name, reward in rows.items():

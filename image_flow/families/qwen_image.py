@@ -1,6 +1,6 @@
-"""Qwen-Image (QwenImagePipeline) for the shared image trainer.
+"""Qwen-Image (QwenImagePipeline): what Qwen-Image does differently.
 
-    python image_flow.py --model Qwen/Qwen-Image --guidance 4 --negative-prompt " " ...
+    python -m image_flow --model Qwen/Qwen-Image --guidance 4 --negative-prompt " " ...
 
 What Qwen-Image does differently: the prompt is wrapped in a chat template and encoded by
 Qwen2.5-VL (the last hidden layer, the template's first tokens dropped), so prompts have
@@ -13,24 +13,26 @@ on for w > 1; the σ grid is linspace(1, 1/T, T) with the resolution-dependent s
 
 import torch
 
-from families import Family, pad_text, rounded_timestep
+from .seam import Family, Guidance, pad_text, rounded_timestep
+
+
+class RescaledGuidance(Guidance):
+    """The pipeline's true CFG (do_true_cfg: w > 1 with a negative prompt, ours), rescaled per
+    token to the norm of v_c."""
+
+    def combine(self, v_cond, v_uncond, scale, sigma):
+        v = super().combine(v_cond, v_uncond, scale, sigma)
+        return v * (v_cond.norm(dim=-1, keepdim=True) / v.norm(dim=-1, keepdim=True))
 
 
 class QwenImage(Family):
     name, pipeline, slug = "Qwen-Image", "QwenImagePipeline", "qwen-image"
-    guidance = 4.0  # QwenImagePipeline's default true_cfg_scale
+    # QwenImagePipeline's default true_cfg_scale.
+    guidance = RescaledGuidance(4.0, "true CFG w: v_u + w·(v_c − v_u) against --negative-prompt, "
+                                     "rescaled per token to the norm of v_c, two transformer "
+                                     "rows per sample; w <= 1 turns it off")
     # The last block's text stream feeds nothing: its output projection and MLP get no gradient.
     unused_parameters = True
-    guidance_help = ("true CFG w: v_u + w·(v_c − v_u) against --negative-prompt, rescaled per "
-                     "token to the norm of v_c, two transformer rows per sample; w <= 1 turns it "
-                     "off")
-
-    def uses_negative(self, guidance, **options):
-        return guidance > 1  # the pipeline's do_true_cfg (it needs a negative prompt: ours)
-
-    def guide(self, v_cond, v_uncond, guidance, sigma):
-        v = v_uncond + guidance * (v_cond - v_uncond)
-        return v * (v_cond.norm(dim=-1, keepdim=True) / v.norm(dim=-1, keepdim=True))
 
     def encode(self, pipe, prompts, max_sequence_length):
         embeds, mask = pipe.encode_prompt(prompt=prompts, device=pipe._execution_device,
@@ -40,10 +42,6 @@ class QwenImage(Family):
 
     def collate(self, rows):
         return pad_text(rows)  # text of unequal lengths: padded, then masked in forward
-
-    def noise(self, pipe, n, height, width, dtype, generator):
-        return pipe.prepare_latents(n, pipe.transformer.config.in_channels // 4, height, width,
-                                    dtype, pipe.transformer.device, generator)
 
     def constant_inputs(self, pipe, height, width, device, dtype):
         f = self.image_multiple(pipe)

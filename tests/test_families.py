@@ -1,4 +1,4 @@
-"""Every family beside FLUX.1 (test_flux_flow.py), offline, on a tiny random pipeline built from
+"""Every family beside FLUX.1 (test_image_flow.py), offline, on a tiny random pipeline built from
 configs and loaded back through from_pretrained: the family's own diffusers pipeline is the
 oracle for its conventions (timestep, latent layout, σ grid, conditioning, guidance form); then
 LoRA and full fine-tune runs, exports that diffusers loads, resume, torchrun.
@@ -13,11 +13,12 @@ import sys
 import pytest
 import torch
 
-import families
-import g2rpo
-import image_flow
-from test_flux_flow import (HERE, H, W, assert_resume_is_bit_exact, checkpoint, clip_tokenizer,
-                            train_args)
+from image_flow import families, flags, loading, trainer
+from image_flow.tiny import (make_tiny_flux, make_tiny_flux2_klein, make_tiny_qwen_image,
+                             make_tiny_sd3, make_tiny_z_image)
+from image_flow.velocity import Velocity
+from test_image_flow import (ROOT, SUBPROCESS_ENV, H, W, assert_resume_is_bit_exact, checkpoint,
+                             parse_error, train_args)
 
 
 
@@ -28,182 +29,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def tiny_vae(latent_channels, **kw):
-    """The tests' VAE: 8× downsampling (four blocks), 1-channel latents."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(4, 4, 4, 4),
-        layers_per_block=1, latent_channels=latent_channels, norm_num_groups=1, sample_size=32,
-        use_quant_conv=False, use_post_quant_conv=False, **kw).eval()
-
-
-def t5_tokenizer():
-    import string
-
-    from transformers import T5Tokenizer
-
-    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-             + [("▁" + c, -1.0) for c in string.ascii_lowercase]
-             + [(c, -2.0) for c in string.ascii_lowercase])
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
-
-
-def make_tiny_sd3(path, dynamic_shift=False):
-    from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, T5Config,
-                              T5EncoderModel)
-
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=4, patch_size=2, in_channels=1, out_channels=1, num_layers=2,
-        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-        caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=8).eval()
-
-    def clip():
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16, intermediate_size=37,
-            num_attention_heads=2, num_hidden_layers=2, vocab_size=64, projection_dim=32,
-            max_position_embeddings=77)).eval()
-
-    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2,
-                                 num_heads=4, decoder_start_token_id=0, pad_token_id=0,
-                                 eos_token_id=1)).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=1.0 if dynamic_shift else 3.0, use_dynamic_shifting=dynamic_shift,
-        base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
-    StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=scheduler,
-        vae=tiny_vae(1, shift_factor=0.0609, scaling_factor=1.5035),
-        text_encoder=clip(), tokenizer=clip_tokenizer(), text_encoder_2=clip(),
-        tokenizer_2=clip_tokenizer(), text_encoder_3=t5,
-        tokenizer_3=t5_tokenizer()).save_pretrained(path)
-    return str(path)
-
-
-def byte_chars():
-    """The 256 characters a byte-level BPE vocabulary (GPT-2's, Qwen2's) writes bytes as."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {b: b for b in printable}, iter(range(256, 512))
-    return [chr(chars[b] if b in chars else next(extra)) for b in range(256)]
-
-
-def qwen_tokenizer(path):
-    """A byte-level Qwen2Tokenizer (every byte one token, no merges) with the chat template's
-    special tokens. transformers 5 ignores vocab/merges files passed to the constructor: they
-    are written and loaded with from_pretrained."""
-    from transformers import Qwen2Tokenizer
-
-    path.mkdir(parents=True)
-    (path / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(byte_chars())}))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = Qwen2Tokenizer.from_pretrained(str(path), unk_token=None, bos_token=None,
-                                               eos_token="<|endoftext|>",
-                                               pad_token="<|endoftext|>")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    return tokenizer
-
-
-def make_tiny_qwen_image(path, dynamic_shift=True):
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,
-                           QwenImagePipeline, QwenImageTransformer2DModel)
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    torch.manual_seed(0)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False,
-        axes_dims_rope=(8, 4, 4)).eval()
-    vae = AutoencoderKLQwenImage(  # 4× downsampling; a mean and std that are not 0 and 1
-        base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-        temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
-        latents_std=[1.5, 0.8, 1.0, 1.2]).eval()
-    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(  # mrope sums to head_dim / 2
-        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, vocab_size=300,
-                         bos_token_id=None, eos_token_id=256, pad_token_id=256,
-                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default",
-                                       "type": "default"}),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
-                           out_hidden_size=16),
-        hidden_size=16, vocab_size=300)).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=dynamic_shift, shift=1.0 if dynamic_shift else 3.0,
-        base_shift=0.5, max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192)
-    QwenImagePipeline(transformer=transformer, vae=vae, scheduler=scheduler,
-                      text_encoder=encoder,
-                      tokenizer=qwen_tokenizer(path / "tokenizer_files")).save_pretrained(path)
-    return str(path)
-
-
-def make_tiny_z_image(path, dynamic_shift=False):
-    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
-
-    torch.manual_seed(0)
-    transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
-        n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4],
-        axes_lens=[256, 32, 32]).eval()
-    with torch.no_grad():  # the pad tokens are not initialised by every diffusers release
-        transformer.x_pad_token.normal_()
-        transformer.cap_pad_token.normal_()
-    encoder = Qwen3Model(Qwen3Config(
-        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=8, vocab_size=300, max_position_embeddings=512,
-        bos_token_id=None, eos_token_id=256, pad_token_id=256)).eval()
-    tokenizer = chat_tokenizer(path / "tokenizer_files")
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=dynamic_shift, shift=1.0 if dynamic_shift else 3.0,
-        base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-    ZImagePipeline(transformer=transformer, scheduler=scheduler, text_encoder=encoder,
-                   tokenizer=tokenizer,
-                   vae=tiny_vae(4, shift_factor=0.1159, scaling_factor=0.3611)).save_pretrained(path)
-    return str(path)
-
-
-def chat_tokenizer(path):
-    """The byte-level tokenizer with a chat template (FLUX.2 [klein] and Z-Image apply one)."""
-    tokenizer = qwen_tokenizer(path)
-    tokenizer.chat_template = (  # Qwen3's shape, without the thinking block
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return tokenizer
-
-
-def make_tiny_flux2_klein(path, dynamic_shift=True, distilled=False):
-    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler,
-                           Flux2KleinPipeline, Flux2Transformer2DModel)
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    transformer = Flux2Transformer2DModel(  # text: 3 encoder layers of 16 concatenated
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=256,
-        axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False).eval()
-    encoder = Qwen3ForCausalLM(Qwen3Config(  # 27 layers: the pipeline reads layers 9, 18, 27
-        hidden_size=16, intermediate_size=16, num_hidden_layers=27, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=8, vocab_size=300, max_position_embeddings=512,
-        bos_token_id=None, eos_token_id=256, pad_token_id=256)).eval()
-    vae = AutoencoderKLFlux2(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(4, 4, 4, 4),
-        layers_per_block=1, latent_channels=1, norm_num_groups=1, sample_size=32,
-        use_quant_conv=False, use_post_quant_conv=False).eval()
-    with torch.no_grad():  # batch-norm statistics that are not the identity
-        vae.bn.running_mean.copy_(torch.tensor([0.2, -0.1, 0.05, 0.3]))
-        vae.bn.running_var.copy_(torch.tensor([1.5, 0.7, 1.2, 0.9]))
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=dynamic_shift, shift=1.0 if dynamic_shift else 3.0)
-    Flux2KleinPipeline(transformer=transformer, vae=vae, scheduler=scheduler,
-                       text_encoder=encoder, tokenizer=chat_tokenizer(path / "tokenizer_files"),
-                       is_distilled=distilled).save_pretrained(path)
-    return str(path)
 
 
 class Case:
@@ -221,7 +46,7 @@ FAMILIES = {
                 lambda w, negative, n: {"guidance_scale": w, "negative_prompt": negative}),
     "qwen-image": Case(make_tiny_qwen_image, 4.0, 512,
                        lambda w, negative, n: {"true_cfg_scale": w,
-                                            "negative_prompt": negative if w > 1 else None}),
+                                               "negative_prompt": negative if w > 1 else None}),
     "flux2-klein": Case(make_tiny_flux2_klein, 4.0, 64,
                         lambda w, negative, n: {"guidance_scale": w}),
     # Z-Image's w = 1 is guidance on (the usual 2); off is 0.
@@ -262,15 +87,35 @@ def as_pipeline_latents(pipe, x):
 def ours(pipe, prompts, guidance, steps=5, negative="", **options):
     """Our η = 0 sampler (g2rpo.ode_step) on the pipeline's own σ grid, its states as the
     pipeline's latents, and the images."""
-    family = families.family_of(pipe)
-    velocity = image_flow.Velocity.from_pipe(pipe.transformer, pipe, H, W, guidance,
-                                             guidance_options=options)
-    encoder = image_flow.PromptEncoder(pipe, case_of(pipe).max_len,
-                                       negative if family.uses_negative(guidance) else None)
-    x, images = image_flow.sample(pipe, velocity, encoder, prompts, H, W,
-                                  image_flow.sigma_grid(pipe, steps, H, W, "pipeline"),
-                                  torch.Generator().manual_seed(0))
+    velocity = Velocity.from_pipe(pipe.transformer, pipe, H, W, guidance,
+                                  guidance_options=options)
+    encoder = trainer.PromptEncoder(pipe, case_of(pipe).max_len,
+                                    negative if velocity.needs_uncond else None)
+    x, images = trainer.sample(pipe, velocity, encoder, prompts, H, W,
+                               trainer.sigma_grid(pipe, steps, H, W, "pipeline"),
+                               torch.Generator().manual_seed(0))
     return as_pipeline_latents(pipe, x), images
+
+
+# ----------------------------------------------------------------------------------------------
+# The seam says what a family answers, and a family answers nothing else.
+
+
+def test_the_seam_lists_every_question_and_each_family_answers_only_those():
+    from image_flow.families import seam
+
+    doc = seam.__doc__
+    for cls in (seam.Family, seam.Guidance):
+        asked = {n for n in dir(cls) if not n.startswith("_")}
+        assert asked, cls
+        assert not [n for n in asked if n not in doc], f"{cls.__name__}: not in the docstring"
+    questions = set(dir(seam.Family)) | {"encode", "forward"}  # no default for these two
+    assert "encode" in doc and "forward" in doc
+    for family in families.all_families():
+        own = {n for n in vars(type(family)) if not n.startswith("_")}
+        assert {"encode", "forward"} <= own <= questions, (family.name, own - questions)
+        extra = {n for n in vars(type(family.guidance)) if not n.startswith("_")}
+        assert extra <= set(dir(seam.Guidance)), (family.name, extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,9 +126,9 @@ def ours(pipe, prompts, guidance, steps=5, negative="", **options):
 @pytest.mark.parametrize("dynamic_shift", [False, True], ids=["static-shift", "dynamic-shift"])
 def test_eta_zero_sampler_equals_the_family_pipeline(tmp_path, cfg, dynamic_shift):
     for key, case in FAMILIES.items():
-        pipe = image_flow.load_pipeline(case.make(tmp_path / key, dynamic_shift=dynamic_shift))
+        pipe = loading.load_pipeline(case.make(tmp_path / key, dynamic_shift=dynamic_shift))
         w = case.guidance if cfg else case.off
-        assert families.family_of(pipe).uses_negative(w) == cfg
+        assert families.family_of(pipe).guidance.needs_uncond(w) == cfg
         prompts = ["a red fox", "a lighthouse in a storm"]
         latents, images = ours(pipe, prompts, w)
         ref = pipeline_call(pipe, prompts, w, output_type="latent")
@@ -296,7 +141,7 @@ def test_the_oracle_catches_a_wrong_guidance_form_or_timestep(tiny, monkeypatch)
     """Another family's guidance form (Z-Image's pos + w·(pos − neg); SD3's for Z-Image) or
     timestep (1 − σ; σ for Z-Image) in place of this family's: the comparison above fails."""
     key, folder = tiny
-    pipe = image_flow.load_pipeline(folder)
+    pipe = loading.load_pipeline(folder)
     family, guidance = families.family_of(pipe), FAMILIES[key].guidance
     prompts = ["a red fox"]
     ref = pipeline_call(pipe, prompts, guidance, output_type="latent").float()
@@ -304,14 +149,14 @@ def test_the_oracle_catches_a_wrong_guidance_form_or_timestep(tiny, monkeypatch)
     with monkeypatch.context() as m:
         wrong = ((lambda self, c, u, w, sigma, **o: u + w * (c - u)) if key == "z-image" else
                  (lambda self, c, u, w, sigma, **o: c + w * (c - u)))
-        m.setattr(type(family), "guide", wrong)
+        m.setattr(type(family.guidance), "combine", wrong)
         assert (ours(pipe, prompts, guidance)[0] - ref).abs().max() > 1e-3
     forward = type(family).forward
     with monkeypatch.context() as m:  # Z-Image's convention, 1 − σ, in place of this family's
         m.setattr(type(family), "forward",
                   lambda self, t, x, sigma, *a: forward(self, t, x, 1 - sigma, *a))
         assert (ours(pipe, prompts, guidance)[0] - ref).abs().max() > 1e-3
-    if not family.negative_prompt:
+    if not family.guidance.negative_prompt:
         return
     # The negative prompt is the unconditional row's.
     other = pipeline_call(pipe, prompts, guidance, output_type="latent",
@@ -325,19 +170,18 @@ def test_the_oracle_catches_a_wrong_guidance_form_or_timestep(tiny, monkeypatch)
 def test_flux1_true_cfg_is_the_pipelines(tmp_path, negative):
     """FLUX.1's optional true CFG beside the distilled embedding: FluxPipeline's true_cfg_scale
     with a negative prompt, the two rows in one call."""
-    from test_flux_flow import make_tiny_flux
 
-    pipe = image_flow.load_pipeline(make_tiny_flux(tmp_path / "flux"))
+    pipe = loading.load_pipeline(make_tiny_flux(tmp_path / "flux"))
     prompts = ["a red fox", "a lighthouse in a storm"]
     ref = pipe(prompt=list(prompts), negative_prompt=[negative] * 2, true_cfg_scale=2.5,
                guidance_scale=3.5, generator=torch.Generator().manual_seed(0), height=H,
                width=W, num_inference_steps=5, max_sequence_length=16, output_type="latent")
-    velocity = image_flow.Velocity.from_pipe(pipe.transformer, pipe, H, W, 3.5,
-                                             guidance_options={"true_cfg": 2.5})
-    assert velocity.cfg
-    ours_, _ = image_flow.sample(pipe, velocity, image_flow.PromptEncoder(pipe, 16, negative),
-                                 prompts, H, W, image_flow.sigma_grid(pipe, 5, H, W, "pipeline"),
-                                 torch.Generator().manual_seed(0))
+    velocity = Velocity.from_pipe(pipe.transformer, pipe, H, W, 3.5,
+                                  guidance_options={"true_cfg": 2.5})
+    assert velocity.needs_uncond
+    ours_, _ = trainer.sample(pipe, velocity, trainer.PromptEncoder(pipe, 16, negative),
+                              prompts, H, W, trainer.sigma_grid(pipe, 5, H, W, "pipeline"),
+                              torch.Generator().manual_seed(0))
     torch.testing.assert_close(ours_, ref.images.float(), rtol=1e-4, atol=1e-5)
     assert (plain_latents(pipe, prompts) - ref.images).abs().max() > 1e-4
 
@@ -349,9 +193,9 @@ def plain_latents(pipe, prompts):
 
 
 def test_flux1_trains_with_true_cfg(tiny_flux, tiny_clip, tmp_path, capsys):
-    history, _ = image_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
-                                            "--lora-rank", "4", "--true-cfg", "2",
-                                            "--negative-prompt", "blurry"))
+    history, _ = trainer.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
+                                         "--lora-rank", "4", "--true-cfg", "2",
+                                         "--negative-prompt", "blurry"))
     assert "guidance 3.5 (2 transformer rows per sample)" in capsys.readouterr().out
     assert history[0]["ratio_dev_first"] < 1e-5 and math.isfinite(history[0]["loss"])
     fingerprint = checkpoint(tmp_path / "checkpoint")["fingerprint"]
@@ -362,7 +206,7 @@ def test_flux1_trains_with_true_cfg(tiny_flux, tiny_clip, tmp_path, capsys):
 @pytest.mark.parametrize("options", [{"cfg_normalization": 1.0}, {"cfg_truncation": 0.3},
                                      {"cfg_normalization": 1.05, "cfg_truncation": 0.5}])
 def test_z_image_norm_clamp_and_truncation_are_the_pipelines(tmp_path, options):
-    pipe = image_flow.load_pipeline(make_tiny_z_image(tmp_path / "z"))
+    pipe = loading.load_pipeline(make_tiny_z_image(tmp_path / "z"))
     prompts = ["a red fox", "a lighthouse in a storm"]
     ref = pipeline_call(pipe, prompts, 2.0, output_type="latent", **options).float()
     torch.testing.assert_close(ours(pipe, prompts, 2.0, **options)[0], ref, rtol=1e-4,
@@ -372,7 +216,7 @@ def test_z_image_norm_clamp_and_truncation_are_the_pipelines(tmp_path, options):
 
 def test_guidance_rows_go_through_the_transformer_in_one_call(tiny):
     key, folder = tiny
-    pipe = image_flow.load_pipeline(folder)
+    pipe = loading.load_pipeline(folder)
     calls = []
     hook = pipe.transformer.register_forward_hook(
         lambda m, args, kwargs, out: calls.append(len(kwargs.get("hidden_states", args[:1] and
@@ -387,24 +231,22 @@ def test_guidance_rows_go_through_the_transformer_in_one_call(tiny):
 
 
 def test_image_size_and_guidance_are_checked(tiny, tiny_clip, tmp_path, capsys):
-    from test_flux_flow import parse_error
 
     key, folder = tiny
     if key == "sd3":  # refused before any weights load, from the configs alone
         assert "--width 144 is larger than this SD3 transformer takes (128" in parse_error(
             family_args(folder, tiny_clip, tmp_path / "out", key, "--width", "144"), capsys)
-    pipe = image_flow.load_pipeline(folder)
+    pipe = loading.load_pipeline(folder)
     multiple = families.family_of(pipe).image_multiple(pipe)
     with pytest.raises(ValueError, match=f"height must be a positive multiple of {multiple}"):
-        image_flow.latent_shape(pipe, H + multiple // 2, W)
+        trainer.latent_shape(pipe, H + multiple // 2, W)
     if type(pipe).__name__ == "StableDiffusion3Pipeline":  # 8 patches × 2 × 8 = 128 at most
         with pytest.raises(ValueError, match="width 144 is larger than this SD3 transformer"):
-            image_flow.latent_shape(pipe, H, 144)
+            trainer.latent_shape(pipe, H, 144)
 
 
 def test_a_guidance_scale_the_checkpoint_cannot_take_is_refused_before_loading(tmp_path,
-                                                                             tiny_clip, capsys):
-    from test_flux_flow import make_tiny_flux, parse_error
+                                                                               tiny_clip, capsys):
 
     schnell_like = make_tiny_flux(tmp_path / "flux", guidance_embeds=False)
     args = train_args(schnell_like, tiny_clip, tmp_path / "out", "--iterations", "1")
@@ -419,8 +261,8 @@ def test_a_guidance_scale_the_checkpoint_cannot_take_is_refused_before_loading(t
     args = train_args(distilled, tiny_clip, tmp_path / "out", "--iterations", "1")
     assert "this FLUX.2 [klein] checkpoint is step-distilled" in parse_error(
         args + ["--guidance", "4"], capsys)
-    assert image_flow.parse_args(args).guidance == 1.0
-    assert image_flow.parse_args(args + ["--guidance", "1"]).guidance == 1.0
+    assert flags.parse_args(args).guidance == 1.0
+    assert flags.parse_args(args + ["--guidance", "1"]).guidance == 1.0
     assert not (tmp_path / "out").exists()
 
 
@@ -437,8 +279,8 @@ def family_args(folder, clip, out, key, *extra):
 @pytest.mark.parametrize("lora_rank", ["4", "0"], ids=["lora", "full"])
 def test_a_short_run_trains_with_guidance_rows(tiny, tiny_clip, tmp_path, lora_rank, capsys):
     key, folder = tiny
-    history, evals = image_flow.main(family_args(folder, tiny_clip, tmp_path, key, "--iterations",
-                                                 "2", "--lora-rank", lora_rank, "--eval"))
+    history, evals = trainer.main(family_args(folder, tiny_clip, tmp_path, key, "--iterations",
+                                              "2", "--lora-rank", lora_rank, "--eval"))
     out = capsys.readouterr().out
     assert "(2 transformer rows per sample)" in out
     for m in history:
@@ -448,7 +290,7 @@ def test_a_short_run_trains_with_guidance_rows(tiny, tiny_clip, tmp_path, lora_r
     assert history[0]["reward_std"] > 0  # rewards computed on decoded images, and they differ
     assert [e["iteration"] for e in evals] == [0, 2]
     saved = checkpoint(tmp_path / "checkpoint")
-    original = dict(image_flow.load_pipeline(folder).transformer.named_parameters())
+    original = dict(loading.load_pipeline(folder).transformer.named_parameters())
     if lora_rank == "4":
         assert saved["model"] and all("lora" in k for k in saved["model"])
         assert any(v.abs().max() > 0 for k, v in saved["model"].items() if "lora_B" in k)
@@ -459,9 +301,9 @@ def test_a_short_run_trains_with_guidance_rows(tiny, tiny_clip, tmp_path, lora_r
 
 
 def trained(folder, ckpt, lora_rank):
-    pipe = image_flow.load_pipeline(folder)
-    image_flow.setup_trainable(pipe.transformer, lora_rank, max(lora_rank, 1),
-                               lora_targets=families.family_of(pipe).lora_targets)
+    pipe = loading.load_pipeline(folder)
+    trainer.setup_trainable(pipe.transformer, lora_rank, max(lora_rank, 1),
+                            lora_targets=families.family_of(pipe).lora_targets)
     assert not pipe.transformer.load_state_dict(checkpoint(ckpt)["model"],
                                                 strict=False).unexpected_keys
     return pipe
@@ -478,12 +320,12 @@ def assert_same_samples(loaded, rebuilt, base, guidance):
 
 def test_exported_lora_loads_with_the_pipelines_load_lora_weights(tiny, tiny_clip, tmp_path):
     key, folder = tiny
-    image_flow.main(family_args(folder, tiny_clip, tmp_path, key, "--iterations", "1",
-                                "--lora-rank", "4", "--lr", "3e-2"))
-    loaded = image_flow.load_pipeline(folder)
+    trainer.main(family_args(folder, tiny_clip, tmp_path, key, "--iterations", "1",
+                             "--lora-rank", "4", "--lr", "3e-2"))
+    loaded = loading.load_pipeline(folder)
     loaded.load_lora_weights(str(tmp_path / "lora"))
     assert_same_samples(loaded, trained(folder, tmp_path / "checkpoint", 4),
-                        image_flow.load_pipeline(folder), FAMILIES[key].guidance)
+                        loading.load_pipeline(folder), FAMILIES[key].guidance)
 
 
 def test_exported_full_transformer_loads_with_the_familys_transformer_class(tiny, tiny_clip,
@@ -491,14 +333,14 @@ def test_exported_full_transformer_loads_with_the_familys_transformer_class(tiny
     import diffusers
 
     key, folder = tiny
-    image_flow.main(family_args(folder, tiny_clip, tmp_path, key, "--iterations", "1",
-                                "--lora-rank", "0"))
+    trainer.main(family_args(folder, tiny_clip, tmp_path, key, "--iterations", "1",
+                             "--lora-rank", "0"))
     index = json.loads((tmp_path / "transformer" / "config.json").read_text())
     cls = getattr(diffusers, index["_class_name"])
-    loaded = image_flow.load_pipeline(folder)
+    loaded = loading.load_pipeline(folder)
     loaded.transformer = cls.from_pretrained(str(tmp_path / "transformer")).eval()
     assert_same_samples(loaded, trained(folder, tmp_path / "checkpoint", 0),
-                        image_flow.load_pipeline(folder), FAMILIES[key].guidance)
+                        loading.load_pipeline(folder), FAMILIES[key].guidance)
 
 
 def test_resume_is_bit_exact(tiny, tiny_clip, tmp_path):
@@ -513,16 +355,16 @@ def test_resume_with_another_guidance_or_negative_prompt_is_refused(tiny, tiny_c
                                                                     capsys):
     key, folder = tiny
     args = family_args(folder, tiny_clip, tmp_path, key, "--iterations", "1", "--lora-rank", "4")
-    image_flow.main(args)
+    trainer.main(args)
     capsys.readouterr()
     resume = ["--iterations", "2", "--resume", str(tmp_path / "checkpoint")]
-    takes_negative = families.family_of(image_flow.load_pipeline(folder)).negative_prompt
+    takes_negative = families.family_of(loading.load_pipeline(folder)).guidance.negative_prompt
     for extra, message in ((["--guidance", "2"], "differs in: guidance"),
                            (["--negative-prompt", "blurry"], "differs in: negative_prompt"
                             if takes_negative else "--negative-prompt: FLUX.2 [klein]'s "
                             "pipeline takes none")):
         with pytest.raises(SystemExit):
-            image_flow.main(args + extra + resume)
+            trainer.main(args + extra + resume)
         assert message in capsys.readouterr().err
 
 
@@ -540,11 +382,11 @@ def test_torchrun_two_processes_keep_ranks_identical(tiny_qwen_image, tiny_clip,
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(29600 + int(lora_rank) + os.getpid() % 1000),
-           str(HERE / "image_flow.py"),
+           "-m", "image_flow",
            *family_args(folder, tiny_clip, out, key, "--iterations", "2", "--lora-rank",
                         lora_rank)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=HERE)
+    env = {**os.environ, **SUBPROCESS_ENV}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     sums = json.loads((out / "rank_checksums.json").read_text())
     assert len(sums) == 2 and sums[0] == sums[1]
@@ -561,21 +403,21 @@ def test_torchrun_two_processes_keep_ranks_identical(tiny_qwen_image, tiny_clip,
 @pytest.mark.parametrize("name", ["sd3.5-medium", "qwen-image", "flux2-klein-4b",
                                   "z-image-turbo"])
 def test_the_benchmark_runs_each_family_tiny(name, capsys):
-    import bench_flux
+    from benchmarks import image_iteration
 
-    bench_flux.main(["--tiny", "--family", name, "--batches", "1,2", "--repeats", "1",
-                     "--group-size", "2", "--skip-loop"])
+    image_iteration.main(["--tiny", "--family", name, "--batches", "1,2", "--repeats", "1",
+                          "--group-size", "2", "--skip-loop"])
     out = capsys.readouterr().out
     assert f"{name} transformer (tiny)" in out and "batched iteration (G=2" in out
     assert "train row (1)" in out
 
 
 def test_the_benchmark_counts_each_familys_real_size_flops(capsys):
-    import bench_flux
+    from benchmarks import image_iteration
 
-    bench_flux.main(["--flops"])
+    image_iteration.main(["--flops"])
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
-    assert set(rows) == set(bench_flux.ARCHS)
+    assert set(rows) == set(image_iteration.ARCHS)
     # FLUX.1-dev: 11.9 B parameters, 21.5 TFLOPs per row at 512² (the figure of the H200 page).
     assert rows["flux.1-dev"][1:3] == ["11.9", "B"] and rows["flux.1-dev"][3] == "21.5"
     for name, cells in rows.items():  # 4× the image tokens (the text's stay): > 3× the work

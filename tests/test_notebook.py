@@ -4,10 +4,10 @@ The test executes it in memory with its figures and table sent to a temporary fo
 committed notebook and docs/ stay untouched. To regenerate them (outputs, docs/nb_*.png,
 docs/nb_table.md) on purpose:
 
-    python test_notebook.py --regenerate
+    python tests/test_notebook.py --regenerate
 
 The digits notebook writes no files (its pretrained flow goes to the ignored .cache/); regenerate
-it with `python test_notebook.py --regenerate --digits`.
+it with `python tests/test_notebook.py --regenerate --digits`.
 """
 
 import json
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parent / "notebooks" / "g2rpo_toy.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "g2rpo_toy.ipynb"
 DIGITS = NOTEBOOK.with_name("g2rpo_digits.ipynb")
 
 
@@ -42,7 +42,7 @@ def execute(docs_dir=None, notebook=NOTEBOOK):
 
 
 @pytest.mark.parametrize("notebook, imports", [(NOTEBOOK, "import g2rpo, toy_flow"),
-                                               (DIGITS, "import g2rpo, studies, digits_flow")])
+                                               (DIGITS, "from worlds import digits_flow, studies")])
 def test_notebook_holds_no_copy_of_the_algorithm(notebook, imports):
     cells = json.loads(notebook.read_text())["cells"]
     source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
@@ -80,7 +80,7 @@ def test_digits_notebook_executes_headless():
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(prog="test_notebook.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="tests/test_notebook.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--regenerate", action="store_true", required=True,
                         help="re-execute the notebook in place and rewrite docs/nb_*")

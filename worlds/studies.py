@@ -1,8 +1,8 @@
 """What the small adapters' studies share: fine-tuning with evaluations along the way, 95 %
 intervals over seeds and paired differences, and command-line flags generated from g2rpo.Config.
 
-toy_flow.py (2-D) and digits_flow.py (8×8 digits) run the same studies on different worlds; what
-differs (data, model, rewards, fidelity) lives in them, what is the same lives here.
+toy_flow.py (2-D) and worlds/digits_flow.py (8×8 digits) run the same studies on different
+worlds; what differs (data, model, rewards, fidelity) lives in them, what is the same lives here.
 """
 
 import argparse

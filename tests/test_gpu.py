@@ -1,4 +1,4 @@
-"""FLUX on a CUDA GPU: the checks the CPU tests cannot make. Skipped without CUDA.
+"""The image trainer on a CUDA GPU: the checks the CPU tests cannot make. Skipped without CUDA.
 
     python -m pytest -q -m gpu          # on one H100 / H200: about 3 minutes (H200, before the
                                         # KL / EMA tests were added)
@@ -18,12 +18,15 @@ import sys
 import pytest
 import torch
 
-import bench_flux
-import flux_flow
 import g2rpo
-import rewards
+from benchmarks import image_iteration
 from conftest import gpu_test_device
-from test_flux_flow import HERE, H, W, assert_resume_is_bit_exact, checkpoint, train_args
+from image_flow import attention, flags, loading, rewards, trainer
+from image_flow.families import family_for
+from image_flow.tiny import make_tiny_open_clip
+from image_flow.velocity import Velocity
+from test_image_flow import (ROOT, SUBPROCESS_ENV, H, W, assert_resume_is_bit_exact, checkpoint,
+                             train_args)
 
 pytestmark = pytest.mark.gpu
 DEVICE = gpu_test_device()
@@ -36,7 +39,7 @@ BF16_TOL = dict(rtol=0.05, atol=0.05)
 
 
 def test_gpu_rewards_score_on_the_device_as_on_the_cpu(tiny_hps, tiny_clip, tmp_path):
-    from test_rewards import make_tiny_open_clip, smooth_images
+    from test_rewards import smooth_images
 
     models = dict(clip_model=make_tiny_open_clip(tmp_path / "dfn"), pickscore_model=tiny_clip,
                   pickscore_processor=tiny_clip, hps_checkpoint=tiny_hps[0],
@@ -52,22 +55,22 @@ def test_gpu_rewards_score_on_the_device_as_on_the_cpu(tiny_hps, tiny_clip, tmp_
 
 def test_gpu_default_dtype_is_bf16(tiny_flux):
     if CUDA:
-        assert flux_flow.parse_args(["--model", tiny_flux]).dtype is None  # → bf16 on cuda
-    assert flux_flow.DEFAULT_ATTENTION == ("flash", "efficient", "math")
+        assert flags.parse_args(["--model", tiny_flux]).dtype is None  # → bf16 on cuda
+    assert attention.DEFAULT_ATTENTION == ("flash", "efficient", "math")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_eta_zero_sampler_equals_flux_pipeline(tiny_flux, dtype):
-    pipe = flux_flow.load_pipeline(tiny_flux, DEVICE, dtype)
+    pipe = loading.load_pipeline(tiny_flux, DEVICE, dtype)
     prompts = ["a red fox", "a lighthouse"]
     kw = dict(height=H, width=W, num_inference_steps=5, guidance_scale=3.5, max_sequence_length=16)
     gen = lambda: torch.Generator(DEVICE).manual_seed(0)
     ref = pipe(prompts, generator=gen(), output_type="latent", **kw).images.float()
     ref_images = pipe(prompts, generator=gen(), output_type="pt", **kw).images.float()
-    sigmas = flux_flow.flux_sigmas(pipe, 5, H, W, schedule="pipeline")
-    velocity = flux_flow.FluxVelocity.from_pipe(pipe.transformer, pipe, H, W, 3.5, dtype)
-    latents, images = flux_flow.sample(pipe, velocity, flux_flow.PromptEncoder(pipe, 16), prompts,
-                                       H, W, sigmas, gen())
+    sigmas = trainer.sigma_grid(pipe, 5, H, W, schedule="pipeline")
+    velocity = Velocity.from_pipe(pipe.transformer, pipe, H, W, 3.5, dtype)
+    latents, images = trainer.sample(pipe, velocity, trainer.PromptEncoder(pipe, 16), prompts,
+                                     H, W, sigmas, gen())
     assert latents.device.type == DEVICE.type and latents.abs().max() > 0
     tol = {} if dtype == torch.float32 else BF16_TOL
     torch.testing.assert_close(latents, ref, **tol)
@@ -77,8 +80,8 @@ def test_gpu_eta_zero_sampler_equals_flux_pipeline(tiny_flux, dtype):
 @pytest.mark.parametrize("lora_rank", ["4", "0"])
 def test_gpu_two_iterations_train_with_finite_gradients(tiny_flux, tiny_clip, tmp_path,
                                                         lora_rank):
-    history, _ = flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2",
-                                           "--lora-rank", lora_rank, *GPU_DEFAULTS))
+    history, _ = trainer.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2",
+                                         "--lora-rank", lora_rank, *GPU_DEFAULTS))
     assert len(history) == 2
     for m in history:
         for k in ("loss", "grad_norm", "clip_frac", "approx_kl", "reward"):
@@ -86,7 +89,7 @@ def test_gpu_two_iterations_train_with_finite_gradients(tiny_flux, tiny_clip, tm
         assert m["grad_norm"] > 0
         assert m["ratio_dev_first"] < 1e-2  # bf16 sampling pass vs training pass
     saved = checkpoint(tmp_path / "checkpoint")["model"]
-    original = flux_flow.load_pipeline(tiny_flux).transformer.state_dict()
+    original = loading.load_pipeline(tiny_flux).transformer.state_dict()
     if lora_rank != "0":
         assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at 0
     else:
@@ -97,9 +100,9 @@ def test_gpu_two_iterations_train_with_finite_gradients(tiny_flux, tiny_clip, tm
 def test_gpu_kl_to_the_reference_and_ema_train_with_finite_values(tiny_flux, tiny_clip, tmp_path,
                                                                   lora_rank):
     """LoRA: the reference is the adapter switched off (peft); full: a bf16 frozen copy."""
-    history, _ = flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2",
-                                           "--lora-rank", lora_rank, "--kl-beta", "0.1",
-                                           "--ema-decay", "0.9", *GPU_DEFAULTS))
+    history, _ = trainer.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2",
+                                         "--lora-rank", lora_rank, "--kl-beta", "0.1",
+                                         "--ema-decay", "0.9", *GPU_DEFAULTS))
     for m in history:
         for k in ("loss", "grad_norm", "kl_ref"):
             assert torch.isfinite(torch.tensor(m[k])), (k, m[k])
@@ -119,11 +122,11 @@ def test_gpu_torchrun_over_the_visible_gpus_keeps_ranks_identical(tiny_flux, tin
     nproc = torch.cuda.device_count() if CUDA else 1
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(29700 + os.getpid() % 1000), str(HERE / "flux_flow.py"),
+           "--master_port", str(29700 + os.getpid() % 1000), "-m", "image_flow",
            *train_args(tiny_flux, tiny_clip, out, "--iterations", "2", "--lora-rank", "4",
                        *GPU_DEFAULTS)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
+    env = {**os.environ, **SUBPROCESS_ENV}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"{nproc} process(es) ({'nccl' if CUDA else 'gloo'})" in r.stdout
     sums = json.loads((out / "rank_checksums.json").read_text())
@@ -133,7 +136,7 @@ def test_gpu_torchrun_over_the_visible_gpus_keeps_ranks_identical(tiny_flux, tin
 
 
 def test_gpu_sharded_checkpoints_async_save_export_and_elastic_resume(tiny_flux, tiny_clip,
-                                                                    tmp_path):
+                                                                      tmp_path):
     """FSDP2 full fine-tune over the visible GPUs (nccl; async_save's gloo side group) with an
     evaluation before and after every iteration (inside the EMA's swap), then a one-process
     resume: elastic when more than one GPU wrote the checkpoint."""
@@ -142,11 +145,11 @@ def test_gpu_sharded_checkpoints_async_save_export_and_elastic_resume(tiny_flux,
     args = train_args(tiny_flux, tiny_clip, out, "--lora-rank", "0", "--kl-beta", "0.1",
                       "--ema-decay", "0.9", *GPU_DEFAULTS)  # a sharded reference and EMA
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(29800 + os.getpid() % 1000), str(HERE / "flux_flow.py"),
+           "--master_port", str(29800 + os.getpid() % 1000), "-m", "image_flow",
            *args, "--iterations", "2", "--save-every", "1", "--async-save", "--eval-every", "1",
            "--eval-seeds", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
+    env = {**os.environ, **SUBPROCESS_ENV}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     evals = json.loads((out / "eval.json").read_text())["evaluations"]
     assert [e["iteration"] for e in evals] == [0, 1, 2]
@@ -160,7 +163,7 @@ def test_gpu_sharded_checkpoints_async_save_export_and_elastic_resume(tiny_flux,
     exported = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
     for k, v in exported.items():  # the EMA, bf16, gathered from every rank's shards
         assert v.dtype == torch.bfloat16 and torch.equal(v, saved["ema"][k].bfloat16()), k
-    history, _ = flux_flow.main(args + ["--iterations", "3", "--resume", str(out / "checkpoint")])
+    history, _ = trainer.main(args + ["--iterations", "3", "--resume", str(out / "checkpoint")])
     assert [m["iteration"] for m in history] == [2]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in rows] == [0, 1, 2]
@@ -193,32 +196,34 @@ def assert_training_passes_have_gradients(velocity, cond, params, shape, g, pref
 def test_gpu_full_size_flux_dev_lora_gradients_are_finite_at_sigma_one_and_late():
     """The case that crashed: FLUX.1-dev's architecture (random bf16 weights), LoRA r = 64, 512²,
     one training pass at branch step 0 (σ = 1, pure noise) and one at branch step 7."""
-    arch = bench_flux.FLUX_DEV if CUDA else bench_flux.TINY
+    arch = image_iteration.FLUX_DEV if CUDA else image_iteration.TINY
     dtype = torch.bfloat16
-    transformer = bench_flux.build_transformer(arch, DEVICE, dtype)
-    params = flux_flow.setup_trainable(transformer, 64, 64)
+    transformer = image_iteration.build_transformer(arch, DEVICE, dtype)
+    params = trainer.setup_trainable(transformer, 64, 64)
     g = torch.Generator(DEVICE).manual_seed(0)
-    img_ids, cond = bench_flux.random_inputs(arch, 512, DEVICE, g)
-    velocity = flux_flow.FluxVelocity(transformer, img_ids.to(dtype), True, 3.5, dtype)
+    img_ids, cond = image_iteration.random_inputs(arch, 512, DEVICE, g)
+    constant = {"img_ids": img_ids.to(dtype), "guidance_embeds": True}
+    velocity = Velocity(transformer, family_for("FluxPipeline"), constant, 3.5, dtype,
+                        device_type=DEVICE.type)
     assert_training_passes_have_gradients(velocity, cond, params, (1024, arch["in_channels"]),
                                           g)
 
 
-@pytest.mark.parametrize("name", [n for n in bench_flux.ARCHS if n != "flux.1-dev"])
+@pytest.mark.parametrize("name", [n for n in image_iteration.ARCHS if n != "flux.1-dev"])
 def test_gpu_full_size_training_pass_of_each_family(name):
     """Each family's released transformer architecture (random bf16 weights), LoRA r = 64 on its
     default targets, 512²: one training pass at branch step 0 (σ = 1) and one at step 7, with
     finite gradients, under the default attention backends (no cuDNN)."""
-    arch = bench_flux.ARCHS[name]
+    arch = image_iteration.ARCHS[name]
     config = arch.config if CUDA else arch.tiny
     dtype = torch.bfloat16
-    transformer = bench_flux.build_transformer(config, DEVICE, dtype, arch.transformer)
+    transformer = image_iteration.build_transformer(config, DEVICE, dtype, arch.transformer)
     g = torch.Generator(DEVICE).manual_seed(0)
-    family, shape, constant, cond = bench_flux.family_setup(name, transformer, config, 512,
+    family, shape, constant, cond = image_iteration.family_setup(name, transformer, config, 512,
                                                             DEVICE, g)
-    params = flux_flow.setup_trainable(transformer, 64, 64, lora_targets=family.lora_targets)
-    velocity = flux_flow.Velocity(transformer, family, constant, 1.0 if family.guidance else 0.0,
-                                  dtype, device_type=DEVICE.type)
+    params = trainer.setup_trainable(transformer, 64, 64, lora_targets=family.lora_targets)
+    velocity = Velocity(transformer, family, constant, 1.0 if family.guidance.default else 0.0,
+                        dtype, device_type=DEVICE.type)
     assert_training_passes_have_gradients(velocity, cond, params, shape, g, f"{name}: ")
     del transformer, params
     if CUDA:

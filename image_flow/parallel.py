@@ -1,9 +1,11 @@
-"""Processes and where the weights live, for image_flow.py: torchrun set-up, DDP for a LoRA, FSDP2
-for a full fine-tune, and the reference policy of the KL penalty (--kl-beta), which costs a LoRA
-no weights and a full fine-tune one frozen copy, sharded like the policy.
+"""Processes and where the weights live: torchrun set-up, DDP for a LoRA, FSDP2 for a full
+fine-tune, the reference policy of the KL penalty (--kl-beta), which costs a LoRA no weights and
+a full fine-tune one frozen copy, sharded like the policy, and what the ranks agree on (flags,
+averaged metrics, identical weights).
 """
 
 import contextlib
+import json
 import os
 
 import torch
@@ -105,3 +107,70 @@ def adapters_disabled(transformer):
         transformer.enable_adapters()
         for p in trainable:
             p.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Across ranks.
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def reduce_flag(flag, op):
+    """A bool combined over the ranks with `op` (MIN: all, MAX: any); itself on one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=op)
+    return bool(t.item())
+
+
+def all_agree(ok):
+    """True on every rank when `ok` holds on every rank (one all-reduce)."""
+    return reduce_flag(ok, dist.ReduceOp.MIN)
+
+
+
+SAME_ON_EVERY_RANK = ("iteration", "window")  # by construction: not averaged
+
+
+def all_reduce_metrics(metrics, world_size):
+    """Average every number (and list of numbers) in a metrics dict over the ranks; integers
+    whose average is a whole number (counts the same on every rank) stay integers."""
+    if world_size == 1:
+        return metrics
+    keys = [k for k, v in metrics.items()
+            if isinstance(v, (int, float, list)) and k not in SAME_ON_EVERY_RANK]
+    flat = [torch.tensor(metrics[k], dtype=torch.float64).flatten() for k in keys]
+    t = torch.cat(flat)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    t = (t / world_size).cpu()
+    out, i = dict(metrics), 0
+    for k, f in zip(keys, flat):
+        v = t[i : i + len(f)].tolist()
+        if isinstance(metrics[k], int) and v[0].is_integer():
+            v = [int(v[0])]
+        out[k] = v if isinstance(metrics[k], list) else v[0]
+        i += len(f)
+    return out
+
+
+def check_ranks_in_sync(params, out, is_main):
+    """Every rank must hold the same weights after training; record the checksums, fail loudly."""
+    local = torch.stack([p.detach().double().sum() if not hasattr(p, "full_tensor")
+                         else p.full_tensor().detach().double().sum() for p in params]).sum()
+    sums = [None] * dist.get_world_size()
+    dist.all_gather_object(sums, local.item())
+    if is_main:
+        (out / "rank_checksums.json").write_text(json.dumps(sums))
+    if len(set(sums)) != 1:
+        raise RuntimeError(f"trainable weights differ across ranks after training: {sums}")

@@ -1,6 +1,6 @@
-"""Z-Image (ZImagePipeline) for the shared image trainer.
+"""Z-Image (ZImagePipeline): what Z-Image does differently.
 
-    python image_flow.py --model Tongyi-MAI/Z-Image-Turbo ...   # distilled: --guidance 0
+    python -m image_flow --model Tongyi-MAI/Z-Image-Turbo ...   # distilled: --guidance 0
 
 What Z-Image does differently: the prompt goes through the tokenizer's chat template and a Qwen3
 encoder (its second-to-last hidden layer, padding dropped), so prompts keep their own lengths;
@@ -13,25 +13,26 @@ w > 0 (so its w is the usual w − 1: 1 is not off), with the pipeline's optiona
 
 import torch
 
-from families import Family, pad_text
+from .seam import Family, Guidance, pad_text
 
 
-class ZImage(Family):
-    name, pipeline, slug = "Z-Image", "ZImagePipeline", "z-image"
-    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # single-stream attention
-    # Z-Image-Turbo, the distilled checkpoint, samples without guidance (its model card: 0.0).
-    guidance = 0.0
-    guidance_help = ("CFG pos + w·(pos − neg) against --negative-prompt, two transformer rows "
-                     "per sample; w <= 0 turns it off, w = 1 is the usual scale 2")
-    guidance_options = ("cfg_normalization", "cfg_truncation")
+class ExtrapolatedGuidance(Guidance):
+    """pos + w·(pos − neg), on for w > 0, with the pipeline's optional norm clamp and
+    truncation."""
+
     uncond_first = False  # ZImagePipeline stacks the prompts, then the negative prompts
+    options = {"cfg_normalization": "clamp the guided velocity's norm to this multiple of the "
+                                    "conditional one's (the pipeline's cfg_normalization; "
+                                    "default off)",
+               "cfg_truncation": "no guidance at steps where 1 − σ exceeds this (the pipeline's "
+                                 "cfg_truncation; default 1: never)"}
 
-    def uses_negative(self, guidance, **options):
-        return guidance > 0  # the pipeline's do_classifier_free_guidance
+    def needs_uncond(self, scale, **options):
+        return scale > 0  # the pipeline's do_classifier_free_guidance
 
-    def guide(self, v_cond, v_uncond, guidance, sigma, cfg_normalization=0.0,
-              cfg_truncation=1.0):
-        v = v_cond + guidance * (v_cond - v_uncond)
+    def combine(self, v_cond, v_uncond, scale, sigma, cfg_normalization=0.0,
+                cfg_truncation=1.0):
+        v = v_cond + scale * (v_cond - v_uncond)
         if cfg_normalization > 0:  # at most cfg_normalization × |v_cond|, over the whole sample
             dims = tuple(range(1, v.ndim))
             cap = cfg_normalization * torch.linalg.vector_norm(v_cond, dim=dims, keepdim=True)
@@ -43,6 +44,17 @@ class ZImage(Family):
             v = torch.where(off, v_cond, v)
         return v
 
+
+class ZImage(Family):
+    name, pipeline, slug = "Z-Image", "ZImagePipeline", "z-image"
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # single-stream attention
+    # Z-Image-Turbo, the distilled checkpoint, samples without guidance (its model card: 0.0).
+    guidance = ExtrapolatedGuidance(0.0, "CFG pos + w·(pos − neg) against --negative-prompt, two "
+                                         "transformer rows per sample; w <= 0 turns it off, w = 1 "
+                                         "is the usual scale 2")
+    packed = False
+    noise_dtype = torch.float32  # ZImagePipeline draws its noise in float32 whatever the model's
+
     def encode(self, pipe, prompts, max_sequence_length):
         embeds = pipe.encode_prompt(prompt=prompts, device=pipe._execution_device,
                                     do_classifier_free_guidance=False,
@@ -51,15 +63,6 @@ class ZImage(Family):
 
     def collate(self, rows):
         return pad_text(rows)
-
-    def latent_shape(self, pipe, height, width):
-        f = pipe.vae_scale_factor
-        return (pipe.transformer.config.in_channels, height // f, width // f)
-
-    def noise(self, pipe, n, height, width, dtype, generator):
-        # ZImagePipeline draws its noise in float32 whatever the model's dtype.
-        return pipe.prepare_latents(n, pipe.transformer.config.in_channels, height, width,
-                                    torch.float32, pipe.transformer.device, generator)
 
     def image_tokens(self, pipe, height, width):  # the pipeline's mu: 2×2 latent patches
         _, h, w = self.latent_shape(pipe, height, width)

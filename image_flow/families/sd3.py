@@ -1,6 +1,6 @@
-"""Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline) for the shared image trainer.
+"""Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline): what SD3 does differently.
 
-    python image_flow.py --model stabilityai/stable-diffusion-3.5-medium --guidance 4.5 ...
+    python -m image_flow --model stabilityai/stable-diffusion-3.5-medium --guidance 4.5 ...
 
 What SD3 does differently from FLUX.1: latents stay in the VAE's layout (N, C, H/8, W/8) (the
 transformer patchifies them itself); the transformer takes the timestep 1000·σ (the scheduler's
@@ -10,22 +10,17 @@ default), on for w > 1 as in the pipeline; the σ grid is the scheduler's static
 SD3.5), or a resolution-dependent one when its config asks for dynamic shifting.
 """
 
-from families import Family
+from .seam import Family, Guidance
 
 
 class SD3(Family):
     name, pipeline, slug = "SD3", "StableDiffusion3Pipeline", "sd3"
     # Flow-GRPO trains SD3.5-M with CFG 4.5 (and offers a faster no-CFG variant): the default.
-    guidance = 4.5
-    guidance_help = ("classifier-free guidance w: v_u + w·(v_c − v_u) against --negative-prompt, "
-                     "two transformer rows per sample; w <= 1 turns it off (one row)")
+    guidance = Guidance(4.5, "classifier-free guidance w: v_u + w·(v_c − v_u) against "
+                             "--negative-prompt, two transformer rows per sample; w <= 1 turns "
+                             "it off (one row)")
     max_sequence_length = 256  # StableDiffusion3Pipeline's default T5 length
-
-    def uses_negative(self, guidance, **options):
-        return guidance > 1  # the pipeline's do_classifier_free_guidance
-
-    def guide(self, v_cond, v_uncond, guidance, sigma):
-        return v_uncond + guidance * (v_cond - v_uncond)
+    packed = False
 
     def encode(self, pipe, prompts, max_sequence_length):
         embeds, _, pooled, _ = pipe.encode_prompt(
@@ -45,14 +40,6 @@ class SD3(Family):
                 if value > largest:
                     raise ValueError(f"{flag} {value} is larger than this SD3 transformer takes "
                                      f"({largest}: pos_embed_max_size {cap} patches)")
-
-    def latent_shape(self, pipe, height, width):
-        f = pipe.vae_scale_factor
-        return (pipe.transformer.config.in_channels, height // f, width // f)
-
-    def noise(self, pipe, n, height, width, dtype, generator):
-        return pipe.prepare_latents(n, pipe.transformer.config.in_channels, height, width, dtype,
-                                    pipe.transformer.device, generator)
 
     def pipeline_sigmas(self, pipe, num_steps, height, width):
         """StableDiffusion3Pipeline.__call__'s grid: the scheduler's own T steps, shifted

@@ -1,12 +1,15 @@
 """GPU benchmark: G²RPO on a full-size transformer of each family (random bf16 weights), in minutes.
 
-    python bench_flux.py                          # on a GPU: FLUX.1-dev, 512², G = 12, 8 branch
-                                                  # steps, Λ = {1, 2, 3}
-    python bench_flux.py --family sd3.5-medium    # another family's transformer (list: --help)
-    python bench_flux.py --flops                  # model FLOPs per row of every family at 512² and
-                                                  # 1024² (meta device: any machine, seconds)
-    python bench_flux.py --full-loop              # also time the whole per-member loop
-    python bench_flux.py --tiny                   # a tiny transformer, to check the script on a CPU
+    # on a GPU: FLUX.1-dev, 512², G = 12, 8 branch steps, Λ = {1, 2, 3}
+    python -m benchmarks.image_iteration
+    # another family's transformer (list: --help)
+    python -m benchmarks.image_iteration --family sd3.5-medium
+    # model FLOPs per row of every family at 512² and 1024² (meta device: any machine, seconds)
+    python -m benchmarks.image_iteration --flops
+    # also time the whole per-member loop
+    python -m benchmarks.image_iteration --full-loop
+    # a tiny transformer, to check the script on a CPU
+    python -m benchmarks.image_iteration --tiny
 
 No download is possible on the GPU machines, so the transformer is built from its checkpoint's
 architecture config (transformer/config.json) with random weights (speed and memory do not
@@ -27,15 +30,15 @@ What it prints, in order (everything after a warm-up):
 """
 
 import argparse
-import importlib
 import time
 
 import torch
 
-import flux_flow
 import g2rpo
-from bench_rollout import rollout_per_member
-from families import Velocity, weightless_pipeline
+from benchmarks.rollout import rollout_per_member
+from image_flow import attention, flags, trainer
+from image_flow.families import family_for, weightless_pipeline
+from image_flow.velocity import Velocity
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
@@ -47,12 +50,12 @@ TEXT_TOKENS = 512  # T5 sequence length of the official recipe
 
 
 class Arch:
-    """One family's transformer for the benchmark: its family module, transformer and pipeline
-    classes, the released checkpoint's config, a tiny config, and the shapes of one prompt's
-    conditioning rows (text: prompt tokens where the family keeps each prompt's own length)."""
+    """One family's transformer for the benchmark: its transformer and pipeline classes, the
+    released checkpoint's config, a tiny config, and the shapes of one prompt's conditioning
+    rows (text: prompt tokens where the family keeps each prompt's own length)."""
 
-    def __init__(self, module, transformer, pipeline, config, tiny, rows):
-        self.module, self.transformer, self.pipeline = module, transformer, pipeline
+    def __init__(self, transformer, pipeline, config, tiny, rows):
+        self.transformer, self.pipeline = transformer, pipeline
         self.config, self.tiny, self.rows = config, tiny, rows
 
 
@@ -67,10 +70,10 @@ def _text_with_length(key, tokens):
 
 
 ARCHS = {
-    "flux.1-dev": Arch("flux_flow", "FluxTransformer2DModel", "FluxPipeline", FLUX_DEV, TINY,
+    "flux.1-dev": Arch("FluxTransformer2DModel", "FluxPipeline", FLUX_DEV, TINY,
                        _text("joint_attention_dim", TEXT_TOKENS, ["pooled_projection_dim"])),
     "sd3.5-medium": Arch(
-        "sd3_flow", "SD3Transformer2DModel", "StableDiffusion3Pipeline",
+        "SD3Transformer2DModel", "StableDiffusion3Pipeline",
         dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
              num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
              pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
@@ -81,7 +84,7 @@ ARCHS = {
              dual_attention_layers=[0], qk_norm="rms_norm"),
         _text("joint_attention_dim", 77 + 256, ["pooled_projection_dim"])),  # CLIPs + T5 256
     "sd3.5-large": Arch(
-        "sd3_flow", "SD3Transformer2DModel", "StableDiffusion3Pipeline",
+        "SD3Transformer2DModel", "StableDiffusion3Pipeline",
         dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
              num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
              pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
@@ -92,7 +95,7 @@ ARCHS = {
              qk_norm="rms_norm"),
         _text("joint_attention_dim", 77 + 256, ["pooled_projection_dim"])),
     "qwen-image": Arch(
-        "qwen_image_flow", "QwenImageTransformer2DModel", "QwenImagePipeline",
+        "QwenImageTransformer2DModel", "QwenImagePipeline",
         dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
              num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
              axes_dims_rope=(16, 56, 56)),
@@ -101,7 +104,7 @@ ARCHS = {
              axes_dims_rope=(8, 4, 4)),
         _text_with_length("joint_attention_dim", 128)),
     "flux2-klein-4b": Arch(
-        "flux2_klein_flow", "Flux2Transformer2DModel", "Flux2KleinPipeline",
+        "Flux2Transformer2DModel", "Flux2KleinPipeline",
         dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20,
              attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680,
              timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
@@ -112,7 +115,7 @@ ARCHS = {
              guidance_embeds=False),
         _text("joint_attention_dim", 512)),  # padded to max_sequence_length
     "z-image-turbo": Arch(
-        "z_image_flow", "ZImageTransformer2DModel", "ZImagePipeline",
+        "ZImageTransformer2DModel", "ZImagePipeline",
         dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30,
              n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True,
              cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48],
@@ -159,7 +162,7 @@ def family_setup(name, transformer, config, resolution, device, generator=None):
     `transformer` (what the family's questions are asked of), the latent shape of one sample,
     the constant inputs and one prompt's random conditioning rows (meta tensors on "meta")."""
     arch = ARCHS[name]
-    family = importlib.import_module(arch.module).FAMILY
+    family = family_for(arch.pipeline)
     pipe = weightless_pipeline(arch.pipeline, transformer=transformer)
     shape = tuple(family.latent_shape(pipe, resolution, resolution))
     constant = family.constant_inputs(pipe, resolution, resolution, "cpu", torch.float32)
@@ -247,7 +250,7 @@ class Timer:
 def matmul_flops(device, dtype, n, repeats=10):
     """Throughput of an n×n×n matmul in dtype (FLOP/s): the reachable peak of this device."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device,
-                                                                       dtype=dtype)
+                                                                      dtype=dtype)
     a @ b  # warm-up
     with Timer(device.type == "cuda") as t:
         for _ in range(repeats):
@@ -269,7 +272,8 @@ def flop(n):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.image_iteration",
+                                description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--family", choices=ARCHS, default="flux.1-dev",
@@ -281,14 +285,14 @@ def parse_args(argv=None):
     a("--group-size", type=int, default=12)
     a("--lora-rank", type=int, default=64)
     a("--batch-size", type=int, default=16, help="rows per transformer call in the iteration")
-    a("--batches", type=flux_flow.int_list, default=(1, 4, 8, 16, 32),
+    a("--batches", type=flags.int_list, default=(1, 4, 8, 16, 32),
       help="batch sizes of the per-call table (default 1,4,8,16,32)")
-    a("--loop-steps", type=flux_flow.int_list, default=(7,),
+    a("--loop-steps", type=flags.int_list, default=(7,),
       help="branch steps the per-member loop is timed on (default 7)")
     a("--full-loop", action="store_true", help="time the whole per-member loop instead")
     a("--skip-loop", action="store_true", help="leave the per-member loop out")
     a("--repeats", type=int, default=3, help="timed repeats per batch size in the table")
-    a("--attention-backends", default=",".join(flux_flow.DEFAULT_ATTENTION),
+    a("--attention-backends", default=",".join(attention.DEFAULT_ATTENTION),
       help="as image_flow.py (default: no cuDNN attention)")
     a("--gradient-checkpointing", action="store_true")
     args = p.parse_args(argv)
@@ -301,7 +305,7 @@ def parse_args(argv=None):
     if not args.batches or min(args.batches) < 1:
         p.error(f"--batches must be positive integers, got {args.batches}")
     try:
-        flux_flow.sdpa_backends(args.attention_backends)
+        attention.sdpa_backends(args.attention_backends)
         g2rpo.check_branch_steps(args.loop_steps, g2rpo.Config().num_steps)
     except ValueError as e:
         p.error(str(e))
@@ -336,11 +340,12 @@ def main(argv=None):
     g = torch.Generator(device).manual_seed(0)
     family, shape, constant, cond = family_setup(args.family, transformer, arch, args.resolution,
                                                  device, g)
-    params = flux_flow.setup_trainable(transformer, args.lora_rank, args.lora_rank,
-                                       args.gradient_checkpointing,
-                                       lora_targets=family.lora_targets)
+    params = trainer.setup_trainable(transformer, args.lora_rank, args.lora_rank,
+                                     args.gradient_checkpointing,
+                                     lora_targets=family.lora_targets)
     # One transformer row per sample: the family's guidance, or a scale that turns CFG off.
-    guidance = next(w for w in (family.guidance, 1.0, 0.0) if not family.uses_negative(w))
+    guidance = next(w for w in (family.guidance.default, 1.0, 0.0)
+                    if not family.guidance.needs_uncond(w))
     velocity = Velocity(transformer, family, constant, guidance, dtype, args.attention_backends,
                         device.type)
     cfg = g2rpo.Config(group_size=args.group_size, batch_size=args.batch_size, lr=1e-5)

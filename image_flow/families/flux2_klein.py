@@ -1,6 +1,6 @@
-"""FLUX.2 [klein] (Flux2KleinPipeline) for the shared image trainer.
+"""FLUX.2 [klein] (Flux2KleinPipeline): what FLUX.2 [klein] does differently.
 
-    python image_flow.py --model black-forest-labs/FLUX.2-klein-4B ...   # distilled: no CFG
+    python -m image_flow --model black-forest-labs/FLUX.2-klein-4B ...   # distilled: no CFG
 
 What FLUX.2 [klein] does differently from FLUX.1: the prompt goes through the tokenizer's chat
 template and a Qwen3 encoder, whose hidden states at three layers are concatenated (a fixed
@@ -15,7 +15,22 @@ here); the σ grid is linspace(1, 1/T, T) shifted by the pipeline's empirical mu
 
 import torch
 
-from families import Family, rounded_timestep
+from .seam import Family, Guidance, rounded_timestep
+
+
+class EmptyPromptGuidance(Guidance):
+    """CFG against the empty prompt; the step-distilled checkpoints (is_distilled) take none."""
+
+    negative_prompt = False  # the pipeline's unconditional row is always ""
+
+    def default_for(self, index):
+        return 1.0 if index.get("is_distilled") else self.default
+
+    def check(self, index, transformer_config, scale):
+        if scale is not None and scale > 1 and index.get("is_distilled"):
+            raise ValueError(f"--guidance {scale:g}: this FLUX.2 [klein] checkpoint is "
+                             f"step-distilled (is_distilled), its pipeline ignores guidance; "
+                             f"leave --guidance out")
 
 
 class Flux2Klein(Family):
@@ -23,36 +38,15 @@ class Flux2Klein(Family):
     # Double-stream attention as FLUX.1 names it, and the single-stream blocks' fused QKV + MLP
     # input projection.
     lora_targets = (*Family.lora_targets, "to_qkv_mlp_proj")
-    guidance = 4.0  # Flux2KleinPipeline's default, for the base checkpoints
-    guidance_help = ("CFG w: v_u + w·(v_c − v_u) against the empty prompt, two transformer rows "
-                     "per sample; w <= 1 turns it off; the distilled checkpoints take none "
-                     "(default 1 for them)")
-    negative_prompt = False  # the pipeline's unconditional row is always ""
-
-    def default_guidance(self, index):
-        return 1.0 if index.get("is_distilled") else self.guidance
-
-    def check_guidance(self, index, transformer_config, guidance):
-        if guidance is not None and guidance > 1 and index.get("is_distilled"):
-            raise ValueError(f"--guidance {guidance:g}: this FLUX.2 [klein] checkpoint is "
-                             f"step-distilled (is_distilled), its pipeline ignores guidance; "
-                             f"leave --guidance out")
-
-    def uses_negative(self, guidance, **options):
-        return guidance > 1
-
-    def guide(self, v_cond, v_uncond, guidance, sigma):
-        return v_uncond + guidance * (v_cond - v_uncond)
+    # Flux2KleinPipeline's default, for the base checkpoints.
+    guidance = EmptyPromptGuidance(4.0, "CFG w: v_u + w·(v_c − v_u) against the empty prompt, two "
+                                        "transformer rows per sample; w <= 1 turns it off; the "
+                                        "distilled checkpoints take none (default 1 for them)")
 
     def encode(self, pipe, prompts, max_sequence_length):
         embeds, _ = pipe.encode_prompt(prompt=prompts, device=pipe._execution_device,
                                        max_sequence_length=max_sequence_length)
         return [(e,) for e in embeds]  # (L, 3·D) each, padded to max_sequence_length
-
-    def noise(self, pipe, n, height, width, dtype, generator):
-        x, _ = pipe.prepare_latents(n, pipe.transformer.config.in_channels // 4, height, width,
-                                    dtype, pipe.transformer.device, generator)
-        return x
 
     def pipeline_sigmas(self, pipe, num_steps, height, width):
         """Flux2KleinPipeline.__call__'s grid: linspace(1, 1/T, T) (or the scheduler's own flow
@@ -96,5 +90,6 @@ class Flux2Klein(Family):
         mean = bn.running_mean.view(1, -1, 1, 1).to(x)
         std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps).to(x)
         return pipe._unpatchify_latents(x * std + mean)
+
 
 FAMILY = Flux2Klein()

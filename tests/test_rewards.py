@@ -1,4 +1,4 @@
-"""rewards.py offline, on tiny OpenCLIP models with random weights: HPS-v2.1 as HPS computes it,
+"""image_flow/rewards.py offline, on tiny OpenCLIP models with random weights: HPS-v2.1 as HPS computes it,
 OpenCLIP CLIP scores from a folder and from the Hugging Face cache, and what they refuse.
 
 The tiny HPS checkpoint is saved in HPS's own format ({'state_dict': …}, as HPS_v2.1_compressed.pt
@@ -14,50 +14,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-import rewards
+from image_flow import rewards
+from image_flow.tiny import TINY_OPEN_CLIP, make_tiny_open_clip
 
-TINY = {"embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16,
-                       "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                     "layers": 2}}
-# DFN5B-CLIP's preprocessing (open_clip's table of pretrained models: a squashing bicubic resize,
-# OpenAI's mean and std), at the tiny model's size.
-DFN_LIKE = {"size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
-            "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
-            "resize_mode": "squash"}
 PROMPTS = ["a cat", "a dog on a hill", "a cat"]
-
-
-def make_tiny_hps(folder, seed=0):
-    """(checkpoint path, architecture config path): a tiny OpenCLIP in HPS's checkpoint format."""
-    import open_clip
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    arch = folder / "TinyHPS.json"
-    arch.write_text(json.dumps(TINY))
-    open_clip.add_model_config(str(arch))
-    torch.manual_seed(seed)
-    model = open_clip.create_model("TinyHPS")
-    torch.save({"state_dict": model.state_dict()}, folder / "hps.pt")
-    return str(folder / "hps.pt"), str(arch)
-
-
-def make_tiny_open_clip(folder, seed=1):
-    """A tiny OpenCLIP saved as OpenCLIP's Hub repos are: open_clip_config.json + safetensors."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**TINY)
-    (folder / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": TINY, "preprocess_cfg": DFN_LIKE}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(folder / "open_clip_model.safetensors"))
-    return str(folder)
 
 
 def in_hub_cache(cache, repo, files):
@@ -177,7 +137,7 @@ def test_hps_checkpoint_from_the_hugging_face_cache_and_missing_ones_named(tiny_
 
 
 def test_a_checkpoint_of_another_architecture_is_refused(tiny_hps, tmp_path):
-    other = {**TINY, "embed_dim": 8}
+    other = {**TINY_OPEN_CLIP, "embed_dim": 8}
     (tmp_path / "OtherArch.json").write_text(json.dumps(other))
     with pytest.raises(rewards.RewardModelError, match="is not an HPS checkpoint for OpenCLIP"):
         rewards.OpenClipReward.hps(tiny_hps[0], "cpu", str(tmp_path / "OtherArch.json"))

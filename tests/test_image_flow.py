@@ -1,7 +1,9 @@
-"""flux_flow.py on a tiny random FLUX, offline: FluxPipeline as the oracle, then training and resume.
+"""The image trainer on a tiny random FLUX.1, offline: FluxPipeline as the oracle, then training,
+resume, checkpoints, exports, processes and bad input.
 
-Every model is built from a config with random weights, saved with save_pretrained into a temporary
-folder and loaded back through flux_flow.py's real loading path (FluxPipeline.from_pretrained).
+Every model is built from a config with random weights (image_flow/tiny.py), saved with
+save_pretrained into a temporary folder and loaded back through the trainer's real loading path
+(FluxPipeline.from_pretrained).
 """
 
 import importlib.util
@@ -10,7 +12,6 @@ import math
 import os
 import re
 import signal
-import string
 import subprocess
 import sys
 import time
@@ -22,78 +23,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest
 import torch
 
-import flux_flow
-import flux_parallel
-import rewards
-import flux_run
 import g2rpo
+from image_flow import attention, checkpoints, flags, loading, parallel, rewards, runs, trainer
+from image_flow.tiny import make_tiny_flux
+from image_flow.velocity import Velocity
 
 torch.set_num_threads(2)
 H = W = 32  # tiny VAE with the real 8× downsampling: 32×32 images, 2×2 = 4 packed tokens
-HERE = Path(__file__).resolve().parent
-
-
-def clip_tokenizer():
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def make_tiny_flux(path, guidance_embeds=True, dynamic_shift=True):
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                           FluxTransformer2DModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
-
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-        axes_dims_rope=[4, 4, 8], guidance_embeds=guidance_embeds).eval()
-    clip = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-        num_attention_heads=4, num_hidden_layers=2, vocab_size=64, projection_dim=32,
-        max_position_embeddings=77)).eval()
-    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2,
-                                 num_heads=4, decoder_start_token_id=0, pad_token_id=0,
-                                 eos_token_id=1)).eval()  # eval(): T5's dropout is on otherwise
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(4, 4, 4, 4),
-        layers_per_block=1, latent_channels=1, norm_num_groups=1, sample_size=32,
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
-        scaling_factor=1.5035).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=dynamic_shift, shift=1.0 if dynamic_shift else 3.0,
-        base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
-    t5_vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-                + [("▁" + c, -1.0) for c in string.ascii_lowercase]
-                + [(c, -2.0) for c in string.ascii_lowercase])
-    tokenizer_2 = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=512)
-    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tokenizer(),
-                 text_encoder_2=t5, tokenizer_2=tokenizer_2,
-                 transformer=transformer).save_pretrained(path)
-    return str(path)
-
-
-def make_tiny_clip(path):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    torch.manual_seed(1)
-    config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                         num_hidden_layers=2, vocab_size=64, max_position_embeddings=77,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                           num_hidden_layers=2, image_size=16, patch_size=4),
-        projection_dim=16)
-    CLIPModel(config).eval().save_pretrained(path)
-    clip_tokenizer().save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(path)
-    return str(path)
+ROOT = Path(__file__).resolve().parents[1]  # the repository: `python -m image_flow` runs there
+# The environment of a trainer started in a subprocess (any working directory).
+SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
 def train_args(flux, clip, out, *extra):
@@ -110,35 +49,35 @@ def train_args(flux, clip, out, *extra):
 @pytest.mark.parametrize("guidance_embeds", [True, False])
 @pytest.mark.parametrize("dynamic_shift", [True, False])
 def test_eta_zero_sampler_equals_flux_pipeline(tmp_path, guidance_embeds, dynamic_shift):
-    pipe = flux_flow.load_pipeline(make_tiny_flux(tmp_path, guidance_embeds, dynamic_shift))
+    pipe = loading.load_pipeline(make_tiny_flux(tmp_path, guidance_embeds, dynamic_shift))
     prompts = ["a red fox", "a lighthouse"]
     kw = dict(height=H, width=W, num_inference_steps=5, guidance_scale=3.5, max_sequence_length=16)
     ref_latents = pipe(prompts, generator=torch.Generator().manual_seed(0), output_type="latent",
                        **kw).images
     ref_images = pipe(prompts, generator=torch.Generator().manual_seed(0), output_type="pt",
                       **kw).images
-    sigmas = flux_flow.flux_sigmas(pipe, 5, H, W, schedule="pipeline")
-    velocity = flux_flow.FluxVelocity.from_pipe(pipe.transformer, pipe, H, W, guidance=3.5)
-    latents, images = flux_flow.sample(pipe, velocity, flux_flow.PromptEncoder(pipe, 16), prompts,
-                                       H, W, sigmas, torch.Generator().manual_seed(0))
+    sigmas = trainer.sigma_grid(pipe, 5, H, W, schedule="pipeline")
+    velocity = Velocity.from_pipe(pipe.transformer, pipe, H, W, guidance=3.5)
+    latents, images = trainer.sample(pipe, velocity, trainer.PromptEncoder(pipe, 16), prompts,
+                                     H, W, sigmas, torch.Generator().manual_seed(0))
     torch.testing.assert_close(latents, ref_latents)
     torch.testing.assert_close(images, ref_images)
     assert latents.abs().max() > 0 and images.std() > 0  # not a trivial match
 
 
 def test_static_schedule_is_the_official_grid(tiny_flux):
-    pipe = flux_flow.load_pipeline(tiny_flux)
+    pipe = loading.load_pipeline(tiny_flux)
     for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
         assert not m.training and not any(p.requires_grad for p in m.parameters())
-    torch.testing.assert_close(flux_flow.flux_sigmas(pipe, 16, H, W, "static", 3.0),
+    torch.testing.assert_close(trainer.sigma_grid(pipe, 16, H, W, "static", 3.0),
                                g2rpo.sigma_schedule(16, 3.0))
     with pytest.raises(ValueError, match="'cosine'"):
-        flux_flow.flux_sigmas(pipe, 16, H, W, "cosine")
+        trainer.sigma_grid(pipe, 16, H, W, "cosine")
 
 
 def test_prompt_encoder_caches_and_matches_encode_prompt(tiny_flux):
-    pipe = flux_flow.load_pipeline(tiny_flux)
-    enc = flux_flow.PromptEncoder(pipe, 16)
+    pipe = loading.load_pipeline(tiny_flux)
+    enc = trainer.PromptEncoder(pipe, 16)
     embeds, pooled = enc(["a cat", "a dog", "a cat"])
     ref_e, ref_p, _ = pipe.encode_prompt(["a cat", "a dog"], None, max_sequence_length=16)
     torch.testing.assert_close(embeds, ref_e[[0, 1, 0]])
@@ -172,40 +111,40 @@ def test_clip_reward_is_clip_models_cosine(tiny_clip):
 
 def tiny_inputs(pipe, n=2):
     g = torch.Generator().manual_seed(3)
-    S, C = flux_flow.latent_shape(pipe, H, W)
-    cond = flux_flow.PromptEncoder(pipe, 16)(["a cat", "a dog"][:n])
+    S, C = trainer.latent_shape(pipe, H, W)
+    cond = trainer.PromptEncoder(pipe, 16)(["a cat", "a dog"][:n])
     return torch.randn(n, S, C, generator=g), torch.full((n,), 0.7), cond
 
 
 def test_transformer_forward_runs_without_cudnn_attention_and_restores_the_flags(tiny_flux):
-    pipe = flux_flow.load_pipeline(tiny_flux)
+    pipe = loading.load_pipeline(tiny_flux)
     seen = []
     pipe.transformer.register_forward_pre_hook(
-        lambda m, a: seen.append(flux_flow._enabled_sdpa_backends()))
-    before = flux_flow._enabled_sdpa_backends()
+        lambda m, a: seen.append(attention.enabled_backends()))
+    before = attention.enabled_backends()
     assert "cudnn" in before  # PyTorch's default: the test would catch a missing context
     x, sigma, cond = tiny_inputs(pipe)
-    v = flux_flow.FluxVelocity.from_pipe(pipe.transformer, pipe, H, W)(x, sigma, cond)
+    v = Velocity.from_pipe(pipe.transformer, pipe, H, W)(x, sigma, cond)
     assert seen == [("flash", "efficient", "math")]
-    assert flux_flow._enabled_sdpa_backends() == before  # VAE, rewards, the caller: untouched
-    v_all = flux_flow.FluxVelocity.from_pipe(pipe.transformer, pipe, H, W,
-                                             attention="all")(x, sigma, cond)
+    assert attention.enabled_backends() == before  # VAE, rewards, the caller: untouched
+    v_all = Velocity.from_pipe(pipe.transformer, pipe, H, W,
+                               attention="all")(x, sigma, cond)
     assert seen[-1] == before
     torch.testing.assert_close(v, v_all)  # same values on a CPU: only the kernel choice differs
-    flux_flow.FluxVelocity.from_pipe(pipe.transformer, pipe, H, W, attention="math")(x, sigma, cond)
+    Velocity.from_pipe(pipe.transformer, pipe, H, W, attention="math")(x, sigma, cond)
     assert seen[-1] == ("math",)
 
 
 def test_gradient_checkpointing_recomputes_under_the_same_attention_backends(tiny_flux):
-    pipe = flux_flow.load_pipeline(tiny_flux)
-    flux_flow.setup_trainable(pipe.transformer, 2, 2, gradient_checkpointing=True)
+    pipe = loading.load_pipeline(tiny_flux)
+    trainer.setup_trainable(pipe.transformer, 2, 2, gradient_checkpointing=True)
     seen = []
     block = pipe.transformer.transformer_blocks[0]
     block.register_forward_pre_hook(lambda m, a: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
     x, sigma, cond = tiny_inputs(pipe)
-    v = flux_flow.FluxVelocity.from_pipe(pipe.transformer, pipe, H, W)(x, sigma, cond)
+    v = Velocity.from_pipe(pipe.transformer, pipe, H, W)(x, sigma, cond)
     assert seen == [False]
-    v.square().mean().backward()  # outside FluxVelocity's context: the recomputation runs here
+    v.square().mean().backward()  # outside Velocity's context: the recomputation runs here
     assert seen == [False, False]  # forward, then its recomputation in backward
     assert torch.backends.cuda.cudnn_sdp_enabled()
 
@@ -213,11 +152,11 @@ def test_gradient_checkpointing_recomputes_under_the_same_attention_backends(tin
 @pytest.mark.parametrize("spec,expected", [("all", None), ("math", ("math",)),
                                            ("flash, math,flash", ("flash", "math"))])
 def test_attention_backend_names(spec, expected):
-    assert flux_flow.sdpa_backends(spec) == expected
+    assert attention.sdpa_backends(spec) == expected
     with pytest.raises(ValueError, match="unknown attention backend 'cudnn2'"):
-        flux_flow.sdpa_backends("flash,cudnn2")
+        attention.sdpa_backends("flash,cudnn2")
     with pytest.raises(ValueError, match="at least one"):
-        flux_flow.sdpa_backends(" , ")
+        attention.sdpa_backends(" , ")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,14 +182,14 @@ def checkpoint(path):
 def test_one_iteration_gives_finite_metrics_and_changes_the_weights(tiny_flux, tiny_clip,
                                                                     tmp_path, lora, dtype):
     extra = ["--lora-rank", "4" if lora else "0", "--dtype", dtype]
-    history, _ = flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
-                                           *extra))
+    history, _ = trainer.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
+                                         *extra))
     m = history[0]
     for k in ("reward", "reward_std", "loss", "clip_frac", "approx_kl", "grad_norm"):
         assert torch.isfinite(torch.tensor(m[k])), (k, m[k])
     assert m["ratio_dev_first"] < (1e-5 if dtype == "fp32" else 1e-2)
     saved = checkpoint(tmp_path / "checkpoint")["model"]
-    original = flux_flow.load_pipeline(tiny_flux).transformer.state_dict()
+    original = loading.load_pipeline(tiny_flux).transformer.state_dict()
     if lora:
         assert saved and all("lora" in k for k in saved)
         assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at 0
@@ -269,9 +208,9 @@ def without(argv, *flags):
 
 
 def test_baseline_method_on_the_pipeline_schedule_with_one_step_per_iteration(tiny_flux,
-                                                                               tiny_clip,
-                                                                               tmp_path):
-    history, _ = flux_flow.main(without(train_args(
+                                                                              tiny_clip,
+                                                                              tmp_path):
+    history, _ = trainer.main(without(train_args(
         tiny_flux, tiny_clip, tmp_path, "--iterations", "1", "--lora-rank", "4", "--method",
         "full_sde", "--schedule", "pipeline", "--step-per-iteration"), "--granularities"))
     m = history[0]
@@ -285,7 +224,7 @@ def test_mixgrpo_trains_the_steps_of_its_sliding_window(tiny_flux, tiny_clip, tm
                               "4", "--method", "mixgrpo", "--window-size", "1", "--window-every",
                               "1", "--report-to", "tensorboard"), "--branch-steps",
                    "--granularities")
-    history, _ = flux_flow.main(argv)
+    history, _ = trainer.main(argv)
     # T = 4: a 1-step window lies within steps 0..1; it moves every iteration, then rolls back.
     assert [m["window"] for m in history] == [[0], [1], [0]]
     assert all(m["nfe"] == g2rpo.count_model_evals(4, (), (), 3, "mixgrpo") for m in history)
@@ -302,10 +241,10 @@ def test_mixgrpo_trains_the_steps_of_its_sliding_window(tiny_flux, tiny_clip, tm
 def assert_resume_is_bit_exact(flux, clip, tmp_path, *extra):
     """2 iterations straight == 1 + save + resume + 1: weights, AdamW state, RNG (any device)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    flux_flow.main(train_args(flux, clip, straight, "--iterations", "2", *extra))
-    flux_flow.main(train_args(flux, clip, split, "--iterations", "1", *extra))
-    history, _ = flux_flow.main(train_args(flux, clip, split, "--iterations", "2", *extra,
-                                           "--resume", str(split / "checkpoint")))
+    trainer.main(train_args(flux, clip, straight, "--iterations", "2", *extra))
+    trainer.main(train_args(flux, clip, split, "--iterations", "1", *extra))
+    history, _ = trainer.main(train_args(flux, clip, split, "--iterations", "2", *extra,
+                                         "--resume", str(split / "checkpoint")))
     assert [m["iteration"] for m in history] == [1]
     logged = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in logged] == [0, 1]  # the resumed run appends
@@ -347,20 +286,20 @@ def fake_args(**kw):
 
 
 def test_lora_reference_is_the_transformer_with_its_adapter_off(tiny_flux):
-    base = flux_flow.load_pipeline(tiny_flux)
-    pipe = flux_flow.load_pipeline(tiny_flux)
+    base = loading.load_pipeline(tiny_flux)
+    pipe = loading.load_pipeline(tiny_flux)
     raw = pipe.transformer
     torch.manual_seed(0)
-    flux_flow.setup_trainable(raw, 4, 4)
+    trainer.setup_trainable(raw, 4, 4)
     with torch.no_grad():  # a trained adapter: B away from its zero initialisation
         for name, p in raw.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     trainable = {n for n, p in raw.named_parameters() if p.requires_grad}
     x, sigma, cond = tiny_inputs(pipe)
-    reference = flux_flow.reference_velocity(raw, None, pipe, fake_args(), torch.float32)
-    policy = flux_flow.FluxVelocity.from_pipe(raw, pipe, H, W, attention="math")
-    v_base = flux_flow.FluxVelocity.from_pipe(base.transformer, base, H, W)(x, sigma, cond)
+    reference = trainer.reference_velocity(raw, None, pipe, fake_args(), torch.float32)
+    policy = Velocity.from_pipe(raw, pipe, H, W, attention="math")
+    v_base = Velocity.from_pipe(base.transformer, base, H, W)(x, sigma, cond)
     torch.testing.assert_close(reference(x, sigma, cond), v_base, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(policy(x, sigma, cond), v_base, atol=1e-4)  # the adapter is on
     assert {n for n, p in raw.named_parameters() if p.requires_grad} == trainable  # as before
@@ -370,10 +309,10 @@ def test_lora_reference_is_the_transformer_with_its_adapter_off(tiny_flux):
 
 
 def test_full_fine_tune_reference_is_a_frozen_copy_in_the_compute_dtype(tiny_flux):
-    pipe = flux_flow.load_pipeline(tiny_flux)
+    pipe = loading.load_pipeline(tiny_flux)
     original = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    reference = flux_parallel.frozen_reference(pipe.transformer, torch.bfloat16)
-    flux_flow.setup_trainable(pipe.transformer, 0, 1.0)
+    reference = parallel.frozen_reference(pipe.transformer, torch.bfloat16)
+    trainer.setup_trainable(pipe.transformer, 0, 1.0)
     with torch.no_grad():
         for p in pipe.transformer.parameters():
             p.add_(1.0)  # the policy moves; the reference must not
@@ -385,14 +324,15 @@ def test_full_fine_tune_reference_is_a_frozen_copy_in_the_compute_dtype(tiny_flu
 
 SHARDED_REFERENCE = """
 import sys, torch, torch.distributed as dist
-sys.path.insert(0, {here!r})
-import flux_flow, flux_parallel
-rank, world, device = flux_parallel.init_distributed()
-pipe = flux_flow.load_pipeline({flux!r}, device, torch.bfloat16)
+sys.path.insert(0, {root!r})
+from image_flow import loading, parallel, trainer
+from image_flow.velocity import Velocity
+rank, world, device = parallel.init_distributed()
+pipe = loading.load_pipeline({flux!r}, device, torch.bfloat16)
 original = {{k: v.clone() for k, v in pipe.transformer.state_dict().items()}}
-flux_flow.setup_trainable(pipe.transformer, 0, 1.0, upcast=False)
-model = flux_parallel.wrap_distributed(pipe.transformer, 0, device)
-reference = flux_parallel.frozen_reference(model, torch.bfloat16)
+trainer.setup_trainable(pipe.transformer, 0, 1.0, upcast=False)
+model = parallel.wrap_distributed(pipe.transformer, 0, device)
+reference = parallel.frozen_reference(model, torch.bfloat16)
 for name, p in reference.named_parameters():
     assert not p.requires_grad and p.dtype == torch.bfloat16, name
     assert p.to_local().numel() < p.numel(), name  # this rank holds a shard only
@@ -401,7 +341,7 @@ print("reference ok on rank", rank, flush=True)
 # A forward without gradient (an evaluation) leaves every module sharded, the root too: the
 # parameters are the same sharded objects the optimizer and the EMA were built on.
 params = list(model.parameters())
-velocity = flux_flow.FluxVelocity.from_pipe(model, pipe, 32, 32, dtype=torch.bfloat16)
+velocity = Velocity.from_pipe(model, pipe, 32, 32, dtype=torch.bfloat16)
 with torch.no_grad():
     velocity(torch.randn(1, 4, 4, device=device), torch.ones(1, device=device),
              (torch.randn(1, 16, 32, device=device), torch.randn(1, 32, device=device)))
@@ -414,8 +354,8 @@ dist.destroy_process_group()
 
 
 def test_fsdp2_shards_the_blocks_the_model_declares_unsplittable(tiny_flux):
-    t = flux_flow.load_pipeline(tiny_flux).transformer
-    blocks = flux_parallel.blocks_to_shard(t)
+    t = loading.load_pipeline(tiny_flux).transformer
+    blocks = parallel.blocks_to_shard(t)
     assert set(t._no_split_modules) == {"FluxTransformerBlock", "FluxSingleTransformerBlock"}
     assert [id(b) for b in blocks] == [id(b) for b in (*t.transformer_blocks,
                                                        *t.single_transformer_blocks)]
@@ -430,21 +370,21 @@ def test_fsdp2_shards_the_blocks_the_model_declares_unsplittable(tiny_flux):
         _no_split_modules = ["Outer", "Inner"]
 
     model = Model(Outer(Inner(2, 2), Inner(2, 2)), Inner(2, 2))
-    assert flux_parallel.blocks_to_shard(model) == [model[0], model[1]]  # outermost only
+    assert parallel.blocks_to_shard(model) == [model[0], model[1]]  # outermost only
     with pytest.raises(ValueError, match="Linear declares no _no_split_modules"):
-        flux_parallel.blocks_to_shard(torch.nn.Linear(2, 2))
+        parallel.blocks_to_shard(torch.nn.Linear(2, 2))
     Model._no_split_modules = ["Missing"]
     with pytest.raises(ValueError, match=r"holds none of its _no_split_modules \['Missing'\]"):
-        flux_parallel.blocks_to_shard(model)
+        parallel.blocks_to_shard(model)
 
 
 def test_fsdp2_reference_is_sharded_and_the_policy_stays_sharded_after_an_evaluation(
         tiny_flux, tmp_path):
     script = tmp_path / "sharded_reference.py"
-    script.write_text(SHARDED_REFERENCE.format(here=str(HERE), flux=tiny_flux))
+    script.write_text(SHARDED_REFERENCE.format(root=str(ROOT), flux=tiny_flux))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(29700 + os.getpid() % 1000), str(script)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **SUBPROCESS_ENV}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("reference ok on rank") == 2
@@ -452,9 +392,9 @@ def test_fsdp2_reference_is_sharded_and_the_policy_stays_sharded_after_an_evalua
 
 
 def test_ema_run_evaluates_and_exports_the_averages(tiny_flux, tiny_clip, tmp_path, capsys):
-    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2",
-                              "--lora-rank", "4", "--ema-decay", "0.5", "--kl-beta", "0.1",
-                              "--eval", "--eval-seeds", "0"))
+    trainer.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2",
+                            "--lora-rank", "4", "--ema-decay", "0.5", "--kl-beta", "0.1",
+                            "--eval", "--eval-seeds", "0"))
     out = capsys.readouterr().out
     assert "KL penalty β = 0.1 to the reference: the transformer with its LoRA switched off" in out
     assert "eval after 0 iterations (EMA weights, decay 0.5)" in out
@@ -462,30 +402,30 @@ def test_ema_run_evaluates_and_exports_the_averages(tiny_flux, tiny_clip, tmp_pa
     saved = checkpoint(tmp_path / "checkpoint")
     assert saved["fingerprint"]["ema_decay"] == 0.5 and saved["fingerprint"]["kl_beta"] == 0.1
     # The exported LoRA is the averages, not the last weights.
-    fresh = flux_flow.load_pipeline(tiny_flux)
+    fresh = loading.load_pipeline(tiny_flux)
     fresh.load_lora_weights(str(tmp_path / "lora"))
-    averaged = flux_flow.load_pipeline(tiny_flux)
-    flux_flow.setup_trainable(averaged.transformer, 4, 4)
+    averaged = loading.load_pipeline(tiny_flux)
+    trainer.setup_trainable(averaged.transformer, 4, 4)
     assert not averaged.transformer.load_state_dict(saved["ema"], strict=False).unexpected_keys
-    assert_same_model(fresh, averaged, flux_flow.load_pipeline(tiny_flux))
+    assert_same_model(fresh, averaged, loading.load_pipeline(tiny_flux))
     last = trained_pipeline(tiny_flux, tmp_path / "checkpoint", 4, 4)
     x, sigma, cond = tiny_inputs(fresh)
-    v = [flux_flow.FluxVelocity.from_pipe(p.transformer, p, H, W)(x, sigma, cond)
+    v = [Velocity.from_pipe(p.transformer, p, H, W)(x, sigma, cond)
          for p in (fresh, last)]
     assert not torch.allclose(v[0], v[1])
     # ... and the evaluation after training scored the averages: the same grid again.
     scores = json.loads((tmp_path / "eval.json").read_text())["evaluations"][-1]["in_domain"]
-    again, _ = flux_flow.evaluate(averaged, flux_flow.FluxVelocity.from_pipe(
-        averaged.transformer, averaged, H, W), flux_flow.PromptEncoder(averaged, 16),
+    again, _ = trainer.evaluate(averaged, Velocity.from_pipe(
+        averaged.transformer, averaged, H, W), trainer.PromptEncoder(averaged, 16),
         rewards.load_rewards("clip", "cpu", clip_model=tiny_clip),
-        flux_flow.BUILTIN_EVAL_PROMPTS, H, W, flux_flow.flux_sigmas(averaged, 4, H, W), [0])
+        loading.BUILTIN_EVAL_PROMPTS, H, W, trainer.sigma_grid(averaged, 4, H, W), [0])
     assert again == pytest.approx(scores, rel=1e-5)
 
 
 def test_checkpoint_of_another_config_is_refused_before_any_model_loads(tiny_flux, tiny_clip,
                                                                         tmp_path, capsys):
-    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
-                              "--lora-rank", "4"))
+    trainer.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
+                            "--lora-rank", "4"))
     capsys.readouterr()
     ckpt = str(tmp_path / "checkpoint")
 
@@ -514,12 +454,12 @@ def test_checkpoint_of_another_config_is_refused_before_any_model_loads(tiny_flu
 
 
 def test_a_changed_learning_rate_is_applied_on_resume_and_logged(tiny_flux, tiny_clip, tmp_path,
-                                                                  capsys):
-    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
-                              "--lora-rank", "4", "--lr", "1e-3"))
-    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2",
-                              "--lora-rank", "4", "--lr", "5e-4", "--resume",
-                              str(tmp_path / "checkpoint")))
+                                                                 capsys):
+    trainer.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
+                            "--lora-rank", "4", "--lr", "1e-3"))
+    trainer.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2",
+                            "--lora-rank", "4", "--lr", "5e-4", "--resume",
+                            str(tmp_path / "checkpoint")))
     assert "learning rate: checkpoint 0.001, this run 0.0005: applying 0.0005" in capsys.readouterr().out
     groups = checkpoint(tmp_path / "checkpoint")["optimizer"]["param_groups"]
     assert {g["lr"] for g in groups} == {5e-4}
@@ -527,9 +467,9 @@ def test_a_changed_learning_rate_is_applied_on_resume_and_logged(tiny_flux, tiny
 
 def tiny_lora_state(flux):
     """(model, optimizer, generator) of a tiny LoRA set-up with one optimizer step taken."""
-    pipe = flux_flow.load_pipeline(flux)
+    pipe = loading.load_pipeline(flux)
     model = pipe.transformer
-    flux_flow.setup_trainable(model, 2, 2)
+    trainer.setup_trainable(model, 2, 2)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params)
     sum(p.sum() for p in params).backward()
@@ -545,18 +485,18 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tiny_flux, tm
                                                                    monkeypatch):
     model, opt, g = tiny_lora_state(tiny_flux)
     path = tmp_path / "checkpoint"
-    flux_run.Checkpointer(path).save(model, opt, g, 0, {"x": 1})
+    checkpoints.Checkpointer(path).save(model, opt, g, 0, {"x": 1})
     before = files(path)
-    real_save = flux_run.dcp.save
+    real_save = checkpoints.dcp.save
 
     def broken_save(state, checkpoint_id, **kw):
         real_save(state, checkpoint_id=checkpoint_id, **kw)
         (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(flux_run.dcp, "save", broken_save)
+    monkeypatch.setattr(checkpoints.dcp, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        flux_run.Checkpointer(path).save(model, opt, g, 1, {"x": 1})
+        checkpoints.Checkpointer(path).save(model, opt, g, 1, {"x": 1})
     assert files(path) == before and checkpoint(path)["iteration"] == 0
 
 
@@ -565,12 +505,13 @@ import os, signal, sys
 from pathlib import Path
 import torch
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
-sys.path.insert(0, {here!r})
-import flux_run, test_flux_flow
+sys.path[:0] = [{root!r}, {tests!r}]
+import test_image_flow
+from image_flow import checkpoints
 
-model, opt, g = test_flux_flow.tiny_lora_state({flux!r})
+model, opt, g = test_image_flow.tiny_lora_state({flux!r})
 path = Path({path!r})
-flux_run.Checkpointer(path).save(model, opt, g, 0, {{"x": 1}})
+checkpoints.Checkpointer(path).save(model, opt, g, 0, {{"x": 1}})
 real_write = FileSystemWriter.write_data
 
 def write_half_then_die(self, plan, planner):
@@ -580,22 +521,23 @@ def write_half_then_die(self, plan, planner):
     os.kill(os.getpid(), signal.SIGKILL)
 
 FileSystemWriter.write_data = write_half_then_die
-flux_run.Checkpointer(path).save(model, opt, g, 1, {{"x": 1}})
+checkpoints.Checkpointer(path).save(model, opt, g, 1, {{"x": 1}})
 """
 
 
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_resumable(tiny_flux, tmp_path):
     path = tmp_path / "checkpoint"
-    script = KILLED_SAVE.format(here=str(HERE), flux=tiny_flux, path=str(path))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    script = KILLED_SAVE.format(root=str(ROOT), tests=str(ROOT / "tests"), flux=tiny_flux,
+                                path=str(path))
+    env = {**os.environ, **SUBPROCESS_ENV}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        timeout=300, env=env)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     half = tmp_path / "checkpoint.tmp"
     assert half.is_dir() and not (half / ".metadata").exists()  # died half-way through
     model, opt, g = tiny_lora_state(tiny_flux)
-    assert flux_run.load_checkpoint(path, model, opt, g, {"x": 1}, seed=0) == 1  # iteration 0
-    flux_run.Checkpointer(path).save(model, opt, g, 1, {"x": 1})  # the next save starts afresh
+    assert checkpoints.load_checkpoint(path, model, opt, g, {"x": 1}, seed=0) == 1  # iteration 0
+    checkpoints.Checkpointer(path).save(model, opt, g, 1, {"x": 1})  # the next save starts afresh
     assert checkpoint(path)["iteration"] == 1 and not half.exists()
 
 
@@ -608,11 +550,11 @@ def test_torchrun_two_processes_keep_ranks_identical(tiny_flux, tiny_clip, tmp_p
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(29500 + int(lora_rank) + os.getpid() % 1000),
-           str(HERE / "flux_flow.py"),
+           "-m", "image_flow",
            *train_args(tiny_flux, tiny_clip, out, "--iterations", "2", "--lora-rank", lora_rank,
                        "--dtype", dtype, "--kl-beta", "0.1", "--ema-decay", "0.9")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=HERE)
+    env = {**os.environ, **SUBPROCESS_ENV}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     sums = json.loads((out / "rank_checksums.json").read_text())
     assert len(sums) == 2 and sums[0] == sums[1]
@@ -629,7 +571,7 @@ def test_torchrun_two_processes_keep_ranks_identical(tiny_flux, tiny_clip, tmp_p
     assert ema.keys() == saved.keys() and all(v.dtype == torch.float32 for v in ema.values())
     assert saved and all(v.dtype == torch.float32 for v in saved.values())  # fp32 master weights
     assert sorted((out / "checkpoint").glob("*.distcp")) == [out / "checkpoint" / "__0_0.distcp",
-                                                              out / "checkpoint" / "__1_0.distcp"]
+                                                             out / "checkpoint" / "__1_0.distcp"]
     if lora_rank == "0":  # exported in the compute dtype, gathered from both ranks' shards
         from safetensors.torch import load_file
 
@@ -676,8 +618,8 @@ def test_evaluation_export_and_checkpoints_never_change_training(tiny_flux, tiny
 def torchrun(args, port_offset, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(29600 + port_offset + os.getpid() % 1000),
-           str(HERE / "flux_flow.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+           "-m", "image_flow", *args]
+    env = {**os.environ, **SUBPROCESS_ENV}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
@@ -686,15 +628,15 @@ def torchrun(args, port_offset, tmp_path):
 def assert_loaded_exactly(flux, path, lora_rank):
     """A fresh one-process model, AdamW and EMA hold exactly the checkpoint's weights, state and
     averages."""
-    pipe = flux_flow.load_pipeline(flux)
+    pipe = loading.load_pipeline(flux)
     model = pipe.transformer
-    flux_flow.setup_trainable(model, int(lora_rank), max(int(lora_rank), 1))
+    trainer.setup_trainable(model, int(lora_rank), max(int(lora_rank), 1))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     ema = g2rpo.EMA(model, 0.9)
     fp = checkpoint(path)["fingerprint"]
     said = []
-    flux_run.load_checkpoint(path, model, opt, torch.Generator(), fp, seed=0, log=said.append,
-                             ema=ema)
+    checkpoints.load_checkpoint(path, model, opt, torch.Generator(), fp, seed=0, log=said.append,
+                                ema=ema)
     assert any(s.startswith("elastic resume: checkpoint written by 2 process(es), this run has 1")
                for s in said), said
     saved, names = checkpoint(path), dict(model.named_parameters())
@@ -714,7 +656,7 @@ def test_elastic_resume_one_to_two_and_two_to_one_processes(tiny_flux, tiny_clip
                                                             lora_rank):
     out = tmp_path / "run"
     args = train_args(tiny_flux, tiny_clip, out, "--lora-rank", lora_rank, "--ema-decay", "0.9")
-    flux_flow.main(args + ["--iterations", "1"])  # 1 process
+    trainer.main(args + ["--iterations", "1"])  # 1 process
     ckpt = out / "checkpoint"
     # 1 → 2: the weights arrive whole on both ranks (their checksums equal the checkpoint's).
     stdout = torchrun(args + ["--iterations", "1", "--resume", str(ckpt)], int(lora_rank),
@@ -733,15 +675,15 @@ def test_elastic_resume_one_to_two_and_two_to_one_processes(tiny_flux, tiny_clip
     assert checkpoint(ckpt)["world_size"] == 2
     # 2 → 1: DCP reshards every weight and every AdamW moment exactly, then training goes on.
     assert_loaded_exactly(tiny_flux, ckpt, lora_rank)
-    flux_flow.main(args + ["--iterations", "3", "--resume", str(ckpt)])
+    trainer.main(args + ["--iterations", "3", "--resume", str(ckpt)])
     assert [m["iteration"] for m in metrics_rows(out)] == [0, 1, 2]  # no gap, no duplicate
     assert checkpoint(ckpt)["iteration"] == 2 and checkpoint(ckpt)["world_size"] == 1
 
 
 def test_async_save_writes_what_a_synchronous_save_writes(tiny_flux, tiny_clip, tmp_path):
     for name, extra in (("sync", []), ("async", ["--async-save"])):
-        flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / name, "--iterations", "3",
-                                  "--save-every", "1", "--lora-rank", "0", *extra))
+        trainer.main(train_args(tiny_flux, tiny_clip, tmp_path / name, "--iterations", "3",
+                                "--save-every", "1", "--lora-rank", "0", *extra))
     a, b = (checkpoint(tmp_path / name / "checkpoint") for name in ("sync", "async"))
     assert a["iteration"] == b["iteration"] == 2
     for k in a["model"]:
@@ -805,7 +747,7 @@ def test_an_async_save_holds_its_own_iteration_while_training_goes_on(tiny_flux,
     model, opt, g = tiny_lora_state(tiny_flux)
     path = tmp_path / "checkpoint"
     release = held_write(monkeypatch)
-    checkpointer = flux_run.Checkpointer(path, async_save=True)
+    checkpointer = checkpoints.Checkpointer(path, async_save=True)
     checkpointer.save(model, opt, g, 3, {"x": 1})
     weights, moments = snapshot(model, opt)
     train_one_step(model, opt)  # the weights and AdamW's moments change while the save waits
@@ -821,7 +763,7 @@ def test_a_failed_async_save_is_rescued_with_the_state_of_its_own_iteration(
     model, opt, g = tiny_lora_state(tiny_flux)
     path = tmp_path / "checkpoint"
     release = held_write(monkeypatch, fail_first=True)
-    checkpointer = flux_run.Checkpointer(path, async_save=True)
+    checkpointer = checkpoints.Checkpointer(path, async_save=True)
     checkpointer.save(model, opt, g, 3, {"x": 1})
     weights, moments = snapshot(model, opt)
     train_one_step(model, opt)
@@ -842,20 +784,20 @@ def test_a_failed_async_save_is_rescued_with_the_state_of_its_own_iteration(
 def test_a_finished_run_says_there_is_nothing_to_train_and_a_refused_resume_is_one_line(
         tiny_flux, tiny_clip, tmp_path, capsys):
     args = train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2", "--lora-rank", "4")
-    flux_flow.main(args)
+    trainer.main(args)
     before = files(tmp_path / "checkpoint")
     capsys.readouterr()
-    history, _ = flux_flow.main(args + ["--resume", str(tmp_path / "checkpoint")])
+    history, _ = trainer.main(args + ["--resume", str(tmp_path / "checkpoint")])
     assert history == []
     assert "checkpoint is at iteration 2 of 2: nothing to train" in capsys.readouterr().out
     assert files(tmp_path / "checkpoint") == before  # nothing rewritten
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, str(HERE / "flux_flow.py"), *args, "--eta", "0.5",
+    env = {**os.environ, **SUBPROCESS_ENV}
+    r = subprocess.run([sys.executable, "-m", "image_flow", *args, "--eta", "0.5",
                         "--resume", str(tmp_path / "checkpoint")], capture_output=True,
                        text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1].startswith(
-        f"flux_flow.py: error: --resume: checkpoint '{tmp_path / 'checkpoint'}' was made for "
+        f"python -m image_flow: error: --resume: checkpoint '{tmp_path / 'checkpoint'}' was made for "
         f"another model or config; it differs in: eta")
 
 
@@ -864,9 +806,9 @@ def test_a_finished_run_says_there_is_nothing_to_train_and_a_refused_resume_is_o
 
 
 def parse_error(argv, capsys):
-    """flux_flow.main(argv) must stop at argument checking (exit 2); return what it printed."""
+    """trainer.main(argv) must stop at argument checking (exit 2); return what it printed."""
     with pytest.raises(SystemExit) as e:
-        flux_flow.main(argv)
+        trainer.main(argv)
     assert e.value.code == 2
     return capsys.readouterr().err
 
@@ -937,12 +879,12 @@ def test_paths_are_checked_before_any_model_loads(tmp_path, capsys):
 def test_prompt_files_drop_a_utf8_bom(tmp_path):
     f = tmp_path / "bom.txt"
     f.write_bytes("\ufeffa red fox\n\nun café\n".encode("utf-8"))
-    assert flux_flow.read_prompts(f) == ["a red fox", "un café"]
+    assert loading.read_prompts(f) == ["a red fox", "un café"]
 
 
 def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
-        flux_flow.parse_args(["--help"])
+        flags.parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: 0.7)" in out and "(default: runs/<family>: runs/flux," in out and "(default: 50)" in out
     # Each default once, in the form the flag takes.
@@ -964,19 +906,19 @@ def test_lora_targets_are_checked_before_any_weights_load_and_only_they_train(
         train_args(tiny_flux, tiny_clip, tmp_path, "--lora-rank", "0", "--lora-targets", "to_q"),
         capsys)
     assert "listed twice" in parse_error(args + ["--lora-targets", "to_q,to_q"], capsys)
-    flux_flow.main(args + ["--lora-targets", "to_q,ff.net.2"])
+    trainer.main(args + ["--lora-targets", "to_q,ff.net.2"])
     saved = checkpoint(tmp_path / "checkpoint")
     assert saved["fingerprint"]["lora_targets"] == ["to_q", "ff.net.2"]
     trained = {k.split(".lora_")[0].split(".")[-1] for k in saved["model"]}
     assert trained == {"to_q", "2"}, trained  # to_q and ff.net.2 adapters only
     # The export carries them: diffusers loads it and gives the trained velocity.
-    fresh = flux_flow.load_pipeline(tiny_flux)
+    fresh = loading.load_pipeline(tiny_flux)
     fresh.load_lora_weights(str(tmp_path / "lora"))
-    pipe = flux_flow.load_pipeline(tiny_flux)
-    flux_flow.setup_trainable(pipe.transformer, 4, 4, lora_targets=("to_q", "ff.net.2"))
+    pipe = loading.load_pipeline(tiny_flux)
+    trainer.setup_trainable(pipe.transformer, 4, 4, lora_targets=("to_q", "ff.net.2"))
     assert not pipe.transformer.load_state_dict(saved["model"], strict=False).unexpected_keys
     x, sigma, cond = tiny_inputs(fresh)
-    v = [flux_flow.FluxVelocity.from_pipe(p.transformer, p, H, W)(x, sigma, cond)
+    v = [Velocity.from_pipe(p.transformer, p, H, W)(x, sigma, cond)
          for p in (fresh, pipe)]
     torch.testing.assert_close(v[0], v[1])
     # Resuming with other targets is refused (the default ones, here).
@@ -994,9 +936,9 @@ def test_a_checkpoint_of_an_unsupported_pipeline_class_is_refused_before_any_wei
     (other / "model_index.json").write_text(json.dumps({**index, "_class_name":
                                                         "StableDiffusionXLPipeline"}))
     err = parse_error(train_args(str(other), tiny_clip, tmp_path / "out"), capsys)
-    assert ("--model " + str(other) + ": a StableDiffusionXLPipeline checkpoint; image_flow.py "
+    assert ("--model " + str(other) + ": a StableDiffusionXLPipeline checkpoint; the image trainer "
             "trains FluxPipeline (FLUX.1), StableDiffusion3Pipeline (SD3)") in err
-    flux_flow.check_pipeline_class(tiny_flux)  # FLUX.1 passes
+    loading.check_pipeline_class(tiny_flux)  # FLUX.1 passes
 
 
 def test_model_loading_errors_name_what_is_missing_and_rewards_load_first(
@@ -1005,10 +947,10 @@ def test_model_loading_errors_name_what_is_missing_and_rewards_load_first(
     torch.save({"state_dict": {"visual.proj": torch.zeros(3)}}, tmp_path / "not_hps.pt")
     with pytest.raises(OSError, match="could not load reward model 'no-such/reward-model'"):
         # --model is missing too: the reward, which loads first, is what the error names
-        flux_flow.main(base + ["--clip-model", "no-such/reward-model",
-                               "--model", str(tmp_path / "no_flux_here")])
+        trainer.main(base + ["--clip-model", "no-such/reward-model",
+                             "--model", str(tmp_path / "no_flux_here")])
     with pytest.raises(OSError, match="could not load a diffusers pipeline"):
-        flux_flow.main(base + ["--model", str(tmp_path / "no_flux_here")])
+        trainer.main(base + ["--model", str(tmp_path / "no_flux_here")])
     # A missing HPS checkpoint is a bad flag (exit 2), for an evaluation-only reward too; the
     # default HPS-v2.1 file is not in this machine's cache.
     nowhere = ["--model", str(tmp_path / "no_flux_here")]
@@ -1018,7 +960,7 @@ def test_model_loading_errors_name_what_is_missing_and_rewards_load_first(
     assert "hf download xswu/HPSv2 HPS_v2.1_compressed.pt" in parse_error(
         base + nowhere + ["--eval-rewards", "clip,hps", "--eval"], capsys)
     with pytest.raises(OSError, match="is not an HPS checkpoint for OpenCLIP"):
-        flux_flow.main(base + nowhere + ["--rewards", "hps", "--hps-checkpoint", str(
+        trainer.main(base + nowhere + ["--rewards", "hps", "--hps-checkpoint", str(
             tmp_path / "not_hps.pt"), "--hps-model", tiny_hps[1]])
     assert not (tmp_path / "checkpoint").exists() and not (tmp_path / ".lock").exists()
 
@@ -1029,8 +971,8 @@ def test_model_loading_errors_name_what_is_missing_and_rewards_load_first(
 
 def trained_pipeline(flux, ckpt, lora_rank, lora_alpha):
     """The trained model, rebuilt from a checkpoint: base pipeline + trainable setup + weights."""
-    pipe = flux_flow.load_pipeline(flux)
-    flux_flow.setup_trainable(pipe.transformer, lora_rank, lora_alpha)
+    pipe = loading.load_pipeline(flux)
+    trainer.setup_trainable(pipe.transformer, lora_rank, lora_alpha)
     result = pipe.transformer.load_state_dict(checkpoint(ckpt)["model"], strict=False)
     assert not result.unexpected_keys
     return pipe
@@ -1038,9 +980,9 @@ def trained_pipeline(flux, ckpt, lora_rank, lora_alpha):
 
 def assert_same_model(pipe_a, pipe_b, base):
     """Same velocity on random inputs (and not the base model's), same η = 0 samples: pipe_a
-    through FluxPipeline itself, pipe_b through flux_flow.sample."""
+    through FluxPipeline itself, pipe_b through trainer.sample."""
     x, sigma, cond = tiny_inputs(pipe_a)
-    v = [flux_flow.FluxVelocity.from_pipe(p.transformer, p, H, W)(x, sigma, cond)
+    v = [Velocity.from_pipe(p.transformer, p, H, W)(x, sigma, cond)
          for p in (pipe_a, pipe_b, base)]
     torch.testing.assert_close(v[0], v[1])
     assert not torch.equal(v[1], v[2])  # training changed the model
@@ -1048,30 +990,30 @@ def assert_same_model(pipe_a, pipe_b, base):
     ref = pipe_a(prompts, generator=torch.Generator().manual_seed(0), output_type="latent",
                  height=H, width=W, num_inference_steps=5, guidance_scale=3.5,
                  max_sequence_length=16).images
-    velocity = flux_flow.FluxVelocity.from_pipe(pipe_b.transformer, pipe_b, H, W)
-    ours, _ = flux_flow.sample(pipe_b, velocity, flux_flow.PromptEncoder(pipe_b, 16), prompts, H,
-                               W, flux_flow.flux_sigmas(pipe_b, 5, H, W, "pipeline"),
-                               torch.Generator().manual_seed(0))
+    velocity = Velocity.from_pipe(pipe_b.transformer, pipe_b, H, W)
+    ours, _ = trainer.sample(pipe_b, velocity, trainer.PromptEncoder(pipe_b, 16), prompts, H,
+                             W, trainer.sigma_grid(pipe_b, 5, H, W, "pipeline"),
+                             torch.Generator().manual_seed(0))
     torch.testing.assert_close(ref, ours)
 
 
 def test_exported_lora_loads_with_load_lora_weights_and_reproduces_the_trained_model(
         tiny_flux, tiny_clip, tmp_path):
-    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
-                              "--lora-rank", "4", "--lora-alpha", "8"))  # alpha ≠ rank on purpose
+    trainer.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
+                            "--lora-rank", "4", "--lora-alpha", "8"))  # alpha ≠ rank on purpose
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    fresh = flux_flow.load_pipeline(tiny_flux)
+    fresh = loading.load_pipeline(tiny_flux)
     fresh.load_lora_weights(str(tmp_path / "lora"))
     trained = trained_pipeline(tiny_flux, tmp_path / "checkpoint", 4, 8)
-    assert_same_model(fresh, trained, flux_flow.load_pipeline(tiny_flux))
+    assert_same_model(fresh, trained, loading.load_pipeline(tiny_flux))
 
 
 def test_exported_full_transformer_loads_with_from_pretrained(tiny_flux, tiny_clip, tmp_path,
-                                                               capsys):
+                                                              capsys):
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "3",
-                              "--save-every", "1", "--lora-rank", "0", "--max-shard-size", "50KB"))
+    trainer.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "3",
+                            "--save-every", "1", "--lora-rank", "0", "--max-shard-size", "50KB"))
     out = capsys.readouterr().out  # exported once, at the end: not with every checkpoint
     assert out.count("exported the transformer") == 1 and "after 3 iterations" in out
     index = json.loads((tmp_path / "transformer" /
@@ -1085,16 +1027,16 @@ def test_exported_full_transformer_loads_with_from_pretrained(tiny_flux, tiny_cl
     fresh = FluxPipeline.from_pretrained(tiny_flux, transformer=transformer)
     fresh.set_progress_bar_config(disable=True)
     trained = trained_pipeline(tiny_flux, tmp_path / "checkpoint", 0, 1)
-    assert_same_model(fresh, trained, flux_flow.load_pipeline(tiny_flux))
+    assert_same_model(fresh, trained, loading.load_pipeline(tiny_flux))
 
 
 def test_tensorboard_gets_every_scalar_and_the_eval_grids(tiny_flux, tiny_clip, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2", "--lora-rank",
-                              "4", "--report-to", "tensorboard", "--eval-every", "1",
-                              "--kl-beta", "0.05", "--eval-rewards", "clip,pickscore",
-                              "--pickscore-model", tiny_clip, "--pickscore-processor", tiny_clip))
+    trainer.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "2", "--lora-rank",
+                            "4", "--report-to", "tensorboard", "--eval-every", "1",
+                            "--kl-beta", "0.05", "--eval-rewards", "clip,pickscore",
+                            "--pickscore-model", tiny_clip, "--pickscore-processor", tiny_clip))
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -1113,15 +1055,15 @@ def test_tensorboard_gets_every_scalar_and_the_eval_grids(tiny_flux, tiny_clip, 
 def test_evaluation_schedule_and_captioned_grids(tiny_flux, tiny_clip, tmp_path):
     from PIL import Image
 
-    _, evals = flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "3",
-                                         "--lora-rank", "4", "--eval-every", "2"))
+    _, evals = trainer.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "3",
+                                       "--lora-rank", "4", "--eval-every", "2"))
     assert [e["iteration"] for e in evals] == [0, 2, 3]  # before, every 2, after
     saved = json.loads((tmp_path / "eval.json").read_text())["evaluations"]
     assert [e["iteration"] for e in saved] == [0, 2, 3] and "clip" in saved[0]["in_domain"]
     grid = Image.open(tmp_path / "eval_000002.png")
     assert grid.width > 4 * W and grid.height > 2 * H  # captions around 2 seeds × 4 prompts
-    _, evals = flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "only", "--iterations",
-                                         "0", "--eval"))
+    _, evals = trainer.main(train_args(tiny_flux, tiny_clip, tmp_path / "only", "--iterations",
+                                       "0", "--eval"))
     assert [e["iteration"] for e in evals] == [0]  # an eval-only run evaluates once
     assert not (tmp_path / "only" / "checkpoint").exists()
 
@@ -1131,8 +1073,8 @@ def test_hps_training_with_out_of_domain_evaluation_rewards(tiny_flux, tiny_clip
     hps = ["--rewards", "hps", "--hps-checkpoint", tiny_hps[0], "--hps-model", tiny_hps[1]]
     base = train_args(tiny_flux, tiny_clip, tmp_path / "a", "--iterations", "2", "--lora-rank",
                       "4", "--eval", "--eval-seeds", "0", *hps)
-    _, evals = flux_flow.main(base + ["--eval-rewards", "hps,clip,pickscore", "--pickscore-model",
-                                      tiny_clip, "--pickscore-processor", tiny_clip])
+    _, evals = trainer.main(base + ["--eval-rewards", "hps,clip,pickscore", "--pickscore-model",
+                                    tiny_clip, "--pickscore-processor", tiny_clip])
     out = capsys.readouterr().out
     saved = json.loads((tmp_path / "a" / "eval.json").read_text())["evaluations"]
     assert [(set(e["in_domain"]), set(e["out_of_domain"])) for e in saved] == [
@@ -1141,17 +1083,17 @@ def test_hps_training_with_out_of_domain_evaluation_rewards(tiny_flux, tiny_clip
                      r"-?[\d.]+  pickscore -?[\d.]+", out)
     # The scores are those rewards' own on the evaluation's samples.
     pipe = trained_pipeline(tiny_flux, tmp_path / "a" / "checkpoint", 4, 4)
-    velocity = flux_flow.FluxVelocity.from_pipe(pipe.transformer, pipe, H, W)
+    velocity = Velocity.from_pipe(pipe.transformer, pipe, H, W)
     models = rewards.load_rewards("hps,clip", "cpu", clip_model=tiny_clip,
                                   hps_checkpoint=tiny_hps[0], hps_model=tiny_hps[1])
-    again, _ = flux_flow.evaluate(pipe, velocity, flux_flow.PromptEncoder(pipe, 16), models,
-                                  flux_flow.BUILTIN_EVAL_PROMPTS, H, W,
-                                  flux_flow.flux_sigmas(pipe, 4, H, W), [0])
+    again, _ = trainer.evaluate(pipe, velocity, trainer.PromptEncoder(pipe, 16), models,
+                                loading.BUILTIN_EVAL_PROMPTS, H, W,
+                                trainer.sigma_grid(pipe, 4, H, W), [0])
     assert again == pytest.approx({**saved[-1]["in_domain"], "clip": saved[-1]["out_of_domain"]
                                    ["clip"]}, rel=1e-5)
     # Out-of-domain rewards only watch: the same training without them.
-    flux_flow.main(base[:base.index(str(tmp_path / "a"))] + [str(tmp_path / "b")]
-                   + base[base.index(str(tmp_path / "a")) + 1:])
+    trainer.main(base[:base.index(str(tmp_path / "a"))] + [str(tmp_path / "b")]
+                 + base[base.index(str(tmp_path / "a")) + 1:])
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert drop(metrics_rows(tmp_path / "a")) == drop(metrics_rows(tmp_path / "b"))
     weights = [checkpoint(tmp_path / run / "checkpoint")["model"] for run in "ab"]
@@ -1167,7 +1109,7 @@ def test_report_to_wandb_without_wandb_is_a_clear_error(tmp_path, capsys):
     argv = train_args(str(tmp_path / "no_flux"), str(tmp_path / "no_clip"), tmp_path / "out",
                       "--report-to", "wandb")
     assert "--report-to wandb needs the wandb package: pip install wandb" in parse_error(argv,
-                                                                                      capsys)
+                                                                                         capsys)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1181,35 +1123,35 @@ def metrics_rows(out):
 def test_an_output_directory_holding_a_run_is_refused_unless_resumed_or_overwritten(
         tiny_flux, tiny_clip, tmp_path):
     args = train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1", "--lora-rank", "4")
-    flux_flow.main(args)
+    trainer.main(args)
     before = files(tmp_path / "checkpoint")
     with pytest.raises(FileExistsError, match=r"already holds a run \(checkpoint, metrics.jsonl\)"
                                               r".*--resume .*--overwrite"):
-        flux_flow.main(args)
+        trainer.main(args)
     assert files(tmp_path / "checkpoint") == before and len(metrics_rows(tmp_path)) == 1
-    flux_flow.main(args + ["--overwrite", "--seed", "1"])
+    trainer.main(args + ["--overwrite", "--seed", "1"])
     assert [m["iteration"] for m in metrics_rows(tmp_path)] == [0]  # replaced, not appended
     assert files(tmp_path / "checkpoint") != before
     assert not (tmp_path / ".lock").exists()  # cleared on exit
 
 
 def test_one_run_at_a_time_per_directory(tmp_path):
-    first = flux_run.RunDirectory(tmp_path)
+    first = runs.RunDirectory(tmp_path)
     with pytest.raises(RuntimeError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
-        flux_run.RunDirectory(tmp_path)
+        runs.RunDirectory(tmp_path)
     first.close()
-    flux_run.RunDirectory(tmp_path).close()  # free again
+    runs.RunDirectory(tmp_path).close()  # free again
     assert not (tmp_path / ".lock").exists()
 
 
 def test_metrics_never_hold_an_iteration_twice_after_a_kill_and_resume(tiny_flux, tiny_clip,
                                                                        tmp_path):
     args = train_args(tiny_flux, tiny_clip, tmp_path, "--lora-rank", "4", "--save-every", "2")
-    flux_flow.main(args + ["--iterations", "2"])  # checkpoint after iteration 1
+    trainer.main(args + ["--iterations", "2"])  # checkpoint after iteration 1
     with open(tmp_path / "metrics.jsonl", "a") as f:  # a kill after logging 2 and 3, unsaved
         for it in (2, 3):
             f.write(json.dumps({"iteration": it, "reward": 0.0}) + "\n")
-    flux_flow.main(args + ["--iterations", "4", "--resume", str(tmp_path / "checkpoint")])
+    trainer.main(args + ["--iterations", "4", "--resume", str(tmp_path / "checkpoint")])
     rows = metrics_rows(tmp_path)
     assert [m["iteration"] for m in rows] == [0, 1, 2, 3]
     assert all(type(m["iteration"]) is int for m in rows)
@@ -1220,8 +1162,8 @@ def test_same_seed_gives_the_same_lora_weights(tiny_flux, tiny_clip, tmp_path):
     sd = []
     for name in ("a", "b"):
         torch.manual_seed(len(name) * 1000 + ord(name))  # a different global RNG state each time
-        flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / name, "--iterations", "1",
-                                  "--lora-rank", "4", "--seed", "3"))
+        trainer.main(train_args(tiny_flux, tiny_clip, tmp_path / name, "--iterations", "1",
+                                "--lora-rank", "4", "--seed", "3"))
         sd.append(checkpoint(tmp_path / name / "checkpoint")["model"])
     assert sd[0].keys() == sd[1].keys()
     for k in sd[0]:
@@ -1232,10 +1174,10 @@ def test_same_seed_gives_the_same_lora_weights(tiny_flux, tiny_clip, tmp_path):
 def test_a_kill_between_the_two_renames_of_a_save_is_recovered(tiny_flux, tmp_path):
     model, opt, g = tiny_lora_state(tiny_flux)
     path = tmp_path / "checkpoint"
-    flux_run.Checkpointer(path).save(model, opt, g, 0, {"x": 1})
+    checkpoints.Checkpointer(path).save(model, opt, g, 0, {"x": 1})
     path.rename(tmp_path / "checkpoint.old")  # the old one moved aside, the new one not yet in
-    assert flux_run.load_checkpoint(path, model, opt, g, {"x": 1}, seed=0) == 1
-    flux_run.Checkpointer(path).save(model, opt, g, 1, {"x": 1})
+    assert checkpoints.load_checkpoint(path, model, opt, g, {"x": 1}, seed=0) == 1
+    checkpoints.Checkpointer(path).save(model, opt, g, 1, {"x": 1})
     assert checkpoint(path)["iteration"] == 1 and not (tmp_path / "checkpoint.old").exists()
 
 @pytest.mark.parametrize("damage,message", [
@@ -1250,7 +1192,7 @@ def test_a_kill_between_the_two_renames_of_a_save_is_recovered(tiny_flux, tmp_pa
 def test_unreadable_checkpoints_are_named(tiny_flux, tmp_path, damage, message):
     model, opt, g = tiny_lora_state(tiny_flux)
     path = tmp_path / "checkpoint"
-    flux_run.Checkpointer(path).save(model, opt, g, 0, {"x": 1})
+    checkpoints.Checkpointer(path).save(model, opt, g, 0, {"x": 1})
     if damage == "no_metadata":
         (path / ".metadata").unlink()
     elif damage == "no_shard":
@@ -1266,25 +1208,25 @@ def test_unreadable_checkpoints_are_named(tiny_flux, tmp_path, damage, message):
         torch.save({"model": {}}, path)
     else:
         path = tmp_path / "elsewhere"
-    with pytest.raises(flux_run.CheckpointError, match=f"checkpoint '{path}'.*"
-                                                       f"{re.escape(message)}"):
-        flux_run.load_checkpoint(path, model, opt, g, {"x": 1}, seed=0)
+    with pytest.raises(checkpoints.CheckpointError, match=f"checkpoint '{path}'.*"
+                       f"{re.escape(message)}"):
+        checkpoints.load_checkpoint(path, model, opt, g, {"x": 1}, seed=0)
 
 
 def test_a_run_directory_given_to_resume_points_at_its_checkpoint(tiny_flux, tmp_path):
     model, opt, g = tiny_lora_state(tiny_flux)
-    flux_run.Checkpointer(tmp_path / "checkpoint").save(model, opt, g, 0, {"x": 1})
-    with pytest.raises(flux_run.CheckpointError,
+    checkpoints.Checkpointer(tmp_path / "checkpoint").save(model, opt, g, 0, {"x": 1})
+    with pytest.raises(checkpoints.CheckpointError,
                        match=f"is a run directory, not a checkpoint: --resume {tmp_path}/checkpoint"):
-        flux_run.find_checkpoint(tmp_path)
+        checkpoints.find_checkpoint(tmp_path)
 
 
 @pytest.mark.parametrize("what", ["weights", "optimizer state"])
 def test_a_checkpoint_with_non_finite_values_is_refused(tiny_flux, tiny_clip, tmp_path, what):
     import torch.distributed.checkpoint as dcp
 
-    flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
-                              "--lora-rank", "4"))
+    trainer.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
+                            "--lora-rank", "4"))
     ckpt = checkpoint(tmp_path / "checkpoint")
     if what == "weights":
         next(iter(ckpt["model"].values())).fill_(float("inf"))
@@ -1296,12 +1238,12 @@ def test_a_checkpoint_with_non_finite_values_is_refused(tiny_flux, tiny_clip, tm
                  no_dist=True)
     (bad / "g2rpo.json").write_bytes((tmp_path / "checkpoint" / "g2rpo.json").read_bytes())
     with pytest.raises(ValueError, match=f"checkpoint '{bad}' holds non-finite {what}"):
-        flux_flow.main(train_args(tiny_flux, tiny_clip, tmp_path / "b", "--iterations", "2",
-                                  "--lora-rank", "4", "--resume", str(bad)))
+        trainer.main(train_args(tiny_flux, tiny_clip, tmp_path / "b", "--iterations", "2",
+                                "--lora-rank", "4", "--resume", str(bad)))
 
 
 def test_a_failed_save_names_the_path_and_keeps_the_state_in_a_rescue_file(tiny_flux, tmp_path,
-                                                                          monkeypatch):
+                                                                           monkeypatch):
     from torch.distributed.checkpoint.filesystem import FileSystem
 
     model, opt, g = tiny_lora_state(tiny_flux)
@@ -1316,19 +1258,19 @@ def test_a_failed_save_names_the_path_and_keeps_the_state_in_a_rescue_file(tiny_
     monkeypatch.setattr(FileSystem, "create_stream", read_only_run_dir)
     with pytest.raises(OSError, match=f"could not write checkpoint '{path}': Read-only file "
                                       f"system; this iteration's state was saved to") as e:
-        flux_run.Checkpointer(path).save(model, opt, g, 4, {"x": 1})
+        checkpoints.Checkpointer(path).save(model, opt, g, 4, {"x": 1})
     rescue = Path(str(e.value).split("saved to ")[1].split(" instead")[0])
     assert checkpoint(rescue)["iteration"] == 4
     assert not path.exists() and not path.with_name("checkpoint.tmp").exists()
     fresh, fresh_opt, fresh_g = tiny_lora_state(tiny_flux)
-    assert flux_run.load_checkpoint(rescue, fresh, fresh_opt, fresh_g, {"x": 1}, seed=0) == 5
+    assert checkpoints.load_checkpoint(rescue, fresh, fresh_opt, fresh_g, {"x": 1}, seed=0) == 5
     import shutil
     shutil.rmtree(rescue)
 
 
 def run_in_background(args, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(HERE / "flux_flow.py"), *args], cwd=tmp_path,
+    env = {**os.environ, **SUBPROCESS_ENV, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "image_flow", *args], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -1365,7 +1307,7 @@ def test_a_second_ctrl_c_stops_at_once_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     said = []
     with pytest.raises(KeyboardInterrupt):
-        with flux_run.GracefulStop(log=said.append) as stop:
+        with runs.GracefulStop(log=said.append) as stop:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)  # the handler runs in the main thread between bytecodes
             assert stop.requested == "SIGINT" and stop.should_stop(1)
@@ -1376,8 +1318,8 @@ def test_a_second_ctrl_c_stops_at_once_and_handlers_are_restored():
 
 
 def test_checkpoint_memory_benchmark_runs_and_reports_each_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, str(HERE / "bench_checkpoint.py"), "--procs", "2",
+    env = {**os.environ, **SUBPROCESS_ENV}
+    r = subprocess.run([sys.executable, "-m", "benchmarks.checkpoint", "--procs", "2",
                         "--layers", "1,1", "--heads", "2"], capture_output=True, text=True,
                        timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

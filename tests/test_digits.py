@@ -10,9 +10,8 @@ import json
 import pytest
 import torch
 
-import digits_flow
 import g2rpo
-import studies
+from worlds import digits_flow, studies
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,15 @@
 """Host memory of a full fine-tune's checkpoint: each process's peak RSS while it saves and while
 it resumes, FSDP2 on the CPU (gloo), for a random mid-size FLUX transformer (69 M parameters).
 
-    python bench_checkpoint.py                        # this checkout, 1 and 2 processes
-    python bench_checkpoint.py --code /tmp/before     # the same measurement of other code
-    python bench_checkpoint.py --async-save           # what dcp.async_save's staging costs
-    python bench_checkpoint.py --procs 1,2,4 --layers 2,6 --heads 10
+    python -m benchmarks.checkpoint                     # this checkout, 1 and 2 processes
+    python -m benchmarks.checkpoint --code /tmp/before  # the same measurement of other code
+    python -m benchmarks.checkpoint --async-save        # what dcp.async_save's staging costs
+    python -m benchmarks.checkpoint --procs 1,2,4 --layers 2,6 --heads 10
 
---code DIR runs flux_flow.py / flux_parallel.py / flux_run.py / g2rpo.py from DIR (e.g. an older commit:
-`mkdir /tmp/before && git archive <commit> | tar -x -C /tmp/before`); both the single-file
-checkpoints of older versions (save_checkpoint / load_checkpoint) and the DCP directories of this
-one (Checkpointer / load_checkpoint) are driven. Each process: build the transformer, shard it
-with flux_parallel.wrap_distributed (FSDP2, fp32 master weights), take one AdamW step, then
+--code DIR runs the image_flow package and g2rpo.py from DIR (another commit of this layout:
+`mkdir /tmp/before && git archive <commit> | tar -x -C /tmp/before`). Each process: build the
+transformer, shard it with parallel.wrap_distributed (FSDP2, fp32 master weights), take one AdamW
+step, then
 
 - save: reset the kernel's peak-RSS counter (/proc/self/clear_refs), save, read VmHWM;
 - resume (a new torchrun job, as after a preemption): a fresh sharded model and optimizer, reset
@@ -30,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def rss_mb(field="VmRSS"):
@@ -66,15 +65,10 @@ def worker(args):
     import torch.distributed as dist
     from diffusers import FluxTransformer2DModel
 
-    import flux_flow
-    import flux_run
-    try:
-        import flux_parallel
-    except ImportError:  # older code: the process set-up lived in flux_flow.py
-        flux_parallel = flux_flow
+    from image_flow import checkpoints, parallel, trainer
 
     torch.set_num_threads(1)
-    rank, world, device = flux_parallel.init_distributed()
+    rank, world, device = parallel.init_distributed()
     base = rss_mb()
     layers, single = args.layers
 
@@ -84,8 +78,8 @@ def worker(args):
             patch_size=1, in_channels=16, num_layers=layers, num_single_layers=single,
             attention_head_dim=64, num_attention_heads=args.heads, joint_attention_dim=512,
             pooled_projection_dim=256, axes_dims_rope=[16, 24, 24], guidance_embeds=True)
-        flux_flow.setup_trainable(model, 0, 1.0, upcast=False)
-        model = flux_parallel.wrap_distributed(model, 0, device)
+        trainer.setup_trainable(model, 0, 1.0, upcast=False)
+        model = parallel.wrap_distributed(model, 0, device)
         params = [p for p in model.parameters() if p.requires_grad]
         return model, params, torch.optim.AdamW(params, lr=1e-5)
 
@@ -93,33 +87,27 @@ def worker(args):
     n = sum(p.numel() for p in params)
     generator = torch.Generator().manual_seed(rank)
     fp = {"bench": 1}
-    new = hasattr(flux_run, "Checkpointer")
-    path = Path(args.out) / ("checkpoint" if new else "checkpoint.pt")
+    path = Path(args.out) / "checkpoint"
     if args.phase == "save":
         for p in params:
             p.grad = torch.full_like(p, 1e-3)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if new:
-            def op():
-                checkpointer = flux_run.Checkpointer(path, async_save=args.async_save)
-                checkpointer.save(model, opt, generator, 0, fp)
-                checkpointer.close()  # waits for an asynchronous save
-        else:
-            op = lambda: flux_run.save_checkpoint(path, model, opt, generator, 0, fp, world)
-    elif new:
-        op = lambda: flux_run.load_checkpoint(path, model, opt, generator, fp, 0, log=None)
+
+        def op():
+            checkpointer = checkpoints.Checkpointer(path, async_save=args.async_save)
+            checkpointer.save(model, opt, generator, 0, fp)
+            checkpointer.close()  # waits for an asynchronous save
     else:
-        op = lambda: flux_run.load_checkpoint(path, model, opt, generator, fp, world, log=None)
+        op = lambda: checkpoints.load_checkpoint(path, model, opt, generator, fp, 0, log=None)
     seconds, before, peak = measured(op)
     row = {"rank": rank, "params_M": n / 1e6, "base": base, "s": seconds, "before": before,
            "peak": peak}
     rows = [None] * world
     dist.all_gather_object(rows, row)
     if rank == 0:
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() \
-            else path.stat().st_size
-        print("ROWS " + json.dumps({"rows": rows, "bytes": size, "new": new}))
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        print("ROWS " + json.dumps({"rows": rows, "bytes": size}))
     model = params = opt = op = None  # FSDP state goes before its process group does
     gc.collect()
     dist.barrier()
@@ -127,14 +115,13 @@ def worker(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.checkpoint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--code", default=str(HERE), help="folder holding flux_flow.py, flux_run.py")
+    p.add_argument("--code", default=str(ROOT), help="folder holding image_flow/ and g2rpo.py")
     p.add_argument("--procs", default="1,2", help="comma-separated process counts")
     p.add_argument("--layers", default="2,6", help="double-stream,single-stream blocks")
     p.add_argument("--heads", type=int, default=10, help="attention heads of 64 channels")
-    p.add_argument("--async-save", action="store_true",
-                   help="save with dcp.async_save (this checkout's Checkpointer only)")
+    p.add_argument("--async-save", action="store_true", help="save with dcp.async_save")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--phase", choices=["save", "resume"], help=argparse.SUPPRESS)
@@ -162,11 +149,11 @@ def main():
 
 def run_phase(args, world, out, phase):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-           "--master_port", str(29700 + os.getpid() % 1000 + world), str(HERE /
-           "bench_checkpoint.py"), "--worker", "--phase", phase, "--out", out, "--code",
+           "--master_port", str(29700 + os.getpid() % 1000 + world), "-m",
+           "benchmarks.checkpoint", "--worker", "--phase", phase, "--out", out, "--code",
            args.code, "--layers", f"{args.layers[0]},{args.layers[1]}", "--heads", str(args.heads),
            *(["--async-save"] if args.async_save else [])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         sys.exit(f"{phase} on {world} process(es) failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")

@@ -1,0 +1,148 @@
+"""The pipeline and the prompts: what a checkpoint is (read from its files before any weights
+load), loading it, and the prompt files.
+
+A checkpoint is a local folder in save_pretrained's layout or a Hub id already in the cache;
+nothing is downloaded at run time.
+"""
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from .families import family_for, family_of, supported, weightless_pipeline
+
+BUILTIN_PROMPTS = [
+    "a red fox sitting in fresh snow, golden hour",
+    "a lighthouse on a cliff during a storm, dramatic clouds",
+    "a bowl of ramen with a soft-boiled egg, studio lighting",
+    "an astronaut riding a horse on the moon, photorealistic",
+    "a cozy reading nook with a cat asleep on a pile of books",
+    "a watercolor painting of a venetian canal at dawn",
+    "a futuristic city skyline at night with flying cars",
+    "a close-up portrait of an old fisherman, film grain",
+    "a hummingbird drinking from a purple flower, macro photo",
+    "a medieval castle on a hill surrounded by autumn forest",
+    "a glass of iced coffee on a wooden table, morning light",
+    "an origami crane made of newspaper, soft shadows",
+    "a snowy mountain lake reflecting the milky way",
+    "a vintage red bicycle leaning against a blue door",
+    "a steampunk owl made of brass gears",
+    "a field of sunflowers under a thunderstorm sky",
+]
+BUILTIN_EVAL_PROMPTS = [
+    "a corgi wearing a tiny wizard hat, digital art",
+    "a tranquil japanese garden with a red bridge",
+    "a plate of colorful macarons on a marble counter",
+    "a polar bear walking across an ice floe at sunset",
+]
+
+
+def checkpoint_file(path, name):
+    """A file of a diffusers checkpoint (a local folder, or a Hub id already in the cache), or
+    None when it is not on this machine yet (load_pipeline then names what is missing)."""
+    if Path(path).is_dir():
+        f = Path(path) / name
+        return f if f.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, name) if path.count("/") == 1 else None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def model_index(path):
+    """The checkpoint's model_index.json as a dict, or None when it is not on this machine."""
+    index = checkpoint_file(path, "model_index.json")
+    return None if index is None else json.loads(index.read_text())
+
+
+def check_pipeline_class(path):
+    """The Family of the checkpoint's pipeline class (model_index.json's _class_name), or None
+    when that file is not on this machine yet; another class is refused before any weights
+    load."""
+    index = model_index(path)
+    if index is None:
+        return None
+    try:
+        return family_for(index.get("_class_name"))
+    except ValueError as e:
+        raise ValueError(f"--model {path}: {e}") from None
+
+
+def load_pipeline(path, device="cpu", dtype=torch.float32):
+    """The family's pipeline class .from_pretrained(path), every model in it frozen and in eval
+    mode (the trainer never switches modes: sampling == training)."""
+    import diffusers
+
+    family = check_pipeline_class(path)
+    cls = getattr(diffusers, family.pipeline) if family else diffusers.DiffusionPipeline
+    what = family.pipeline if family else f"a diffusers pipeline ({supported()})"
+    try:
+        with warnings.catch_warnings():  # newer diffusers renames torch_dtype to dtype
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = cls.from_pretrained(path, torch_dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise OSError(f"could not load {what} from {path!r}: {e}. Pass a local folder "
+                      f"(save_pretrained layout) or a Hub id that is already downloaded.") from e
+    family_of(pipe)  # a Hub checkpoint of another class, read without its model_index first
+    pipe.to(device)
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.requires_grad_(False).eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def read_prompts(path=None, builtin=BUILTIN_PROMPTS):
+    """Prompts from a UTF-8 text file (one per line, blank lines skipped, a BOM dropped), or the
+    built-in list."""
+    if path is None:
+        return list(builtin)
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"prompt file {str(path)!r} is a directory, not a text file")
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text (byte {e.start}: "
+                         f"{e.reason})") from None
+    except OSError as e:
+        raise OSError(f"prompt file {str(path)!r} cannot be read: {e.strerror or e}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {str(path)!r} holds no prompts (one per line expected)")
+    return prompts
+
+
+def check_lora_targets(transformer, targets):
+    """Each target must name (as peft matches it: the module's name or its dotted ending) a
+    linear layer of the transformer; a ValueError lists the names there are."""
+    linear = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in linear):
+            ends = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit()
+                           else n.split(".")[-1] for n in linear})
+            raise ValueError(f"--lora-targets: {t!r} names no linear layer of the "
+                             f"{type(transformer).__name__}; its linear layers end in "
+                             f"{', '.join(ends)}")
+
+
+def pipeline_on_meta(path):
+    """The checkpoint's pipeline class around its transformer and VAE built from their configs
+    on the meta device (no weights; the text encoders left out), or None when those configs are
+    not on this machine yet: sizes, ids and LoRA targets can be checked before loading."""
+    index = model_index(path)
+    configs = {k: checkpoint_file(path, f"{k}/config.json") for k in ("transformer", "vae")}
+    if index is None or None in configs.values():
+        return None
+    import diffusers
+
+    models = {}
+    with torch.device("meta"):
+        for name, config in configs.items():  # model_index: {"vae": ["diffusers", "<class>"]}
+            cls = getattr(diffusers, index[name][1])
+            models[name] = cls.from_config(json.loads(config.read_text()))
+    return weightless_pipeline(index["_class_name"], **models)
