@@ -423,3 +423,23 @@ def test_the_benchmark_counts_each_familys_real_size_flops(capsys):
     for name, cells in rows.items():  # 4× the image tokens (the text's stay): > 3× the work
         small, large = float(cells[3]), float(cells[5])
         assert 3 * small < large < 5 * small, (name, cells)
+
+
+# ----------------------------------------------------------------------------------------------
+# The smoke test a user runs after installing.
+
+
+def test_the_smoke_test_builds_a_tiny_pipeline_and_trains_on_it(tmp_path, capsys):
+    from image_flow import tiny
+
+    assert set(tiny.PIPELINES) == {f.slug for f in families.all_families()}  # every family
+    tiny.main(["sd3", str(tmp_path), "--train"])
+    out = capsys.readouterr().out
+    assert f"python -m image_flow --model {tmp_path / 'sd3'}" in out
+    assert "SD3 (StableDiffusion3Pipeline); 1 process(es)" in out
+    run = tmp_path / "runs" / "sd3"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert all(math.isfinite(r["reward"]) for r in rows)
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
