@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from image_flow import families, flags, loading, trainer
-from image_flow.tiny import (make_tiny_flux, make_tiny_flux2_klein, make_tiny_qwen_image,
-                             make_tiny_sd3, make_tiny_z_image)
+from image_flow.tiny import (PIPELINES, make_tiny_flux, make_tiny_flux2_klein,
+                             make_tiny_qwen_image, make_tiny_z_image)
 from image_flow.velocity import Velocity
 from test_image_flow import (ROOT, SUBPROCESS_ENV, H, W, assert_resume_is_bit_exact, checkpoint,
                              parse_error, train_args)
@@ -32,29 +32,28 @@ def one_thread():
 
 
 class Case:
-    """How the tests build and call one family: its tiny pipeline, the guidance scale they train
-    with (both rows when it has classifier-free guidance), the text length (long enough that the
-    prompts differ after the family's template) and the pipeline's own guidance arguments."""
+    """How the tests build and call one family: its tiny pipeline and text length (long enough
+    that the prompts differ after the family's template; image_flow/tiny.py's PIPELINES), the
+    guidance scale they train with (both rows when it has classifier-free guidance) and the
+    pipeline's own guidance arguments."""
 
-    def __init__(self, make, guidance, max_len, call, off=1.0):
-        self.make, self.guidance, self.max_len, self.call = make, guidance, max_len, call
+    def __init__(self, key, guidance, call, off=1.0):
+        self.key, self.guidance, self.call = key, guidance, call
+        self.make, self.max_len = PIPELINES[key]
         self.off = off  # a scale that turns guidance off
 
 
-FAMILIES = {
-    "sd3": Case(make_tiny_sd3, 4.5, 16,
-                lambda w, negative, n: {"guidance_scale": w, "negative_prompt": negative}),
-    "qwen-image": Case(make_tiny_qwen_image, 4.0, 512,
-                       lambda w, negative, n: {"true_cfg_scale": w,
-                                               "negative_prompt": negative if w > 1 else None}),
-    "flux2-klein": Case(make_tiny_flux2_klein, 4.0, 64,
-                        lambda w, negative, n: {"guidance_scale": w}),
+FAMILIES = {c.key: c for c in [
+    Case("sd3", 4.5, lambda w, negative, n: {"guidance_scale": w, "negative_prompt": negative}),
+    Case("qwen-image", 4.0, lambda w, negative, n: {"true_cfg_scale": w,
+                                                    "negative_prompt": negative if w > 1
+                                                    else None}),
+    Case("flux2-klein", 4.0, lambda w, negative, n: {"guidance_scale": w}),
     # Z-Image's w = 1 is guidance on (the usual 2); off is 0.
-    "z-image": Case(make_tiny_z_image, 1.5, 64,
-                    lambda w, negative, n: {"guidance_scale": w,  # one negative per prompt
-                                            "negative_prompt": [negative] * n},
-                    off=0.0),
-}
+    Case("z-image", 1.5, lambda w, negative, n: {"guidance_scale": w,  # one negative per prompt
+                                                 "negative_prompt": [negative] * n},
+         off=0.0),
+]}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
