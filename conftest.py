@@ -11,6 +11,20 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prompt_cache(tmp_path_factory):
+    """The trainer's prompt-embedding cache in a temporary folder (subprocesses inherit it)."""
+    from image_flow.prompts import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("prompt-cache"))
+    yield os.environ[CACHE_ENV]
+    if before is None:
+        del os.environ[CACHE_ENV]
+    else:
+        os.environ[CACHE_ENV] = before
+
+
 def gpu_test_device():
     """The device the gpu tests run on: cuda, or G2RPO_GPU_TEST_DEVICE for a dry run."""
     return torch.device(os.environ.get("G2RPO_GPU_TEST_DEVICE", "cuda"))

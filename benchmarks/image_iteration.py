@@ -344,8 +344,8 @@ def main(argv=None):
                                      args.gradient_checkpointing,
                                      lora_targets=family.lora_targets)
     # One transformer row per sample: the family's guidance, or a scale that turns CFG off.
-    guidance = next(w for w in (family.guidance.default, 1.0, 0.0)
-                    if not family.guidance.needs_uncond(w))
+    guide = family.guidance
+    guidance = guide.off if guide.needs_uncond(guide.default) else guide.default
     velocity = Velocity(transformer, family, constant, guidance, dtype, args.attention_backends,
                         device.type)
     cfg = g2rpo.Config(group_size=args.group_size, batch_size=args.batch_size, lr=1e-5)

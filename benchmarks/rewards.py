@@ -68,7 +68,7 @@ def per_image_reload(checkpoint, arch):
     """hpsv2 1.2.0's score(): the checkpoint read into the model at every call, one image each."""
     import open_clip
 
-    name = rewards._architecture(arch)
+    name = rewards.open_clip_architecture(arch)
     reward = rewards.OpenClipReward(open_clip.create_model(name), open_clip.get_tokenizer(name))
 
     def score(images, prompts):

@@ -6,7 +6,6 @@ match). A family's own flags (its guidance options) and help come from its modul
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import g2rpo
 # '0,1,2' → (0, 1, 2) for argparse; empty or non-integer: refused (the CPU worlds' parser).
@@ -18,6 +17,7 @@ from .families import all_families, supported
 from .families.seam import Family
 from .loading import (BUILTIN_EVAL_PROMPTS, BUILTIN_PROMPTS, check_lora_targets,
                       check_pipeline_class, model_index, pipeline_on_meta, read_prompts)
+from .prompts import default_cache
 
 
 def name_list(s):
@@ -112,9 +112,10 @@ def settings(args):
 
 def parse_args(argv=None):
     """The command line, checked (check_args) before any model loads."""
+    # No abbreviations: a typo must not silently pick another flag (--cfg: --cfg-normalization).
     p = argparse.ArgumentParser(prog="python -m image_flow",
                                 description=sys.modules[__package__].__doc__,
-                                formatter_class=HelpFormatter)
+                                formatter_class=HelpFormatter, allow_abbrev=False)
     d, families = g2rpo.Config(), all_families()
     _model_flags(p.add_argument, d, families)
     _algorithm_flags(p.add_argument, d)
@@ -139,9 +140,25 @@ def _model_flags(a, d, families):
     a("--eval-prompts", help="held-out prompts, one per line (default: 4 built-in)")
     a("--height", type=int, default=512, help="image height, a multiple of 16")
     a("--width", type=int, default=512, help="image width, a multiple of 16")
-    a("--steps", type=int, default=d.num_steps, help="T sampling steps")
-    a("--schedule", choices=["static", "pipeline"], default="static",
-      help="static shift (official recipe) or the grid the model's pipeline uses at this size")
+    a("--recipe", choices=["auto", "base", "distilled"], default="auto",
+      help="the defaults of --steps, --schedule, --branch-steps, --guidance and --eval-steps: "
+           f"'base' is the paper's (T = {d.num_steps} on the static grid, the family's guidance, "
+           "evaluation at the pipeline's own steps); 'distilled' a step-distilled checkpoint's "
+           "(its few steps on its pipeline's grid for training and evaluation, guidance off); "
+           "'auto' reads which from the checkpoint (FLUX.2 [klein]'s is_distilled, FLUX.1's "
+           "guidance_embeds) and takes 'base' where nothing declares it, saying so (SD3, "
+           "Qwen-Image, Z-Image: give 'distilled' for SD3.5 Large Turbo, Z-Image-Turbo)")
+    a("--steps", type=int, default=None,
+      help=f"T sampling steps (default: {d.num_steps} for 'base'; for 'distilled' the "
+           f"checkpoint's own: " + ", ".join(f"{f.name} {f.distilled_steps}" for f in families)
+           + ")")
+    a("--schedule", choices=["static", "pipeline"], default=None,
+      help="static shift (the official recipe; default for 'base') or the grid the model's "
+           "pipeline uses at this size (default for 'distilled')")
+    a("--eval-steps", type=int, default=None,
+      help="steps of evaluation's samples, on the pipeline's own grid (default: the pipeline's "
+           "inference steps, " + ", ".join(f"{f.name} {f.inference_steps}" for f in families)
+           + "; a distilled checkpoint's: --steps)")
     a("--shift", type=float, default=d.shift, help="static shift of the σ grid")
     a("--guidance", type=float, default=None,
       help="guidance scale, in the model's own form (default per family): " + "; ".join(
@@ -165,7 +182,8 @@ def _algorithm_flags(a, d):
     a("--group-size", type=int, default=d.group_size, help="G, members per prompt")
     a("--branch-steps", type=int_list, default=None,
       help=f"comma-separated k, the steps that branch (g2rpo) or take an SDE step (full_sde) "
-           f"(default: {csv(d.branch_steps)})")
+           f"(default: the first half of the T steps, 0..T/2 − 1: {csv(d.branch_steps)} for "
+           f"T = {d.num_steps}, 0,1 for T = 4)")
     a("--granularities", type=int_list, default=None,
       help=f"comma-separated λ, ODE strides that finish a branch (g2rpo) "
            f"(default: {csv(d.granularities)})")
@@ -190,7 +208,7 @@ def _reward_flags(a):
     a("--clip-model", default=rd["clip_model"],
       help="CLIP score model: a transformers CLIP, or an OpenCLIP one ('hf-hub:org/name' or a "
            "folder with open_clip_config.json; the official recipe's: "
-           "hf-hub:apple/DFN5B-CLIP-ViT-H-14-384)")
+           "hf-hub:apple/DFN5B-CLIP-ViT-H-14-378)")
     a("--pickscore-model", default=rd["pickscore_model"], help="PickScore reward model")
     a("--pickscore-processor", default=rd["pickscore_processor"],
       help="PickScore's tokenizer and image processor")
@@ -226,9 +244,13 @@ def _training_flags(a, d, families):
     a("--iterations", type=int, default=d.num_iterations, help="outer iterations")
     a("--prompts-per-gpu", type=int, default=d.prompts_per_iteration,
       help="prompts per iteration and process")
-    a("--batch-size", type=int, default=8, help="rows per transformer call while sampling")
+    a("--batch-size", type=int, default=8,
+      help="samples per transformer call while sampling (a guided call holds 2 rows per sample)")
     a("--decode-batch", type=int, default=4, help="images per VAE decode while scoring")
-    a("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    large = ", ".join(f.name for f in families if f.gradient_checkpointing) or "none"
+    a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+      help=f"recompute activations in backward (default: on for {large}, whose size leaves an "
+           f"80 GB GPU too little room for stored activations; off for the others)")
     a("--dtype", choices=["bf16", "fp32"], default=None,
       help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     a("--attention-backends", default=",".join(DEFAULT_ATTENTION),
@@ -242,6 +264,10 @@ def _run_flags(a, d, families):
     a("--output-dir", default=None,
       help="checkpoint, metrics.jsonl, eval images (default: runs/<family>: " + ", ".join(
           f"runs/{f.slug}" for f in families) + ")")
+    a("--prompt-cache", default=None,
+      help="folder of the encoded prompts, shared by runs (a safetensors file per prompt, named "
+           "by the text encoders' files, family, text length, dtype and prompt) (default: "
+           "$G2RPO_PROMPT_CACHE, else ~/.cache/g2rpo/prompt-embeddings)")
     a("--overwrite", action="store_true",
       help="replace the run already in --output-dir (its files are deleted)")
     a("--save-every", type=int, default=50, help="checkpoint every N iterations (and at the end)")
@@ -264,6 +290,10 @@ def _run_flags(a, d, families):
       help="experiment tracking: TensorBoard events in <output-dir>/tensorboard, or wandb")
     a("--eval-seeds", type=int_list, default=(0, 1), help="comma-separated evaluation seeds")
     a("--seed", type=int, default=d.seed, help="seeds LoRA's initialisation, prompts and noise")
+    a("--plan", type=int, nargs="?", const=0, default=None, metavar="PROCESSES",
+      help="print what each process will hold (weights, gradients, optimizer state, EMA, KL "
+           "reference, text encoders, rewards, prompt rows) from the configs alone, for "
+           "PROCESSES processes (default: $WORLD_SIZE or 1), and exit without loading weights")
 
 
 def check_args(args):
@@ -273,18 +303,20 @@ def check_args(args):
     names = reward_models.reward_names(args.rewards)
     if args.eval_rewards is not None:
         names += reward_models.reward_names(args.eval_rewards, "--eval-rewards")
-    if "hps" in names:  # a file: found (or named missing) now; rewards load before the model
+    if "hps" in names and args.plan is None:  # found (or named missing) before any model loads
         reward_models.resolve_file(args.hps_checkpoint, "--hps-checkpoint")
+    read_prompts(args.prompts)
+    read_prompts(args.eval_prompts, BUILTIN_EVAL_PROMPTS)
+    _check_checkpoint(args)  # fills in the family's and the recipe's defaults
     try:
         make_config(args)
     except g2rpo.ConfigError as e:
         raise ValueError(f"{flag_of(e.field)}: {e}") from None
-    read_prompts(args.prompts)
-    read_prompts(args.eval_prompts, BUILTIN_EVAL_PROMPTS)
-    _check_checkpoint(args)
     if args.resume is not None:
         _check_resume(args)
     runs.check_writable_dir(args.output_dir)
+    args.prompt_cache = args.prompt_cache or default_cache()
+    runs.check_writable_dir(args.prompt_cache)
 
 
 def _check_values(args):
@@ -293,7 +325,7 @@ def _check_values(args):
     for field in METHOD_FIELDS:
         if field in g2rpo.UNUSED_FIELDS[args.method] and getattr(args, field) is not None:
             raise ValueError(f"{flag_of(field)} is not used by --method {args.method}")
-        if getattr(args, field) is None:
+        if getattr(args, field) is None and field != "branch_steps":  # the recipe's (T/2)
             setattr(args, field, getattr(d, field))
     if args.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0, got {args.lora_rank}")
@@ -322,7 +354,8 @@ def _check_values(args):
     except ValueError as e:
         raise ValueError(f"--max-shard-size: {e}") from None
     for flag, value in (("--save-every", args.save_every), ("--decode-batch", args.decode_batch),
-                        ("--max-sequence-length", args.max_sequence_length)):
+                        ("--max-sequence-length", args.max_sequence_length),
+                        ("--eval-steps", args.eval_steps)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.guidance is not None and not math.isfinite(args.guidance):
@@ -334,26 +367,18 @@ def _check_values(args):
 
 
 def _check_checkpoint(args):
-    """What the checkpoint's files say before any weights load: its family (and the flags that
-    depend on it), the image size it takes, the LoRA targets its transformer has."""
-    # The family, from the checkpoint's model_index.json when it is on this machine (a Hub
-    # checkpoint not downloaded yet: its defaults are filled in once it has loaded).
-    args.family = None
+    """What the checkpoint's files say before any weights load: its family, whether it is
+    step-distilled, and the flags that depend on them; the image size it takes, the LoRA targets
+    its transformer has."""
     family = check_pipeline_class(args.model)
-    shell = pipeline_on_meta(args.model) if family is not None else None
-    meta = shell.transformer if shell is not None else None
-    if family is not None:
-        apply_family(args, family, model_index(args.model),
-                     meta.config if meta is not None else {})
-    if shell is not None:
-        try:  # the family's own limits (SD3: its position table), with the VAE's real factor
-            family.check_image_size(shell, args.height, args.width)
-        except ValueError as e:
-            raise ValueError(f"--{e}") from None
-    if args.output_dir is None:  # needed now: the run directory is locked before loading
-        args.output_dir = f"runs/{Path(args.model).name.lower()}"
-    if args.lora_rank > 0 and meta is not None:
-        check_lora_targets(meta, args.lora_targets)
+    shell = pipeline_on_meta(args.model)
+    apply_family(args, family, model_index(args.model), shell.transformer.config)
+    try:  # the family's own limits (SD3: its position table), with the VAE's real factor
+        family.check_image_size(shell, args.height, args.width)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
+    if args.lora_rank > 0:
+        check_lora_targets(shell.transformer, args.lora_targets)
 
 
 def _check_resume(args):
@@ -375,9 +400,8 @@ def guidance_options(args):
 
 
 def apply_family(args, family, index, transformer_config):
-    """Check the flags whose meaning depends on the family and fill in their defaults; once,
-    when the family is known (args.family then names it). index: the checkpoint's
-    model_index.json (the pipeline's config)."""
+    """Check the flags whose meaning depends on the family and fill in their defaults (the
+    recipe's: apply_recipe). index: the checkpoint's model_index.json (the pipeline's config)."""
     family.guidance.check(dict(index), dict(transformer_config), args.guidance)
     if args.negative_prompt and not family.guidance.negative_prompt:
         raise ValueError(f"--negative-prompt: {family.name}'s pipeline takes none (its "
@@ -386,11 +410,42 @@ def apply_family(args, family, index, transformer_config):
         if option not in family.guidance.options:
             raise ValueError(f"{flag_of(option)} is not an option of {family.name}'s guidance")
     args.family = family.name
-    if args.guidance is None:
-        args.guidance = family.guidance.default_for(dict(index))
+    apply_recipe(args, family, dict(index), dict(transformer_config))
     if args.max_sequence_length is None:
         args.max_sequence_length = family.max_sequence_length
     if args.lora_targets is None:
         args.lora_targets = family.lora_targets
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = family.gradient_checkpointing
     if args.output_dir is None:
         args.output_dir = f"runs/{family.slug}"
+
+
+def apply_recipe(args, family, index, transformer_config):
+    """--recipe: the defaults of steps, grid, branch steps, guidance and evaluation steps for a
+    base checkpoint (the paper's recipe) or a step-distilled one (its own few steps on its
+    pipeline's grid, guidance off). args.recipe becomes the one taken and args.recipe_reason
+    says why, for the console."""
+    declared, where = family.distilled(index, transformer_config)
+    if args.recipe == "auto":
+        args.recipe = "distilled" if declared else "base"
+        args.recipe_reason = where + ("" if declared is not None else
+                                      "; assumed a base model (--recipe distilled if it is not)")
+    else:
+        args.recipe_reason = "--recipe " + args.recipe
+    distilled = args.recipe == "distilled"
+    if args.steps is None:
+        args.steps = family.distilled_steps if distilled else g2rpo.Config.num_steps
+    if args.schedule is None:
+        args.schedule = "pipeline" if distilled else "static"
+    if args.branch_steps is None:
+        args.branch_steps = default_branch_steps(args.steps)
+    if args.guidance is None:
+        args.guidance = family.guidance.off if distilled else family.guidance.default_for(index)
+    if args.eval_steps is None:
+        args.eval_steps = args.steps if distilled else family.inference_steps
+
+
+def default_branch_steps(num_steps):
+    """The first half of the T steps (the paper's 0..7 of 16): 4 → (0, 1)."""
+    return tuple(range(max(1, num_steps // 2)))

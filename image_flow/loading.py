@@ -1,8 +1,9 @@
 """The pipeline and the prompts: what a checkpoint is (read from its files before any weights
 load), loading it, and the prompt files.
 
-A checkpoint is a local folder in save_pretrained's layout or a Hub id already in the cache;
-nothing is downloaded at run time.
+A checkpoint is a local folder in save_pretrained's layout or a Hub id. Its configs (a few KB)
+are read before anything loads, from the folder, the Hugging Face cache or the Hub; the weights
+load with from_pretrained.
 """
 
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .families import family_for, family_of, supported, weightless_pipeline
+from .families import family_for, weightless_pipeline
 
 BUILTIN_PROMPTS = [
     "a red fox sitting in fresh snow, golden hour",
@@ -40,32 +41,49 @@ BUILTIN_EVAL_PROMPTS = [
 
 
 def checkpoint_file(path, name):
-    """A file of a diffusers checkpoint (a local folder, or a Hub id already in the cache), or
-    None when it is not on this machine yet (load_pipeline then names what is missing)."""
+    """A file of a diffusers checkpoint: in a local folder, in the Hugging Face cache, or fetched
+    from the Hub (configs: a few KB); None when it is nowhere (no such file, or offline)."""
     if Path(path).is_dir():
         f = Path(path) / name
         return f if f.is_file() else None
-    from huggingface_hub import try_to_load_from_cache
+    if path.count("/") != 1:
+        return None
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    cached = try_to_load_from_cache(path, name) if path.count("/") == 1 else None
-    return Path(cached) if isinstance(cached, str) else None
+    cached = try_to_load_from_cache(path, name)
+    if isinstance(cached, str):
+        return Path(cached)
+    try:
+        return Path(hf_hub_download(path, name))
+    except Exception:  # offline, no network, no such repository or file: the caller says which
+        return None
+
+
+def required_file(path, name):
+    """checkpoint_file, or an OSError naming the file and how to fetch it."""
+    f = checkpoint_file(path, name)
+    if f is not None:
+        return f
+    if Path(path).is_dir() or path.count("/") != 1:
+        where = (f"the folder {path!r} has no {name}" if Path(path).is_dir() else
+                 f"{path!r} is neither a folder nor a Hub id (org/name)")
+        raise OSError(f"--model: {where}; a diffusers checkpoint in save_pretrained's layout is "
+                      f"needed")
+    raise OSError(f"--model: {name} of {path!r} is neither in the Hugging Face cache nor on the "
+                  f"Hub (offline, or no such checkpoint); fetch it first with `hf download "
+                  f"{path}`")
 
 
 def model_index(path):
-    """The checkpoint's model_index.json as a dict, or None when it is not on this machine."""
-    index = checkpoint_file(path, "model_index.json")
-    return None if index is None else json.loads(index.read_text())
+    """The checkpoint's model_index.json as a dict (an OSError when it has none)."""
+    return json.loads(required_file(path, "model_index.json").read_text())
 
 
 def check_pipeline_class(path):
-    """The Family of the checkpoint's pipeline class (model_index.json's _class_name), or None
-    when that file is not on this machine yet; another class is refused before any weights
-    load."""
-    index = model_index(path)
-    if index is None:
-        return None
+    """The Family of the checkpoint's pipeline class (model_index.json's _class_name); another
+    class is refused before any weights load."""
     try:
-        return family_for(index.get("_class_name"))
+        return family_for(model_index(path).get("_class_name"))
     except ValueError as e:
         raise ValueError(f"--model {path}: {e}") from None
 
@@ -76,8 +94,7 @@ def load_pipeline(path, device="cpu", dtype=torch.float32):
     import diffusers
 
     family = check_pipeline_class(path)
-    cls = getattr(diffusers, family.pipeline) if family else diffusers.DiffusionPipeline
-    what = family.pipeline if family else f"a diffusers pipeline ({supported()})"
+    cls, what = getattr(diffusers, family.pipeline), family.pipeline
     try:
         with warnings.catch_warnings():  # newer diffusers renames torch_dtype to dtype
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
@@ -85,7 +102,6 @@ def load_pipeline(path, device="cpu", dtype=torch.float32):
     except (OSError, ValueError) as e:
         raise OSError(f"could not load {what} from {path!r}: {e}. Pass a local folder "
                       f"(save_pretrained layout) or a Hub id that is already downloaded.") from e
-    family_of(pipe)  # a Hub checkpoint of another class, read without its model_index first
     pipe.to(device)
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
@@ -117,12 +133,17 @@ def read_prompts(path=None, builtin=BUILTIN_PROMPTS):
     return prompts
 
 
+def matches(name, target):
+    """Whether a LoRA target names this module, as peft matches it: its name or dotted ending."""
+    return name == target or name.endswith("." + target)
+
+
 def check_lora_targets(transformer, targets):
-    """Each target must name (as peft matches it: the module's name or its dotted ending) a
-    linear layer of the transformer; a ValueError lists the names there are."""
+    """Each target must name (as peft matches it) a linear layer of the transformer; a
+    ValueError lists the names there are."""
     linear = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
     for t in targets:
-        if not any(n == t or n.endswith("." + t) for n in linear):
+        if not any(matches(n, t) for n in linear):
             ends = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit()
                            else n.split(".")[-1] for n in linear})
             raise ValueError(f"--lora-targets: {t!r} names no linear layer of the "
@@ -132,17 +153,14 @@ def check_lora_targets(transformer, targets):
 
 def pipeline_on_meta(path):
     """The checkpoint's pipeline class around its transformer and VAE built from their configs
-    on the meta device (no weights; the text encoders left out), or None when those configs are
-    not on this machine yet: sizes, ids and LoRA targets can be checked before loading."""
+    on the meta device (no weights; the text encoders left out): sizes, ids and LoRA targets
+    can be checked before loading."""
     index = model_index(path)
-    configs = {k: checkpoint_file(path, f"{k}/config.json") for k in ("transformer", "vae")}
-    if index is None or None in configs.values():
-        return None
     import diffusers
 
     models = {}
     with torch.device("meta"):
-        for name, config in configs.items():  # model_index: {"vae": ["diffusers", "<class>"]}
-            cls = getattr(diffusers, index[name][1])
-            models[name] = cls.from_config(json.loads(config.read_text()))
+        for name in ("transformer", "vae"):  # model_index: {"vae": ["diffusers", "<class>"]}
+            config = json.loads(required_file(path, f"{name}/config.json").read_text())
+            models[name] = getattr(diffusers, index[name][1]).from_config(config)
     return weightless_pipeline(index["_class_name"], **models)

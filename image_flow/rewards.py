@@ -3,7 +3,7 @@
 - hps: HPS-v2.1, the paper's reward: OpenCLIP's ViT-H-14 with the HPS-v2.1 checkpoint (read once,
   no pretrained download), the cosine of image and text embeddings as HPS computes it;
 - clip: CLIP score, the same cosine on a CLIP: an OpenCLIP one (the official recipe's
-  hf-hub:apple/DFN5B-CLIP-ViT-H-14-384, or a local OpenCLIP folder) or a transformers CLIPModel;
+  hf-hub:apple/DFN5B-CLIP-ViT-H-14-378, or a local OpenCLIP folder) or a transformers CLIPModel;
 - pickscore: PickScore_v1 (a transformers CLIP) with its learned logit scale.
 
 Every reward scores a batch of image tensors at once (no PIL round trip); OpenCLIP images are
@@ -58,15 +58,19 @@ class ClipReward:
                 f": {e}. {_fetch_hint(model_id)}") from e
         crop = ip.crop_size  # a dict, or transformers 5's SizeDict, or an int in old configs
         self.size = (crop, crop) if isinstance(crop, int) else (crop["height"], crop["width"])
+        size = ip.size if isinstance(ip.size, int) else ip.size.get("shortest_edge")
+        self.shortest_edge = size or min(self.size)
         self.mean = torch.tensor(ip.image_mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(ip.image_std, device=device).view(1, 3, 1, 1)
         self.pickscore, self.device = pickscore, device
 
     def preprocess(self, images):
-        """Resize the shorter side to the crop size (bicubic), centre-crop, normalise."""
+        """Resize the shorter side to the processor's shortest_edge (bicubic, antialiased), the
+        longer side truncated as CLIPImageProcessor computes it, centre-crop, normalise."""
         h, w = images.shape[-2:]
-        scale = max(self.size[0] / h, self.size[1] / w)
-        size = (max(self.size[0], round(h * scale)), max(self.size[1], round(w * scale)))
+        short, long = sorted((h, w))
+        resized = (self.shortest_edge, int(self.shortest_edge * long / short))
+        size = resized if h <= w else resized[::-1]
         x = torch.nn.functional.interpolate(images, size=size, mode="bicubic", antialias=True,
                                             align_corners=False)
         top, left = (size[0] - self.size[0]) // 2, (size[1] - self.size[1]) // 2
@@ -122,7 +126,7 @@ class OpenClipReward:
         import open_clip
 
         path = resolve_file(checkpoint, "--hps-checkpoint")
-        name = _architecture(architecture)
+        name = open_clip_architecture(architecture)
         try:
             model = open_clip.create_model(name, pretrained=path, device="cpu",
                                            require_pretrained=True)
@@ -191,7 +195,7 @@ def check_images(images, prompts):
         raise ValueError(f"rewards take images in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
 
 
-def _architecture(architecture):
+def open_clip_architecture(architecture):
     """An OpenCLIP architecture name, registering a JSON config file first (its file stem)."""
     import open_clip
 

@@ -330,7 +330,8 @@ def smoke_command(folder, family):
             "--rewards", "clip", "--height", "32", "--width", "32", "--steps", "4",
             "--group-size", "3", "--branch-steps", "0,1", "--granularities", "1,2",
             "--max-sequence-length", str(PIPELINES[family][1]), "--iterations", "2",
-            "--lora-rank", "4", "--output-dir", str(folder / "runs" / family), "--overwrite"]
+            "--lora-rank", "4", "--eval-steps", "4", "--output-dir", str(folder / "runs" / family),
+            "--overwrite"]
 
 
 def main(argv=None):

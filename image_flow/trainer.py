@@ -1,8 +1,8 @@
 """G²RPO on the diffusers flow-matching image models: one trainer for every family.
 
-The prompt cache, the η = 0 sampler, decoding and rewards, the trainable weights (LoRA or the
-whole transformer), evaluation, and the run itself: models built, velocities, the callback that
-logs, checkpoints, exports and evaluates, then g2rpo.train. What a family does differently is in
+The η = 0 sampler, decoding and rewards, the trainable weights (LoRA or the whole transformer),
+evaluation, and the run itself: models built, prompts encoded (prompts.py), velocities, the
+callback that logs, checkpoints, exports and evaluates, then g2rpo.train. What a family does differently is in
 families/; g2rpo.py stays model-agnostic. Latents are kept in float32 between steps, in the
 family's layout; the transformer runs in --dtype (bf16 autocast on GPU) and log-probabilities
 are computed in float32.
@@ -23,50 +23,14 @@ from . import checkpoints, rewards as reward_models, runs
 from .attention import checkpoint_keeping_attention
 from .families import family_of
 from .families.seam import Family
-from .flags import apply_family, guidance_options, make_config, parse_args, settings
-from .loading import (BUILTIN_EVAL_PROMPTS, check_lora_targets, load_pipeline, read_prompts)
+from .flags import csv, guidance_options, make_config, parse_args, settings
+from .loading import (BUILTIN_EVAL_PROMPTS, check_lora_targets, checkpoint_file, load_pipeline,
+                      read_prompts)
 from .parallel import (adapters_disabled, all_reduce_metrics, check_ranks_in_sync,
                        frozen_reference, init_distributed, wrap_distributed)
+from .prompts import (DiskStore, PromptEncoder, encode_up_front, release_text_encoders,
+                      text_encoder_identity)
 from .velocity import Velocity
-
-
-# ----------------------------------------------------------------------------------------------
-# Prompts.
-
-
-class PromptEncoder:
-    """Encodes prompts once under no_grad, through the family's encode (the pipeline's own
-    encode_prompt), and caches each prompt's rows on the CPU.
-
-    With a negative prompt (guidance that needs an unconditional row) it returns
-    {"cond": rows, "uncond": the negative prompt's rows, repeated}; otherwise the rows.
-    """
-
-    def __init__(self, pipe, max_sequence_length=None, negative_prompt=None):
-        self.pipe, self.family, self.cache = pipe, family_of(pipe), {}
-        self.max_len = max_sequence_length or self.family.max_sequence_length
-        self.negative_prompt = negative_prompt
-
-    @torch.no_grad()
-    def rows(self, prompts):
-        """list of P prompts → a tuple of (P, ...) tensors on the transformer's device."""
-        # One prompt at a time: its rows then do not depend on which prompts shared its batch
-        # (last bits of batched matmuls do), so a resumed run encodes what the first run did.
-        for p in dict.fromkeys(prompts):
-            if p not in self.cache:  # a fresh list: some pipelines rewrite the one they are given
-                (row,) = self.family.encode(self.pipe, [p], self.max_len)
-                self.cache[p] = tuple(t.cpu() for t in row)
-        device = self.pipe.transformer.device
-        return tuple(t.to(device) for t in self.family.collate([self.cache[p] for p in prompts]))
-
-    def __call__(self, prompts):
-        prompts = list(prompts)
-        if self.negative_prompt is None:
-            return self.rows(prompts)
-        # One collated batch, so that both halves share a text length (padded where they differ).
-        both = self.rows(prompts + [self.negative_prompt] * len(prompts))
-        return {"cond": tuple(t[: len(prompts)] for t in both),
-                "uncond": tuple(t[len(prompts) :] for t in both)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,6 +182,10 @@ def evaluate(pipe, velocity, encoder, rewards, prompts, height, width, sigmas, s
 def main(argv=None):
     """Parse, train (and evaluate); under torchrun, tear the process group down cleanly."""
     args = parse_args(argv)
+    if args.plan is not None:
+        from .plan import print_plan
+
+        return print_plan(args, args.plan or int(os.environ.get("WORLD_SIZE", "1")))
     rank, world, device = init_distributed()
     try:
         result = run_training(args, rank, world, device)
@@ -257,8 +225,8 @@ class Run:
 
 
 def build_models(r):
-    """Rewards, the pipeline, the trainable weights (wrapped for DDP / FSDP2), the KL's
-    reference, the optimizer and the EMA."""
+    """Rewards, the pipeline, every prompt encoded (then the text encoders freed), the trainable
+    weights (wrapped for DDP / FSDP2), the KL's reference, the optimizer and the EMA."""
     args, dtype = r.args, r.dtype
     # Rewards first: a missing reward model is found before the image model loads (minutes at
     # full size). Each is loaded once, whether it trains, evaluates or both.
@@ -272,10 +240,11 @@ def build_models(r):
     r.eval_rewards = {n: loaded[n] for n in eval_names}
     r.pipe = pipe = load_pipeline(args.model, r.device, dtype)
     r.family = family_of(pipe)
-    if args.family is None:  # a Hub checkpoint that was not on this machine at check_args
-        apply_family(args, r.family, pipe.config, pipe.transformer.config)
+    r.encoder = encode_prompts(r)
     check_image_size(pipe, args.height, args.width)
     r.sigmas = sigma_grid(pipe, args.steps, args.height, args.width, args.schedule, args.shift)
+    # Evaluation samples as the pipeline does: its own grid at --eval-steps.
+    r.eval_sigmas = sigma_grid(pipe, args.eval_steps, args.height, args.width, "pipeline")
     r.raw = raw = pipe.transformer
     full_reference = r.cfg.kl_beta > 0 and not args.lora_rank  # LoRA's: the adapter switched off
     sharded = dist.is_initialized()  # torchrun, even with one process: FSDP2 shards the policy
@@ -294,10 +263,27 @@ def build_models(r):
     r.generator = torch.Generator(r.device).manual_seed(r.cfg.seed)
 
 
+def encode_prompts(r):
+    """Every prompt the run uses, encoded before training into the on-disk cache (what is there
+    already is read back), the negative prompt only when guidance needs an unconditional row;
+    then the text encoders are freed."""
+    args, pipe = r.args, r.pipe
+    uncond = r.family.guidance.needs_uncond(args.guidance, **guidance_options(args))
+    identity = {"text_encoders": text_encoder_identity(
+        checkpoint_file(args.model, "model_index.json").parent), "family": r.family.name,
+        "max_sequence_length": args.max_sequence_length, "dtype": str(r.dtype)}
+    encoder = PromptEncoder(pipe, args.max_sequence_length,
+                            args.negative_prompt if uncond else None,
+                            DiskStore(args.prompt_cache, identity))
+    n = encode_up_front(encoder, r.prompts + r.eval_prompts, r.rank, r.world, r.is_main)
+    release_text_encoders(pipe)
+    r.say(f"prompts: {n} encoded, the rest read from {args.prompt_cache}; text encoders freed")
+    return encoder
+
+
 def build_velocities(r):
     """The policy's velocity (through DDP / FSDP2), evaluation's (without DDP: no gradient, no
-    collectives; FSDP2 needs every rank's forward), the KL reference's, and the prompt encoder,
-    which encodes a negative prompt only when the velocity needs an unconditional row."""
+    collectives; FSDP2 needs every rank's forward) and the KL reference's."""
     args, pipe = r.args, r.pipe
     size = (args.height, args.width)
     r.velocity = Velocity.from_pipe(r.model, pipe, *size, args.guidance, r.dtype,
@@ -307,8 +293,6 @@ def build_velocities(r):
                                          guidance_options(args))
     r.ref_velocity = (reference_velocity(r.raw, r.reference, pipe, args, r.dtype)
                       if r.cfg.kl_beta else None)
-    r.encoder = PromptEncoder(pipe, args.max_sequence_length,
-                              args.negative_prompt if r.velocity.needs_uncond else None)
 
 
 def describe(r):
@@ -317,12 +301,16 @@ def describe(r):
     n_train = sum(p.numel() for p in r.params)
     trained = f"LoRA r={args.lora_rank}" if args.lora_rank else "full fine-tune"
     backend = f" ({dist.get_backend()})" if dist.is_initialized() else ""
-    rows = ("2 transformer rows per sample" if r.velocity.needs_uncond
-            else "1 transformer row per sample")
+    guidance = r.family.guidance.describe(args.guidance, r.raw.config, **guidance_options(args))
     r.say(f"{r.family.name} ({type(r.pipe).__name__}); {r.world} process(es){backend} on "
-          f"{r.device}, {r.dtype}; {trained} ({n_train / 1e6:.2f} M trainable); "
-          f"{len(r.prompts)} prompts; guidance {args.guidance:g} ({rows}); σ grid "
-          f"{[round(s, 3) for s in r.sigmas.tolist()]}")
+          f"{r.device}, {r.dtype}; {trained} ({n_train / 1e6:.2f} M trainable"
+          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}); "
+          f"{len(r.prompts)} prompts; {guidance}")
+    grid = (f"static (shift {args.shift:g})" if args.schedule == "static" else "pipeline's")
+    branch = csv(args.branch_steps) if args.method != "mixgrpo" else "(MixGRPO's window)"
+    r.say(f"recipe {args.recipe} ({args.recipe_reason}): T = {args.steps} on the {grid} σ grid "
+          f"{[round(s, 3) for s in r.sigmas.tolist()]}, branch steps {branch}; evaluation: "
+          f"{args.eval_steps} steps on the pipeline's grid")
     if cfg.kl_beta:
         r.say(f"KL penalty β = {cfg.kl_beta:g} to the reference: " + (
             "the transformer with its LoRA switched off" if args.lora_rank else
@@ -354,7 +342,7 @@ class Hooks:
         r, args = self.r, self.r.args
         with r.averaged():
             scores, images = evaluate(r.pipe, r.eval_velocity, r.encoder, r.eval_rewards,
-                                      r.eval_prompts, args.height, args.width, r.sigmas,
+                                      r.eval_prompts, args.height, args.width, r.eval_sigmas,
                                       args.eval_seeds)
         scores = runs.by_domain(scores, r.train_names)
         grid = runs.captioned_grid(images, r.eval_prompts, args.eval_seeds,

@@ -23,8 +23,8 @@ class Velocity:
         self.transformer, self.family, self.constant = transformer, family, constant
         self.guidance, self.dtype = guidance, dtype  # the scale, in the family's own form
         self.guidance_options = guidance_options or {}
-        # The one place that decides whether a second, unconditional row exists (the trainer
-        # hands the prompt encoder a negative prompt only when it does).
+        # Whether a second, unconditional row exists: the guidance's answer, which the trainer
+        # also asks before it encodes the negative prompt; cond of the other kind is refused.
         self.needs_uncond = family.guidance.needs_uncond(guidance, **self.guidance_options)
         self.device_type = device_type or next(transformer.parameters()).device.type
         self.autocast = dtype != torch.float32  # bf16 compute, fp32 weights/latents (CPU too)

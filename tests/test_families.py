@@ -16,6 +16,7 @@ import torch
 from image_flow import families, flags, loading, trainer
 from image_flow.tiny import (PIPELINES, make_tiny_flux, make_tiny_flux2_klein,
                              make_tiny_qwen_image, make_tiny_z_image)
+from image_flow.prompts import PromptEncoder
 from image_flow.velocity import Velocity
 from test_image_flow import (ROOT, SUBPROCESS_ENV, H, W, assert_resume_is_bit_exact, checkpoint,
                              parse_error, train_args)
@@ -62,38 +63,43 @@ def tiny(request, tmp_path_factory):
     return request.param, FAMILIES[request.param].make(tmp_path_factory.mktemp(request.param))
 
 
+# FLUX.1 too, for the tests that every family takes (its own file: test_image_flow.py).
+EVERY = {**FAMILIES, "flux": Case("flux", 3.5, lambda w, negative, n: {"guidance_scale": w})}
+
+
 def case_of(pipe):
-    return next(c for k, c in FAMILIES.items() if families.family_of(pipe).slug == k)
+    return EVERY[families.family_of(pipe).slug]
 
 
-def pipeline_call(pipe, prompts, guidance, steps=5, negative="", **kw):
+def pipeline_call(pipe, prompts, guidance, steps=5, negative="", height=H, width=W, **kw):
     """The family's own pipeline, η = 0, latent or pt output."""
     case = case_of(pipe)
     # A copy: ZImagePipeline replaces the caller's prompts with their templated text.
-    return pipe(prompt=list(prompts), generator=torch.Generator().manual_seed(0), height=H,
-                width=W, num_inference_steps=steps, max_sequence_length=case.max_len,
+    return pipe(prompt=list(prompts), generator=torch.Generator().manual_seed(0), height=height,
+                width=width, num_inference_steps=steps, max_sequence_length=case.max_len,
                 **case.call(guidance, negative, len(prompts)), **kw).images
 
 
-def as_pipeline_latents(pipe, x):
+def as_pipeline_latents(pipe, x, height=H, width=W):
     """Our sampler's states as the pipeline's output_type="latent" gives them: what its VAE
     decodes for FLUX.2 [klein] (unpacked, denormalised, unpatchified), the state itself for
     the others."""
     family = families.family_of(pipe)
-    return family.to_vae(pipe, x, H, W) if family.slug == "flux2-klein" else x
+    return family.to_vae(pipe, x, height, width) if family.slug == "flux2-klein" else x
 
 
-def ours(pipe, prompts, guidance, steps=5, negative="", **options):
+def ours(pipe, prompts, guidance, steps=5, negative="", height=H, width=W, dtype=torch.float32,
+         **options):
     """Our η = 0 sampler (g2rpo.ode_step) on the pipeline's own σ grid, its states as the
     pipeline's latents, and the images."""
-    velocity = Velocity.from_pipe(pipe.transformer, pipe, H, W, guidance,
+    velocity = Velocity.from_pipe(pipe.transformer, pipe, height, width, guidance, dtype,
                                   guidance_options=options)
-    encoder = trainer.PromptEncoder(pipe, case_of(pipe).max_len,
-                                    negative if velocity.needs_uncond else None)
-    x, images = trainer.sample(pipe, velocity, encoder, prompts, H, W,
-                               trainer.sigma_grid(pipe, steps, H, W, "pipeline"),
+    encoder = PromptEncoder(pipe, case_of(pipe).max_len,
+                            negative if velocity.needs_uncond else None)
+    x, images = trainer.sample(pipe, velocity, encoder, prompts, height, width,
+                               trainer.sigma_grid(pipe, steps, height, width, "pipeline"),
                                torch.Generator().manual_seed(0))
-    return as_pipeline_latents(pipe, x), images
+    return as_pipeline_latents(pipe, x, height, width), images
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,6 +140,97 @@ def test_eta_zero_sampler_equals_the_family_pipeline(tmp_path, cfg, dynamic_shif
         torch.testing.assert_close(latents, ref.float(), rtol=1e-4, atol=1e-5)
         ref_images = pipeline_call(pipe, prompts, w, output_type="pt")
         torch.testing.assert_close(images, ref_images.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", sorted(EVERY))
+def test_the_oracle_holds_at_non_square_sizes(tmp_path, key):
+    """H ≠ W: position ids, packing, the VAE's layout and the σ grid's token count."""
+    case = EVERY[key]
+    pipe = loading.load_pipeline(case.make(tmp_path / key))
+    prompts = ["a red fox", "a lighthouse in a storm"]
+    for h, w in ((32, 64), (64, 32)):
+        latents, images = ours(pipe, prompts, case.guidance, height=h, width=w)
+        ref = pipeline_call(pipe, prompts, case.guidance, height=h, width=w, output_type="latent")
+        torch.testing.assert_close(latents, ref.float(), rtol=1e-4, atol=1e-5)
+        ref_images = pipeline_call(pipe, prompts, case.guidance, height=h, width=w,
+                                   output_type="pt")
+        assert images.shape[-2:] == (h, w)
+        torch.testing.assert_close(images, ref_images.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", sorted(EVERY))
+def test_the_transformer_gets_the_pipelines_timestep_in_bf16(tmp_path, key):
+    """In bf16 the timestep's rounding is part of the convention (1000·σ in the latents' dtype
+    for the FLUX-like families; float32 for SD3 and Z-Image): what the transformer receives at
+    every step is the pipeline's, bit for bit, in its dtype."""
+    case = EVERY[key]
+    pipe = loading.load_pipeline(case.make(tmp_path / key), dtype=torch.bfloat16)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["timestep"] if "timestep" in kwargs
+                                            else args[1]), with_kwargs=True)
+    pipeline_call(pipe, ["a red fox"], case.off, steps=6, output_type="latent")
+    theirs = [t.clone() for t in seen]
+    seen.clear()
+    ours(pipe, ["a red fox"], case.off, steps=6, dtype=torch.bfloat16)
+    hook.remove()
+    assert len(theirs) == len(seen) == 6
+    for a, b in zip(theirs, seen):
+        assert a.dtype == b.dtype and torch.equal(a.flatten(), b.flatten()), (a, b)
+    assert any(t.dtype == torch.bfloat16 for t in seen) == (key not in ("sd3", "z-image"))
+
+
+# Scheduler settings like the released checkpoints' scheduler_config.json: Qwen-Image's
+# exponential time shift with shift_terminal, FLUX.2 [klein]'s empirical mu (the pipeline's,
+# whatever the config's shifts), SD3.5's and Z-Image-Turbo's static shift 3, FLUX.1-dev's
+# dynamic one.
+RELEASED_SCHEDULERS = {
+    "qwen-image": dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192,
+                       max_shift=0.9, shift=1.0, shift_terminal=0.02,
+                       time_shift_type="exponential", use_dynamic_shifting=True),
+    "flux2-klein": dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                        max_shift=1.15, shift=3.0, time_shift_type="exponential",
+                        use_dynamic_shifting=True),
+    "sd3": dict(shift=3.0),
+    "z-image": dict(shift=3.0, use_dynamic_shifting=False),
+    "flux": dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
+                 shift=3.0, use_dynamic_shifting=True),
+}
+
+
+@pytest.mark.parametrize("key", sorted(EVERY))
+def test_sigma_grids_with_the_released_scheduler_settings(tmp_path, key):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    case = EVERY[key]
+    pipe = loading.load_pipeline(case.make(tmp_path / key))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(**RELEASED_SCHEDULERS[key])
+    for steps, (h, w) in ((4, (32, 32)), (16, (32, 64)), (28, (64, 64))):
+        pipeline_call(pipe, ["a red fox"], case.off, steps=steps, height=h, width=w,
+                      output_type="latent")
+        ref = pipe.scheduler.sigmas.float()
+        torch.testing.assert_close(trainer.sigma_grid(pipe, steps, h, w, "pipeline"), ref,
+                                   rtol=0, atol=1e-6)
+        if key == "qwen-image":  # shift_terminal: the last σ before 0 is 0.02
+            assert ref[-2].item() == pytest.approx(0.02)
+
+
+def test_a_distilled_klein_is_sampled_as_its_pipeline_samples_it(tmp_path, tiny_clip):
+    """A step-distilled FLUX.2 [klein] (is_distilled): the recipe it gets (4 steps on the
+    pipeline's grid, guidance off) is the pipeline's own sampling, latents and images."""
+    folder = make_tiny_flux2_klein(tmp_path / "klein", distilled=True)
+    args = flags.parse_args(["--model", folder, "--clip-model", tiny_clip, "--output-dir",
+                             str(tmp_path / "out")])
+    assert (args.recipe, args.steps, args.schedule, args.guidance, args.eval_steps,
+            args.branch_steps) == ("distilled", 4, "pipeline", 1.0, 4, (0, 1))
+    pipe = loading.load_pipeline(folder)
+    prompts = ["a red fox", "a lighthouse in a storm"]
+    latents, images = ours(pipe, prompts, args.guidance, steps=args.steps)
+    ref = pipeline_call(pipe, prompts, 1.0, steps=4, output_type="latent")
+    torch.testing.assert_close(latents, ref.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(images, pipeline_call(pipe, prompts, 1.0, steps=4,
+                                                     output_type="pt").float(),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_the_oracle_catches_a_wrong_guidance_form_or_timestep(tiny, monkeypatch):
@@ -178,7 +275,7 @@ def test_flux1_true_cfg_is_the_pipelines(tmp_path, negative):
     velocity = Velocity.from_pipe(pipe.transformer, pipe, H, W, 3.5,
                                   guidance_options={"true_cfg": 2.5})
     assert velocity.needs_uncond
-    ours_, _ = trainer.sample(pipe, velocity, trainer.PromptEncoder(pipe, 16, negative),
+    ours_, _ = trainer.sample(pipe, velocity, PromptEncoder(pipe, 16, negative),
                               prompts, H, W, trainer.sigma_grid(pipe, 5, H, W, "pipeline"),
                               torch.Generator().manual_seed(0))
     torch.testing.assert_close(ours_, ref.images.float(), rtol=1e-4, atol=1e-5)
@@ -195,7 +292,7 @@ def test_flux1_trains_with_true_cfg(tiny_flux, tiny_clip, tmp_path, capsys):
     history, _ = trainer.main(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1",
                                          "--lora-rank", "4", "--true-cfg", "2",
                                          "--negative-prompt", "blurry"))
-    assert "guidance 3.5 (2 transformer rows per sample)" in capsys.readouterr().out
+    assert "guidance 3.5, true CFG 2 (2 transformer rows per sample)" in capsys.readouterr().out
     assert history[0]["ratio_dev_first"] < 1e-5 and math.isfinite(history[0]["loss"])
     fingerprint = checkpoint(tmp_path / "checkpoint")["fingerprint"]
     assert fingerprint["true_cfg"] == 2 and fingerprint["negative_prompt"] == "blurry"
@@ -265,12 +362,104 @@ def test_a_guidance_scale_the_checkpoint_cannot_take_is_refused_before_loading(t
     assert not (tmp_path / "out").exists()
 
 
+def test_the_recipe_follows_what_the_checkpoint_declares(tmp_path, tiny_clip):
+    from image_flow.tiny import make_tiny_sd3
+
+    def parsed(folder, *extra):
+        return flags.parse_args(["--model", folder, "--clip-model", tiny_clip, "--output-dir",
+                                 str(tmp_path / "out"), "--height", "32", "--width", "32",
+                                 *extra])
+
+    def recipe(a):
+        return a.recipe, a.steps, a.schedule, a.guidance, a.eval_steps, a.branch_steps
+
+    paper = tuple(range(8))  # T = 16: branch steps 0..7, the paper's
+    klein = parsed(make_tiny_flux2_klein(tmp_path / "klein"))
+    assert recipe(klein) == ("base", 16, "static", 4.0, 50, paper)
+    assert klein.recipe_reason == "model_index.json: is_distilled false"
+    distilled = make_tiny_flux2_klein(tmp_path / "klein-4b", distilled=True)
+    assert recipe(parsed(distilled)) == ("distilled", 4, "pipeline", 1.0, 4, (0, 1))
+    assert parsed(distilled).recipe_reason == "model_index.json: is_distilled true"
+    dev = parsed(make_tiny_flux(tmp_path / "dev"))
+    assert recipe(dev) == ("base", 16, "static", 3.5, 28, paper)
+    schnell = parsed(make_tiny_flux(tmp_path / "schnell", guidance_embeds=False))
+    assert recipe(schnell)[:3] == ("distilled", 4, "pipeline") and schnell.eval_steps == 4
+    assert "guidance_embeds false, as the timestep-distilled FLUX.1-schnell" in \
+        schnell.recipe_reason
+    # Nothing declares it: the base recipe, and the reason says it was assumed.
+    sd3 = make_tiny_sd3(tmp_path / "sd3")
+    assert recipe(parsed(sd3)) == ("base", 16, "static", 4.5, 28, paper)
+    assert parsed(sd3).recipe_reason == (
+        "nothing in a StableDiffusion3Pipeline checkpoint declares whether it is step-distilled; "
+        "assumed a base model (--recipe distilled if it is not)")
+    assert recipe(parsed(sd3, "--recipe", "distilled")) == ("distilled", 4, "pipeline", 1.0, 4,
+                                                           (0, 1))
+    z = make_tiny_z_image(tmp_path / "z")
+    assert recipe(parsed(z)) == ("base", 16, "static", 5.0, 50, paper)  # ZImagePipeline's 5
+    assert recipe(parsed(z, "--recipe", "distilled")) == ("distilled", 8, "pipeline", 0.0, 8,
+                                                         (0, 1, 2, 3))
+    # --steps alone picks its own branch steps; what is given wins.
+    assert recipe(parsed(sd3, "--steps", "8")) == ("base", 8, "static", 4.5, 28, (0, 1, 2, 3))
+    assert recipe(parsed(distilled, "--steps", "6", "--eval-steps", "2", "--branch-steps",
+                         "1")) == ("distilled", 6, "pipeline", 1.0, 2, (1,))
+
+
+def test_flux1_edges_guidance_before_the_transformer_config_and_schnells_log(
+        tmp_path, tiny_clip, capsys, monkeypatch):
+    import huggingface_hub
+
+    from test_rewards import in_hub_cache
+
+    dev = make_tiny_flux(tmp_path / "dev")
+    # A Hub checkpoint whose model_index.json is in the cache but not yet its transformer's
+    # config: the guidance check is not made on an empty config ("no guidance embedding"); the
+    # file is named instead.
+    in_hub_cache(tmp_path / "hub", "org/flux", {"model_index.json": f"{dev}/model_index.json"})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["--model", "org/flux", "--clip-model", tiny_clip, "--guidance", "3.5"]
+    err = parse_error(argv, capsys)
+    assert "no guidance embedding" not in err
+    assert ("transformer/config.json of 'org/flux' is neither in the Hugging Face cache nor on "
+            "the Hub") in err
+    # One default output directory, whatever the checkpoint's name: runs/<family>.
+    monkeypatch.chdir(tmp_path)
+    assert flags.parse_args(["--model", dev, "--clip-model", tiny_clip]).output_dir == "runs/flux"
+    # A checkpoint without a guidance embedding (FLUX.1-schnell) is not logged with one.
+    schnell = make_tiny_flux(tmp_path / "schnell", guidance_embeds=False)
+    trainer.main(train_args(schnell, tiny_clip, tmp_path / "run", "--iterations", "1",
+                            "--lora-rank", "4"))
+    out = capsys.readouterr().out
+    assert "no guidance embedding (1 transformer row per sample)" in out
+    assert "guidance 3.5" not in out
+    assert "recipe distilled (transformer/config.json: guidance_embeds false" in out
+
+
+def test_gradient_checkpointing_defaults_per_family_and_can_be_turned_off(tmp_path, tiny_clip):
+    qwen = make_tiny_qwen_image(tmp_path / "qwen")
+    base = ["--model", qwen, "--clip-model", tiny_clip, "--height", "32", "--width", "32",
+            "--output-dir", str(tmp_path / "out")]
+    assert flags.parse_args(base).gradient_checkpointing is True
+    assert flags.parse_args(base + ["--no-gradient-checkpointing"]).gradient_checkpointing is False
+    flux = flags.parse_args(base[2:] + ["--model", make_tiny_flux(tmp_path / "flux")])
+    assert flux.gradient_checkpointing is False
+
+
+def test_abbreviated_flags_are_refused(tiny_flux, tiny_clip, tmp_path, capsys):
+    """A prefix of a flag is not that flag (a typo could otherwise pick another one)."""
+    args = train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1")
+    assert "unrecognized arguments: --iter 1" in parse_error(
+        [a for a in args if a not in ("--iterations", "1")] + ["--iter", "1"], capsys)
+    assert "unrecognized arguments: --cfg 2" in parse_error(args + ["--cfg", "2"], capsys)
+    assert not (tmp_path / "checkpoint").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Training through the shared trainer.
 
 
 def family_args(folder, clip, out, key, *extra):
-    case = FAMILIES[key]
+    case = EVERY[key]
     return train_args(folder, clip, out, "--guidance", str(case.guidance),
                       "--max-sequence-length", str(case.max_len), *extra)
 
@@ -282,6 +471,8 @@ def test_a_short_run_trains_with_guidance_rows(tiny, tiny_clip, tmp_path, lora_r
                                               "2", "--lora-rank", lora_rank, "--eval"))
     out = capsys.readouterr().out
     assert "(2 transformer rows per sample)" in out
+    # Qwen-Image (20 B parameters) recomputes activations by default; the others store them.
+    assert (", gradient checkpointing)" in out) == (key == "qwen-image")
     for m in history:
         for k in ("reward", "reward_std", "loss", "clip_frac", "approx_kl", "grad_norm"):
             assert math.isfinite(m[k]), (k, m[k])
@@ -367,18 +558,16 @@ def test_resume_with_another_guidance_or_negative_prompt_is_refused(tiny, tiny_c
         assert message in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen_image(tmp_path_factory):
-    return "qwen-image", make_tiny_qwen_image(tmp_path_factory.mktemp("qwen-image"))
+# Every family under torchrun with DDP and LoRA (~12 s each on 2 cores); FSDP2's full fine-tune
+# for Qwen-Image, whose last block's text-stream weights never get a gradient, the case DDP
+# must be told about.
+TORCHRUN = [(key, "4") for key in sorted(EVERY)] + [("qwen-image", "0")]
 
 
-# One family under torchrun (each costs ~12 s per case on 2 cores): Qwen-Image, whose last
-# block's text-stream weights never get a gradient, the case DDP must be told about.
-@pytest.mark.parametrize("lora_rank", ["4", "0"], ids=["ddp-lora", "fsdp2-full"])
-def test_torchrun_two_processes_keep_ranks_identical(tiny_qwen_image, tiny_clip, tmp_path,
-                                                     lora_rank):
-    key, folder = tiny_qwen_image
-    out = tmp_path / "run"
+@pytest.mark.parametrize("key, lora_rank", TORCHRUN, ids=[
+    f"{k}-{'ddp-lora' if r == '4' else 'fsdp2-full'}" for k, r in TORCHRUN])
+def test_torchrun_two_processes_keep_ranks_identical(key, lora_rank, tiny_clip, tmp_path):
+    folder, out = EVERY[key].make(tmp_path / key), tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(29600 + int(lora_rank) + os.getpid() % 1000),
            "-m", "image_flow",
@@ -442,3 +631,31 @@ def test_the_smoke_test_builds_a_tiny_pipeline_and_trains_on_it(tmp_path, capsys
     assert all(math.isfinite(r["reward"]) for r in rows)
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
+
+
+# ----------------------------------------------------------------------------------------------
+# The memory benchmarks.
+
+
+def test_the_memory_plan_of_released_checkpoints_counts_their_text_encoders(capsys):
+    """SD3.5's text encoders, built from the hyper-parameters written in the benchmark, have the
+    published sizes: CLIP-L 123 M + CLIP-G 695 M + T5-XXL encoder 4.76 B parameters, 11.2 GB in
+    bf16."""
+    from benchmarks import memory_plan
+
+    (row,) = memory_plan.main(["--checkpoints", "SD3.5-Medium"])
+    name, transformer, encoders, lora, lora_setup, full, full_setup = row
+    assert encoders / 2 == pytest.approx(0.123e9 + 0.695e9 + 4.76e9, rel=0.01)
+    assert transformer / 2 == pytest.approx(2.24e9, rel=0.01)  # the FLOPs table's count
+    assert lora < lora_setup and full < full_setup  # the text encoders are freed
+    assert "SD3.5-Medium" in capsys.readouterr().out
+
+
+def test_the_prompt_cache_benchmark_reads_what_it_encoded(tmp_path):
+    from benchmarks import prompt_cache
+
+    folder = make_tiny_flux(tmp_path / "flux")
+    disk = prompt_cache.child("disk", 6, folder, str(tmp_path / "cache"))
+    memory = prompt_cache.child("memory", 6, folder, str(tmp_path / "cache"))
+    assert (disk["encoded"], memory["encoded"]) == (6, 0)
+    assert disk["row_kb"] == pytest.approx(512 * 32 * 4 / 1024 + 32 * 4 / 1024)

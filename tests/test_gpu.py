@@ -24,6 +24,7 @@ from conftest import gpu_test_device
 from image_flow import attention, flags, loading, rewards, trainer
 from image_flow.families import family_for
 from image_flow.tiny import make_tiny_open_clip
+from image_flow.prompts import PromptEncoder
 from image_flow.velocity import Velocity
 from test_image_flow import (ROOT, SUBPROCESS_ENV, H, W, assert_resume_is_bit_exact, checkpoint,
                              train_args)
@@ -69,7 +70,7 @@ def test_gpu_eta_zero_sampler_equals_flux_pipeline(tiny_flux, dtype):
     ref_images = pipe(prompts, generator=gen(), output_type="pt", **kw).images.float()
     sigmas = trainer.sigma_grid(pipe, 5, H, W, schedule="pipeline")
     velocity = Velocity.from_pipe(pipe.transformer, pipe, H, W, 3.5, dtype)
-    latents, images = trainer.sample(pipe, velocity, trainer.PromptEncoder(pipe, 16), prompts,
+    latents, images = trainer.sample(pipe, velocity, PromptEncoder(pipe, 16), prompts,
                                      H, W, sigmas, gen())
     assert latents.device.type == DEVICE.type and latents.abs().max() > 0
     tol = {} if dtype == torch.float32 else BF16_TOL
@@ -222,8 +223,8 @@ def test_gpu_full_size_training_pass_of_each_family(name):
     family, shape, constant, cond = image_iteration.family_setup(name, transformer, config, 512,
                                                             DEVICE, g)
     params = trainer.setup_trainable(transformer, 64, 64, lora_targets=family.lora_targets)
-    velocity = Velocity(transformer, family, constant, 1.0 if family.guidance.default else 0.0,
-                        dtype, device_type=DEVICE.type)
+    velocity = Velocity(transformer, family, constant, family.guidance.off, dtype,
+                        device_type=DEVICE.type)  # one row per sample: guidance off
     assert_training_passes_have_gradients(velocity, cond, params, shape, g, f"{name}: ")
     del transformer, params
     if CUDA:

@@ -25,6 +25,7 @@ import torch
 
 import g2rpo
 from image_flow import attention, checkpoints, flags, loading, parallel, rewards, runs, trainer
+from image_flow.prompts import PromptEncoder
 from image_flow.tiny import make_tiny_flux
 from image_flow.velocity import Velocity
 
@@ -39,7 +40,8 @@ def train_args(flux, clip, out, *extra):
     return ["--model", flux, "--clip-model", clip, "--rewards", "clip", "--height", str(H),
             "--width", str(W), "--steps", "4", "--group-size", "3", "--branch-steps", "0,1",
             "--granularities", "1,2", "--max-sequence-length", "16", "--clip-range", "0.05",
-            "--output-dir", str(out), "--batch-size", "64", "--lr", "1e-3", *extra]
+            "--output-dir", str(out), "--batch-size", "64", "--lr", "1e-3",
+            "--eval-steps", "4", *extra]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,7 +60,7 @@ def test_eta_zero_sampler_equals_flux_pipeline(tmp_path, guidance_embeds, dynami
                       **kw).images
     sigmas = trainer.sigma_grid(pipe, 5, H, W, schedule="pipeline")
     velocity = Velocity.from_pipe(pipe.transformer, pipe, H, W, guidance=3.5)
-    latents, images = trainer.sample(pipe, velocity, trainer.PromptEncoder(pipe, 16), prompts,
+    latents, images = trainer.sample(pipe, velocity, PromptEncoder(pipe, 16), prompts,
                                      H, W, sigmas, torch.Generator().manual_seed(0))
     torch.testing.assert_close(latents, ref_latents)
     torch.testing.assert_close(images, ref_images)
@@ -77,12 +79,109 @@ def test_static_schedule_is_the_official_grid(tiny_flux):
 
 def test_prompt_encoder_caches_and_matches_encode_prompt(tiny_flux):
     pipe = loading.load_pipeline(tiny_flux)
-    enc = trainer.PromptEncoder(pipe, 16)
+    enc = PromptEncoder(pipe, 16)
     embeds, pooled = enc(["a cat", "a dog", "a cat"])
     ref_e, ref_p, _ = pipe.encode_prompt(["a cat", "a dog"], None, max_sequence_length=16)
     torch.testing.assert_close(embeds, ref_e[[0, 1, 0]])
     torch.testing.assert_close(pooled, ref_p[[0, 1, 0]])
-    assert set(enc.cache) == {"a cat", "a dog"}
+    assert set(enc.store) == {"a cat", "a dog"}
+
+
+def test_the_prompt_cache_on_disk_is_read_back_bit_exact_and_keyed(tiny_flux, tmp_path,
+                                                                   monkeypatch):
+    from image_flow.prompts import DiskStore, encode_up_front, release_text_encoders
+
+    pipe = loading.load_pipeline(tiny_flux)
+    fresh = PromptEncoder(pipe, 16)(["a cat", "a dog"])  # in memory
+    store = DiskStore(tmp_path / "cache", {"model": "tiny", "max_sequence_length": 16})
+    enc = PromptEncoder(pipe, 16, negative_prompt="blurry", store=store)
+    assert encode_up_front(enc, ["a cat", "a dog", "a cat"], progress=False) == 3  # + negative
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 3
+    assert not list((tmp_path / "cache").rglob("*.tmp"))  # written whole, then renamed
+    # Another process (a resumed run) reads them back without its text encoders.
+    release_text_encoders(pipe)
+    assert pipe.text_encoder is None and pipe.text_encoder_2 is None
+    again = PromptEncoder(pipe, 16, negative_prompt="blurry", store=DiskStore(
+        tmp_path / "cache", {"model": "tiny", "max_sequence_length": 16}))
+    assert encode_up_front(again, ["a cat", "a dog"], progress=False) == 0
+    rows = again(["a cat", "a dog"])
+    for a, b in zip(rows["cond"], fresh):
+        assert torch.equal(a, b)
+    # Another text length is another key: not found, and the encoders are gone.
+    other = PromptEncoder(pipe, 8, store=DiskStore(tmp_path / "cache",
+                                                   {"model": "tiny", "max_sequence_length": 8}))
+    with pytest.raises(RuntimeError, match="'a cat' was not encoded before training"):
+        other(["a cat"])
+
+
+def test_prompts_are_encoded_up_front_and_freeing_the_text_encoders_changes_no_weight(
+        tiny_flux, tiny_clip, tmp_path, monkeypatch, capsys):
+    """Every prompt (training, evaluation, the negative one) is encoded before training, the
+    text encoders are then gone from the pipeline, and training equals, bit for bit, a run that
+    encodes lazily in memory and keeps them; a second run reads the cache instead of encoding."""
+    from image_flow import prompts
+
+    kept = []
+    describe = trainer.describe
+    monkeypatch.setattr(trainer, "describe",
+                        lambda r: (kept.append(prompts.text_encoders(r.pipe)), describe(r)))
+    args = lambda out: train_args(tiny_flux, tiny_clip, tmp_path / out, "--iterations", "2",
+                                  "--lora-rank", "4", "--true-cfg", "2", "--negative-prompt",
+                                  "blurry", "--prompt-cache", str(tmp_path / "cache"), "--eval")
+    cold, cold_evals = trainer.main(args("cold"))
+    assert "prompts: 21 encoded" in capsys.readouterr().out  # 16 + 4 held out + the negative
+    warm, warm_evals = trainer.main(args("warm"))
+    assert "prompts: 0 encoded" in capsys.readouterr().out
+    assert kept[0] == kept[1] == {}  # no text encoder left once training starts
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 21
+    # Lazily, in memory, with the text encoders kept: the behaviour before the cache existed.
+    monkeypatch.setattr(trainer, "encode_prompts", lambda r: PromptEncoder(
+        r.pipe, r.args.max_sequence_length, r.args.negative_prompt))
+    lazy, lazy_evals = trainer.main(args("lazy"))
+    assert set(kept[2]) == {"text_encoder", "text_encoder_2"}
+    for key in ("reward", "loss", "grad_norm"):
+        assert [m[key] for m in cold] == [m[key] for m in warm] == [m[key] for m in lazy]
+    assert cold_evals == warm_evals == lazy_evals
+    weights = [checkpoint(tmp_path / out / "checkpoint")["model"] for out in ("cold", "lazy")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("lora_rank", ["4", "0"], ids=["lora", "full"])
+def test_the_memory_plan_is_what_training_holds(tiny_flux, tiny_clip, tmp_path, monkeypatch,
+                                                lora_rank):
+    """--plan's figures, from the configs on the meta device, against the bytes of the tensors a
+    run really holds (float32 on the CPU): weights, AdamW's moments, the EMA, the KL reference,
+    the VAE, the text encoders before they are freed, the reward."""
+    from image_flow import plan as planning, prompts
+
+    argv = train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1", "--lora-rank",
+                      lora_rank, "--kl-beta", "0.1", "--ema-decay", "0.5", "--dtype", "fp32")
+    planned = {what: b for what, b, _ in planning.plan(flags.parse_args(argv), 1, dtype_bytes=4)}
+    held = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
+    encoders = prompts.text_encoders(loading.load_pipeline(tiny_flux))
+    seen = []
+    describe = trainer.describe
+    monkeypatch.setattr(trainer, "describe", lambda r: (seen.append(r), describe(r)))
+    trainer.main(argv)
+    r = seen[0]
+    trained = [p for p in r.raw.parameters() if p.requires_grad]
+    if lora_rank == "4":
+        assert planned["transformer, frozen"] == held(p for p in r.raw.parameters()
+                                                      if not p.requires_grad)
+        assert planned["LoRA adapters"] == held(trained)
+        assert "KL reference" not in planned  # the adapters switched off
+    else:
+        assert planned["transformer, trained"] == held(trained) == held(r.raw.parameters())
+        assert planned["KL reference"] == held(r.reference.parameters())
+    moments = [t for state in r.optimizer.state.values() for t in state.values() if t.dim()]
+    assert planned["AdamW moments"] == held(moments) > 0
+    assert planned["gradients"] == held(trained)
+    assert planned["EMA"] == held(r.ema.averages)
+    assert planned["VAE"] == held(r.pipe.vae.parameters())
+    for name, module in encoders.items():
+        assert planned[f"{name} (while encoding)"] == held(module.parameters())
+    assert planned["reward clip"] == held(r.rewards["clip"].model.parameters())
+    assert prompts.text_encoders(r.pipe) == {}
 
 
 def test_clip_reward_is_clip_models_cosine(tiny_clip):
@@ -112,7 +211,7 @@ def test_clip_reward_is_clip_models_cosine(tiny_clip):
 def tiny_inputs(pipe, n=2):
     g = torch.Generator().manual_seed(3)
     S, C = trainer.latent_shape(pipe, H, W)
-    cond = trainer.PromptEncoder(pipe, 16)(["a cat", "a dog"][:n])
+    cond = PromptEncoder(pipe, 16)(["a cat", "a dog"][:n])
     return torch.randn(n, S, C, generator=g), torch.full((n,), 0.7), cond
 
 
@@ -416,9 +515,10 @@ def test_ema_run_evaluates_and_exports_the_averages(tiny_flux, tiny_clip, tmp_pa
     # ... and the evaluation after training scored the averages: the same grid again.
     scores = json.loads((tmp_path / "eval.json").read_text())["evaluations"][-1]["in_domain"]
     again, _ = trainer.evaluate(averaged, Velocity.from_pipe(
-        averaged.transformer, averaged, H, W), trainer.PromptEncoder(averaged, 16),
+        averaged.transformer, averaged, H, W), PromptEncoder(averaged, 16),
         rewards.load_rewards("clip", "cpu", clip_model=tiny_clip),
-        loading.BUILTIN_EVAL_PROMPTS, H, W, trainer.sigma_grid(averaged, 4, H, W), [0])
+        loading.BUILTIN_EVAL_PROMPTS, H, W, trainer.sigma_grid(averaged, 4, H, W, "pipeline"),
+        [0])
     assert again == pytest.approx(scores, rel=1e-5)
 
 
@@ -430,8 +530,8 @@ def test_checkpoint_of_another_config_is_refused_before_any_model_loads(tiny_flu
     ckpt = str(tmp_path / "checkpoint")
 
     def refused(*extra, drop=()):
-        # --model points nowhere: reaching the loader would give another error.
-        return parse_error(without(train_args(str(tmp_path / "no_flux_here"), tiny_clip,
+        # Refused by parse_args, which loads no weights.
+        return parse_error(without(train_args(tiny_flux, tiny_clip,
                                               tmp_path / "b", "--iterations", "2",
                                               "--lora-rank", "4", *extra, "--resume", ckpt),
                                    *drop), capsys)
@@ -448,7 +548,7 @@ def test_checkpoint_of_another_config_is_refused_before_any_model_loads(tiny_flu
     for flag, key in (("--kl-beta", "kl_beta"), ("--ema-decay", "ema_decay")):
         assert f"differs in: {key} ({key}: checkpoint None, now 0.5)" in refused(flag, "0.5")
     # Another method, with the window flags of its own.
-    assert ("differs in: branch_steps, granularities, method, window_every, window_size, "
+    assert ("differs in: granularities, method, window_every, window_size, "
             "window_stride") in refused("--method", "mixgrpo", "--window-size", "2",
                                         drop=("--branch-steps", "--granularities"))
 
@@ -843,16 +943,19 @@ def parse_error(argv, capsys):
     (["--method", "full_sde"], "--granularities is not used by --method full_sde"),
     (["--window-every", "5"], "--window-every is not used by --method g2rpo"),
 ])
-def test_every_flag_is_checked_before_any_model_loads(tmp_path, capsys, extra, message):
-    # --model points nowhere: reaching the loader would give another error.
-    argv = train_args(str(tmp_path / "no_flux_here"), str(tmp_path / "no_clip_here"),
+def test_every_flag_is_checked_before_any_model_loads(tiny_flux, tmp_path, capsys, monkeypatch,
+                                                     extra, message):
+    # The checkpoint's configs are read; a reward or the pipeline loading is a failure.
+    monkeypatch.setattr(trainer, "load_pipeline", None)
+    argv = train_args(tiny_flux, str(tmp_path / "no_clip_here"),
                       tmp_path / "out", "--iterations", "1", *extra)
     assert message in parse_error(argv, capsys)
     assert not (tmp_path / "out").exists()
 
 
-def test_paths_are_checked_before_any_model_loads(tmp_path, capsys):
-    base = train_args(str(tmp_path / "no_flux_here"), str(tmp_path / "no_clip_here"),
+def test_paths_are_checked_before_any_model_loads(tiny_flux, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(trainer, "load_pipeline", None)
+    base = train_args(tiny_flux, str(tmp_path / "no_clip_here"),
                       tmp_path / "out", "--iterations", "1")
     (tmp_path / "a_file").write_text("x")
     assert f"'{tmp_path / 'a_file'}' is a file, not a directory" in parse_error(
@@ -888,7 +991,7 @@ def test_help_shows_the_defaults(capsys):
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: 0.7)" in out and "(default: runs/<family>: runs/flux," in out and "(default: 50)" in out
     # Each default once, in the form the flag takes.
-    assert "(default: 0,1,2,3,4,5,6,7)" in out and "(default: 1,2,3)" in out
+    assert "0,1,2,3,4,5,6,7 for T = 16, 0,1 for T = 4)" in out and "(default: 1,2,3)" in out
     assert "(default: None)" not in out and "(default: False)" not in out
     options = out.split(" options: ")[1]
     for flag in ("--prompts", "--lora-alpha", "--lr", "--dtype", "--step-per-iteration"):
@@ -942,25 +1045,32 @@ def test_a_checkpoint_of_an_unsupported_pipeline_class_is_refused_before_any_wei
 
 
 def test_model_loading_errors_name_what_is_missing_and_rewards_load_first(
-        tiny_flux, tiny_clip, tiny_hps, tmp_path, capsys):
+        tiny_flux, tiny_clip, tiny_hps, tmp_path, capsys, monkeypatch):
     base = train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1")
     torch.save({"state_dict": {"visual.proj": torch.zeros(3)}}, tmp_path / "not_hps.pt")
+    loads = []
+    monkeypatch.setattr(trainer, "load_pipeline", lambda *a: loads.append(a))
     with pytest.raises(OSError, match="could not load reward model 'no-such/reward-model'"):
-        # --model is missing too: the reward, which loads first, is what the error names
-        trainer.main(base + ["--clip-model", "no-such/reward-model",
-                             "--model", str(tmp_path / "no_flux_here")])
-    with pytest.raises(OSError, match="could not load a diffusers pipeline"):
-        trainer.main(base + ["--model", str(tmp_path / "no_flux_here")])
+        trainer.main(base + ["--clip-model", "no-such/reward-model"])
+    assert loads == []  # the reward is found missing before the image model loads
+    # A checkpoint that is not there is a bad flag (exit 2), named before anything loads.
+    (tmp_path / "empty").mkdir()
+    assert f"the folder {str(tmp_path / 'empty')!r} has no model_index.json" in parse_error(
+        base + ["--model", str(tmp_path / "empty")], capsys)
+    assert "is neither a folder nor a Hub id (org/name)" in parse_error(
+        base + ["--model", str(tmp_path / "no_flux_here")], capsys)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert ("model_index.json of 'no-such/checkpoint' is neither in the Hugging Face cache nor on "
+            "the Hub (offline, or no such checkpoint); fetch it first with `hf download "
+            "no-such/checkpoint`") in parse_error(base + ["--model", "no-such/checkpoint"], capsys)
     # A missing HPS checkpoint is a bad flag (exit 2), for an evaluation-only reward too; the
     # default HPS-v2.1 file is not in this machine's cache.
-    nowhere = ["--model", str(tmp_path / "no_flux_here")]
     assert "--hps-checkpoint: no file " + str(tmp_path / "missing.pt") in parse_error(
-        base + nowhere + ["--rewards", "hps", "--hps-checkpoint", str(tmp_path / "missing.pt")],
-        capsys)
+        base + ["--rewards", "hps", "--hps-checkpoint", str(tmp_path / "missing.pt")], capsys)
     assert "hf download xswu/HPSv2 HPS_v2.1_compressed.pt" in parse_error(
-        base + nowhere + ["--eval-rewards", "clip,hps", "--eval"], capsys)
+        base + ["--eval-rewards", "clip,hps", "--eval"], capsys)
     with pytest.raises(OSError, match="is not an HPS checkpoint for OpenCLIP"):
-        trainer.main(base + nowhere + ["--rewards", "hps", "--hps-checkpoint", str(
+        trainer.main(base + ["--rewards", "hps", "--hps-checkpoint", str(
             tmp_path / "not_hps.pt"), "--hps-model", tiny_hps[1]])
     assert not (tmp_path / "checkpoint").exists() and not (tmp_path / ".lock").exists()
 
@@ -991,7 +1101,7 @@ def assert_same_model(pipe_a, pipe_b, base):
                  height=H, width=W, num_inference_steps=5, guidance_scale=3.5,
                  max_sequence_length=16).images
     velocity = Velocity.from_pipe(pipe_b.transformer, pipe_b, H, W)
-    ours, _ = trainer.sample(pipe_b, velocity, trainer.PromptEncoder(pipe_b, 16), prompts, H,
+    ours, _ = trainer.sample(pipe_b, velocity, PromptEncoder(pipe_b, 16), prompts, H,
                              W, trainer.sigma_grid(pipe_b, 5, H, W, "pipeline"),
                              torch.Generator().manual_seed(0))
     torch.testing.assert_close(ref, ours)
@@ -1086,9 +1196,9 @@ def test_hps_training_with_out_of_domain_evaluation_rewards(tiny_flux, tiny_clip
     velocity = Velocity.from_pipe(pipe.transformer, pipe, H, W)
     models = rewards.load_rewards("hps,clip", "cpu", clip_model=tiny_clip,
                                   hps_checkpoint=tiny_hps[0], hps_model=tiny_hps[1])
-    again, _ = trainer.evaluate(pipe, velocity, trainer.PromptEncoder(pipe, 16), models,
+    again, _ = trainer.evaluate(pipe, velocity, PromptEncoder(pipe, 16), models,
                                 loading.BUILTIN_EVAL_PROMPTS, H, W,
-                                trainer.sigma_grid(pipe, 4, H, W), [0])
+                                trainer.sigma_grid(pipe, 4, H, W, "pipeline"), [0])
     assert again == pytest.approx({**saved[-1]["in_domain"], "clip": saved[-1]["out_of_domain"]
                                    ["clip"]}, rel=1e-5)
     # Out-of-domain rewards only watch: the same training without them.

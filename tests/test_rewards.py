@@ -187,3 +187,64 @@ def test_rewards_refuse_bad_input(tiny_hps):
         rewards.reward_names("hps,clip,hps")
     with pytest.raises(ValueError, match="--eval-rewards: unknown reward 'imagereward'"):
         rewards.reward_names("clip,imagereward", "--eval-rewards")
+
+
+@pytest.mark.parametrize("size", [(24, 40), (40, 24), (768, 1024)], ids=str)
+def test_clip_preprocessing_is_clip_image_processors_on_non_square_images(tiny_clip, tmp_path,
+                                                                         size):
+    """transformers' CLIP / PickScore rewards preprocess tensors as CLIPImageProcessor does
+    (the shorter side resized, the longer one truncated, centre crop): within 1/255 of a pixel,
+    the processor's own uint8 rounding."""
+    import shutil
+
+    from transformers import CLIPImageProcessor
+
+    folder = tmp_path / "clip"
+    shutil.copytree(tiny_clip, folder)
+    if size[0] > 100:  # the released processors' 224
+        CLIPImageProcessor(size={"shortest_edge": 224},
+                           crop_size={"height": 224, "width": 224}).save_pretrained(folder)
+    reward = rewards.ClipReward(str(folder))
+    images = (smooth_images(2, *size, seed=3) * 255).round() / 255
+    ours = reward.preprocess(images)
+    theirs = CLIPImageProcessor.from_pretrained(folder)(
+        images=list((images * 255).round().to(torch.uint8)), return_tensors="pt").pixel_values
+    assert ours.shape == theirs.shape
+    pixels = lambda x: x * reward.std + reward.mean
+    assert (pixels(ours) - pixels(theirs)).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_the_dfn5b_ids_the_pages_and_help_name_are_open_clips(capsys):
+    """The official CLIP score's model, as the pages, --help and the rewards' docstring name it,
+    is an id open_clip's table of pretrained models lists (not the legacy -384 name)."""
+    import re
+
+    import open_clip
+
+    from image_flow import flags
+
+    listed = {open_clip.get_pretrained_cfg(m, t).get("hf_hub", "").strip("/")
+              for m, t in open_clip.list_pretrained() if t.startswith("dfn5b")}
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit):
+        flags.parse_args(["--help"])
+    texts = [capsys.readouterr().out, rewards.__doc__, (root / "README.md").read_text(),
+             *[p.read_text() for p in (root / "docs").glob("*.md")]]
+    named = {m for text in texts for m in re.findall(r"apple/DFN5B-CLIP-ViT-H-14[\w-]*", text)}
+    assert named and named <= listed, named - listed
+
+
+def test_the_memory_plan_counts_openclip_and_hps_rewards_from_their_configs(tiny_hps, tmp_path):
+    """--plan's reward rows: an OpenCLIP CLIP from its open_clip_config.json and HPS from its
+    architecture, built on the meta device, count what the loaded models hold."""
+    import argparse
+
+    from image_flow import plan
+
+    folder = make_tiny_open_clip(tmp_path / "clip")
+    args = argparse.Namespace(clip_model=str(folder), hps_model=tiny_hps[1])
+    loaded = rewards.load_rewards("clip,hps", clip_model=str(folder),
+                                  hps_checkpoint=tiny_hps[0], hps_model=tiny_hps[1])
+    for name in ("clip", "hps"):
+        assert plan.reward_parameters(name, args) == sum(
+            p.numel() for p in loaded[name].model.parameters())

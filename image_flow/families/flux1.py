@@ -26,6 +26,13 @@ class EmbeddedGuidance(Guidance):
             raise ValueError(f"--guidance {scale:g}: this FLUX.1 checkpoint has no guidance "
                              f"embedding (guidance_embeds is false); leave --guidance out")
 
+    def describe(self, scale, transformer_config, true_cfg=1.0):
+        rows = 2 if self.needs_uncond(scale, true_cfg) else 1
+        embedded = (f"guidance {scale:g}" if transformer_config.get("guidance_embeds")
+                    else "no guidance embedding")
+        cfg = f", true CFG {true_cfg:g}" if rows == 2 else ""
+        return f"{embedded}{cfg} ({rows} transformer row{'s' * (rows > 1)} per sample)"
+
     def needs_uncond(self, scale, true_cfg=1.0):
         return true_cfg > 1  # the pipeline's do_true_cfg (with a negative prompt: ours)
 
@@ -38,6 +45,12 @@ class Flux1(Family):
     guidance = EmbeddedGuidance(3.5, "the distilled guidance embedding (FLUX.1-dev; "
                                      "FLUX.1-schnell has none), one transformer row per sample "
                                      "(--true-cfg adds a second)")
+
+    def distilled(self, index, transformer_config):
+        if transformer_config.get("guidance_embeds"):
+            return False, "transformer/config.json: guidance_embeds true, as FLUX.1-dev"
+        return True, ("transformer/config.json: guidance_embeds false, as the timestep-distilled "
+                      "FLUX.1-schnell")
 
     def encode(self, pipe, prompts, max_sequence_length):
         embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None,

@@ -42,6 +42,13 @@ class Flux2Klein(Family):
     guidance = EmptyPromptGuidance(4.0, "CFG w: v_u + w·(v_c − v_u) against the empty prompt, two "
                                         "transformer rows per sample; w <= 1 turns it off; the "
                                         "distilled checkpoints take none (default 1 for them)")
+    inference_steps = 50  # Flux2KleinPipeline's num_inference_steps (base checkpoints)
+
+    def distilled(self, index, transformer_config):
+        if "is_distilled" not in index:
+            return False, "model_index.json has no is_distilled (the pipeline's default: false)"
+        return bool(index["is_distilled"]), (f"model_index.json: is_distilled "
+                                             f"{str(bool(index['is_distilled'])).lower()}")
 
     def encode(self, pipe, prompts, max_sequence_length):
         embeds, _ = pipe.encode_prompt(prompt=prompts, device=pipe._execution_device,

@@ -29,6 +29,12 @@ pipelines share; a family overrides only what its pipeline does differently.
                             → images
     lora_targets            the linear layers LoRA adapts by default
     unused_parameters       True when some trainable weights never get a gradient (DDP must know)
+    gradient_checkpointing  whether activations are recomputed by default (the largest models)
+    distilled               whether a checkpoint declares itself step-distilled (True / False /
+                            None: it does not say), and where it says so
+    inference_steps, distilled_steps
+                            the pipeline's default number of steps, and a step-distilled
+                            checkpoint's (its model card's)
 
 A Guidance answers:
 
@@ -40,6 +46,8 @@ A Guidance answers:
                             and their order in the batched call
     negative_prompt         whether it takes --negative-prompt (False: a fixed empty prompt)
     options, help           the flags only it takes ({name: help}), and what its scale means
+    off, describe           a scale that turns it off (what distilled checkpoints sample with),
+                            and the console's words for a scale
 
 Methods take the loaded pipeline, so a family holds no state.
 """
@@ -59,6 +67,7 @@ class Guidance:
     negative_prompt = True  # False: the pipeline's unconditional prompt is fixed ("")
     uncond_first = True  # the order of the two halves of a guided call, as the pipeline has it
     options = {}
+    off = 1.0  # w <= 1: one row, no guidance
 
     def __init__(self, default, help):
         self.default, self.help = default, help
@@ -74,6 +83,11 @@ class Guidance:
         """Whether the velocity needs a second, unconditional row per prompt."""
         return scale > 1
 
+    def describe(self, scale, transformer_config, **options):
+        """'guidance 4.5 (2 transformer rows per sample)': the run's console words."""
+        rows = 2 if self.needs_uncond(scale, **options) else 1
+        return f"guidance {scale:g} ({rows} transformer row{'s' * (rows > 1)} per sample)"
+
     def combine(self, v_cond, v_uncond, scale, sigma, **options):
         """The guided velocity (float32) from the two rows' velocities at σ (N,)."""
         return v_uncond + scale * (v_cond - v_uncond)
@@ -88,8 +102,17 @@ class Family:
                     "add_v_proj", "to_add_out")  # joint attention's projections (MM-DiT)
     max_sequence_length = 512
     unused_parameters = False
+    gradient_checkpointing = False
     packed = True
     noise_dtype = None
+    inference_steps = 28  # FluxPipeline's and StableDiffusion3Pipeline's num_inference_steps
+    distilled_steps = 4  # FLUX.1-schnell's, FLUX.2 [klein] 4B / 9B's, SD3.5 Large Turbo's
+
+    def distilled(self, index, transformer_config):
+        """(True / False / None, where the checkpoint says so): whether it is step-distilled.
+        index: its model_index.json; None: nothing in its files declares it."""
+        return None, (f"nothing in a {self.pipeline} checkpoint declares whether it is "
+                      f"step-distilled")
 
     def collate(self, rows):
         """Per-prompt rows (tuples of tensors, as encode gives them) → one tuple of (P, ...)

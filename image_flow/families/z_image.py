@@ -1,6 +1,6 @@
 """Z-Image (ZImagePipeline): what Z-Image does differently.
 
-    python -m image_flow --model Tongyi-MAI/Z-Image-Turbo ...   # distilled: --guidance 0
+    python -m image_flow --model Tongyi-MAI/Z-Image-Turbo --recipe distilled ...
 
 What Z-Image does differently: the prompt goes through the tokenizer's chat template and a Qwen3
 encoder (its second-to-last hidden layer, padding dropped), so prompts keep their own lengths;
@@ -20,6 +20,7 @@ class ExtrapolatedGuidance(Guidance):
     """pos + w·(pos − neg), on for w > 0, with the pipeline's optional norm clamp and
     truncation."""
 
+    off = 0.0  # on for w > 0
     uncond_first = False  # ZImagePipeline stacks the prompts, then the negative prompts
     options = {"cfg_normalization": "clamp the guided velocity's norm to this multiple of the "
                                     "conditional one's (the pipeline's cfg_normalization; "
@@ -48,10 +49,12 @@ class ExtrapolatedGuidance(Guidance):
 class ZImage(Family):
     name, pipeline, slug = "Z-Image", "ZImagePipeline", "z-image"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # single-stream attention
-    # Z-Image-Turbo, the distilled checkpoint, samples without guidance (its model card: 0.0).
-    guidance = ExtrapolatedGuidance(0.0, "CFG pos + w·(pos − neg) against --negative-prompt, two "
+    # ZImagePipeline's default guidance_scale, for the base model; Z-Image-Turbo, which nothing
+    # in its files tells apart, samples without guidance (its model card: 0, ~8 steps).
+    guidance = ExtrapolatedGuidance(5.0, "CFG pos + w·(pos − neg) against --negative-prompt, two "
                                          "transformer rows per sample; w <= 0 turns it off, w = 1 "
                                          "is the usual scale 2")
+    inference_steps, distilled_steps = 50, 8
     packed = False
     noise_dtype = torch.float32  # ZImagePipeline draws its noise in float32 whatever the model's
 
