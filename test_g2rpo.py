@@ -710,6 +710,25 @@ def test_pasted_functions_refuse_what_they_cannot_compute():
         g2rpo.group_advantages(torch.tensor([1.0, float("nan"), 0.0]))
 
 
+def test_training_uses_adv_scale():
+    """Config.adv_scale reaches the gradient train() steps with, not only the advantage
+    arithmetic: with the advantage clip out of reach and one optimizer step per iteration
+    (every ratio 1 when the loss is differentiated), the same samples give |A| and the gradient
+    (its norm before clipping) ×3. (AdamW's step then hardly changes: its update does not depend
+    on a constant gradient scale.)"""
+    first = {}
+    for scale in (1.0, 3.0):
+        torch.manual_seed(0)
+        model = LinearVelocity()
+        cfg = small_config(adv_scale=scale, adv_clip=1e6, step_per_branch=False)
+        (first[scale],) = g2rpo.train(model, model, quadratic_reward, [1, 2, 3], cfg,
+                                      latent_shape=(3,), log=None, progress=False)
+    assert first[1.0]["reward"] == first[3.0]["reward"]  # the same samples
+    assert first[3.0]["adv_abs_k"] == pytest.approx([3 * a for a in first[1.0]["adv_abs_k"]])
+    assert first[1.0]["grad_norm"] > 0
+    assert first[3.0]["grad_norm"] == pytest.approx(3 * first[1.0]["grad_norm"], rel=1e-5)
+
+
 def test_a_callback_returning_true_stops_training():
     model = LinearVelocity()
     seen = []

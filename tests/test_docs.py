@@ -145,7 +145,8 @@ def flags_of(command):
                         warnings.simplefilter("ignore", RuntimeWarning)
                         runpy.run_module(command, run_name="__main__", alter_sys=True)
         parser = built.value.args[0]
-        _PARSERS[command] = {s for action in parser._actions for s in action.option_strings}
+        _PARSERS[command] = {s: action.choices for action in parser._actions
+                             for s in action.option_strings}
     return _PARSERS[command]
 
 
@@ -209,6 +210,42 @@ def wrong_flags(uses):
     return sorted({(command or "any command", flag) for command, flag in uses
                    if flag not in (flags_of(command) if command else anywhere)
                    and flag not in EXTERNAL_FLAGS})
+
+
+CHOICE = re.compile(r"(?<![\w-])(--[a-z][a-z0-9_-]*)[ =]([\w.-]+)")
+
+
+def wrong_choices(text):
+    """(command, flag, value) for every value a command line in `text` gives a flag with
+    choices (--method, --study, --schedule …) that the flag does not take."""
+    wrong = []
+    for command, rest in commands_in(text):
+        for flag, value in CHOICE.findall(rest):
+            choices = flags_of(command).get(flag)
+            if choices is not None and value not in choices and not value.startswith("-"):
+                wrong.append((command, flag, value))
+    return wrong
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_choice_the_docs_give_a_flag_is_one_it_takes(page):
+    text = page.read_text().replace("\\\n", " ")
+    wrong = [w for line in text.splitlines() for w in wrong_choices(line.split(" #")[0])]
+    assert not wrong, f"{page_id(page)} gives flags values they refuse: {wrong}"
+
+
+def test_every_choice_a_docstring_gives_a_flag_is_one_it_takes():
+    sources = [p for p in sorted(ROOT.rglob("*.py")) if ".cache" not in p.parts]
+    wrong = {}
+    for path in sources:
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        found = [w for line in doc.splitlines() for w in wrong_choices(line.split(" #")[0])]
+        if found:
+            wrong[str(path.relative_to(ROOT))] = found
+    assert not wrong, f"docstrings give flags values they refuse: {wrong}"
+    # The check sees a refused value, e.g. a study that does not exist.
+    assert wrong_choices("python -m worlds.digits_flow --study nonesuch --seeds 2") == [
+        ("worlds.digits_flow", "--study", "nonesuch")]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=page_id)

@@ -19,8 +19,8 @@ fit on GOLD, which neither the flow nor the proxy saw. Fidelity: a third classif
 data's own (and to the flow's training digits, which shows memorisation).
 
     python -m worlds.digits_flow                         # G²RPO, one seed: before -> after, a PNG
-    python -m worlds.digits_flow --method all --seeds 10 # the comparison tables (docs/digits.md)
-    python -m worlds.digits_flow --study mgai --seeds 10 # does MGAI matter here? with its control
+    python -m worlds.digits_flow --method all --seeds 10 # the comparison tables (docs/digits.md),
+                                                         # the MGAI rows and its disagreement table
     python -m worlds.digits_flow --study credit          # the credited step's share of the spread
     python -m worlds.digits_flow --study hacking --seeds 10  # gold vs proxy, KL β, EMA, pictures
 """
