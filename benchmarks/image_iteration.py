@@ -38,6 +38,7 @@ import g2rpo
 from benchmarks.rollout import rollout_per_member
 from image_flow import attention, flags, trainer
 from image_flow.families import family_for, weightless_pipeline
+from image_flow.plan import count
 from image_flow.velocity import Velocity
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
@@ -256,14 +257,6 @@ def matmul_flops(device, dtype, n, repeats=10):
         for _ in range(repeats):
             a @ b
     return 2 * n**3 * repeats / t.seconds
-
-
-def count(n, units=(("B", 1e9), ("M", 1e6), ("k", 1e3))):
-    """12.0 B / 3.2 M / 950 k: parameter counts readable at any size."""
-    for unit, scale in units:
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.3g}"
 
 
 def flop(n):

@@ -21,20 +21,17 @@ from .loading import (check_lora_targets, checkpoint_file, matches, model_index,
                       pipeline_on_meta)
 
 
-def size(b):
-    """Bytes for the console: '3.94 GB', '12.6 MB', '4.1 kB'."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if b >= scale:
-            return f"{b / scale:.2f} {unit}"
-    return f"{b:.0f} B"
-
-
-def count(n):
-    """Parameters for the console: '11.90 B', '1.23 M', '456 k'."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+def count(n, units=(("B", 1e9), ("M", 1e6), ("k", 1e3))):
+    """12.0 B / 3.2 M / 950 k: parameter counts readable at any size."""
+    for unit, scale in units:
         if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return str(n)
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.3g}"
+
+
+def size(b):
+    """3.94 GB / 12.6 MB / 512 B: bytes for the console."""
+    return count(b, (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1)))
 
 
 def n_params(module):

@@ -11,7 +11,7 @@ v_u + s·(v_c − v_u). The σ grid of FluxPipeline shifts with the image size.
 
 import torch
 
-from .seam import Family, Guidance, rounded_timestep
+from .seam import Family, Guidance, rounded_timestep, rows_per_sample
 
 
 class EmbeddedGuidance(Guidance):
@@ -27,11 +27,11 @@ class EmbeddedGuidance(Guidance):
                              f"embedding (guidance_embeds is false); leave --guidance out")
 
     def describe(self, scale, transformer_config, true_cfg=1.0):
-        rows = 2 if self.needs_uncond(scale, true_cfg) else 1
+        guided = self.needs_uncond(scale, true_cfg)
         embedded = (f"guidance {scale:g}" if transformer_config.get("guidance_embeds")
                     else "no guidance embedding")
-        cfg = f", true CFG {true_cfg:g}" if rows == 2 else ""
-        return f"{embedded}{cfg} ({rows} transformer row{'s' * (rows > 1)} per sample)"
+        cfg = f", true CFG {true_cfg:g}" if guided else ""
+        return f"{embedded}{cfg} ({rows_per_sample(guided)})"
 
     def needs_uncond(self, scale, true_cfg=1.0):
         return true_cfg > 1  # the pipeline's do_true_cfg (with a negative prompt: ours)

@@ -85,8 +85,7 @@ class Guidance:
 
     def describe(self, scale, transformer_config, **options):
         """'guidance 4.5 (2 transformer rows per sample)': the run's console words."""
-        rows = 2 if self.needs_uncond(scale, **options) else 1
-        return f"guidance {scale:g} ({rows} transformer row{'s' * (rows > 1)} per sample)"
+        return f"guidance {scale:g} ({rows_per_sample(self.needs_uncond(scale, **options))})"
 
     def combine(self, v_cond, v_uncond, scale, sigma, **options):
         """The guided velocity (float32) from the two rows' velocities at σ (N,)."""
@@ -177,6 +176,11 @@ class Family:
         """Sampler states → images in [-1, 1] (B, 3, H, W), as the pipeline decodes them."""
         return pipe.vae.decode(self.to_vae(pipe, x, height, width).to(pipe.vae.dtype),
                                return_dict=False)[0]
+
+
+def rows_per_sample(guided):
+    """'2 transformer rows per sample' when guidance adds an unconditional row, else 1."""
+    return "2 transformer rows per sample" if guided else "1 transformer row per sample"
 
 
 def rounded_timestep(sigma, dtype):
