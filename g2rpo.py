@@ -664,6 +664,7 @@ def rollout(velocity_fn, reward_fn, prompts, cond, cfg, sigmas, latent_shape, ge
                    "reward_std": rewards.sum(1).std().item()}
     zero_std = (rewards == rewards[..., :1]).all(dim=-1).float().mean().item()
     metrics.update(zero_std_frac=zero_std, adv_abs_k=adv.abs().mean(dim=(1, 2)).tolist(),
+                   adv_clipped=(adv.abs() >= cfg.adv_clip).float().mean().item(),  # clamped
                    nfe=velocity.evals)
     if cfg.method == "mixgrpo":
         metrics["window"] = ks
@@ -763,7 +764,7 @@ def format_metrics(it, m):
             + f" | loss {m['loss']:+.2e} | grad {m['grad_norm']:.3f}"
             f" | clip {m['clip_frac']:.3f} | kl {m['approx_kl']:.2e}"
             + (f" | kl_ref {m['kl_ref']:.2e}" if "kl_ref" in m else "")
-            + f" | zero-std {m['zero_std_frac']:.2f} | |A|_k "
+            + f" | zero-std {m['zero_std_frac']:.2f} | A clipped {m['adv_clipped']:.3f} | |A|_k "
             + " ".join(f"{a:.2f}" for a in m["adv_abs_k"]))
     if "adv_abs_lambda" in m:
         line += " | |A|_λ " + " ".join(f"{a:.2f}" for a in m["adv_abs_lambda"])

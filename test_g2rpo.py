@@ -762,6 +762,10 @@ def test_a_callback_returning_true_stops_training():
     (["--method", "full_sde", "--granularities", "1,2"],
      "--granularities is not used by --method full_sde"),
     (["--window-every", "5"], "--window-every is not used by --method g2rpo"),
+    (["--study", "mgai", "--granularities", "1,2"], "--study mgai sets --granularities itself"),
+    (["--study", "mgai", "--method", "full_sde"], "--method must be g2rpo"),
+    (["--study", "mgai-settings", "--dim", "16"], "--study mgai-settings sets --dim itself"),
+    (["--study", "mgai-settings", "--num-steps", "8"], "sets --num-steps itself"),
 ])
 def test_toy_cli_checks_its_flags_before_pretraining(tmp_path, capsys, argv, message):
     import toy_flow

@@ -16,6 +16,8 @@ chasing the offset peak too hard pulls samples off the modes, so reward hacking 
                                                # iteration and at the same model-evaluation budget
     python toy_flow.py --reward proxy --kl-beta 3 --ema-decay 0.99   # guard rails on a gamed reward
     python toy_flow.py --guard-rails 0,1,3,10 --seeds 5 --out toy_guard_rails.png   # their study
+    python toy_flow.py --study mgai --seeds 30           # what MGAI's gain comes from
+    python toy_flow.py --study mgai-settings --seeds 20  # MGAI where the granularities disagree
 """
 
 import argparse
@@ -33,7 +35,7 @@ import torch.nn as nn
 
 import g2rpo
 from worlds import studies
-from worlds.studies import (at_budget, ci_text, float_tuple, int_tuple, mean_ci, mean_std,
+from worlds.studies import (at_budget, ci_text, float_tuple, mean_ci, mean_std,
                             ode_samples, paired_difference)
 
 NUM_CLASSES = 4
@@ -322,38 +324,43 @@ def granularity_disagreement(model, **kwargs):
     return out["disagree"]
 
 
-def mgai_vs_dim(dims, seeds, cache_dir=".cache", pretrain_steps=10000, log=print, **overrides):
-    """Does MGAI matter as the data dimension grows? For each D: the λ-disagreement rate, and
-    the final reward of G²RPO, G²RPO w/o MGAI and the scale-matched control (w/o MGAI with its
-    advantages multiplied by |Λ| before the same clip, Config.adv_scale) on the same seeds, with
-    paired intervals. Returns one row per D and prints a markdown table."""
-    rows = []
-    scale = float(len(METHODS["g2rpo"]["granularities"]))
-    arms = {"g2rpo": {}, "g2rpo_wo_mgai": {}, "control": {"adv_scale": scale}}
-    for dim in dims:
-        base = load_or_pretrain(cache_dir, pretrain_steps, progress=False, dim=dim)
-        dis = granularity_disagreement(base, shift=TOY["shift"])
-        final = {arm: [run(base, "g2rpo_wo_mgai" if arm == "control" else arm, s, progress=False,
-                           eval_every=10**9, **{**overrides, **extra})[1]["curve"][-1]["reward"]
-                       for s in seeds] for arm, extra in arms.items()}
-        diff, ci, verdict = paired_difference(final["g2rpo"], final["g2rpo_wo_mgai"])
-        control = paired_difference(final["g2rpo"], final["control"])
-        rows.append(dict(dim=dim, disagreement=dis, g2rpo=final["g2rpo"],
-                         g2rpo_wo_mgai=final["g2rpo_wo_mgai"], control=final["control"],
-                         difference=diff, ci=ci, verdict=verdict, control_difference=control,
-                         pretrained=evaluate(base, shift=TOY["shift"])))
-    if log is not None:
-        log(f"| D | pretrained reward / fidelity | sign disagreement λ=2 / λ=3 vs λ=1 | G²RPO | "
-            f"w/o MGAI | w/o MGAI, advantages ×{scale:g} | G²RPO − w/o MGAI | 95% CI | | "
-            f"G²RPO − ×{scale:g} control | 95% CI | |  ({len(seeds)} paired seeds)\n"
-            f"|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            log(f"| {r['dim']} | {r['pretrained']['reward']:.4f} / "
-                f"{r['pretrained']['fidelity']:.3f} | {r['disagreement'][2]:.1%} / "
-                f"{r['disagreement'][3]:.1%} | {mean_std(r['g2rpo'])} | "
-                f"{mean_std(r['g2rpo_wo_mgai'])} | {mean_std(r['control'])} | {r['difference']} | "
-                f"{r['ci']} | {r['verdict']} | " + " | ".join(r["control_difference"]) + " |")
-    return rows
+def mgai_runs(base_model, seeds, reward="gold", **overrides):
+    """studies.mgai_arms on the toy (its recipe otherwise), the same seeds for every arm,
+    evaluated at the end: {arm: [result per seed]}."""
+    train = lambda seed, **arm: run(base_model, "g2rpo", seed, eval_every=10**9, progress=False,
+                                    reward=reward, **{**overrides, **arm})[1]
+    return studies.mgai_study(train, seeds, studies.mgai_arms())
+
+
+# Where the granularities might disagree more than at the default (T = 16, Λ = {1, 2, 3}, D = 2):
+# fewer sampling steps, coarser strides, and the same problem embedded in D = 16 (--dim).
+MGAI_SETTINGS = {
+    "T = 16, Λ = {1, 2, 3}, D = 2 (default)": dict(),
+    "T = 8, Λ = {1, 2, 3}, branch steps 0–3": dict(num_steps=8, branch_steps=(0, 1, 2, 3)),
+    "T = 16, Λ = {1, 4, 8}": dict(granularities=(1, 4, 8)),
+    "D = 16": dict(dim=16),
+}
+
+
+def mgai_settings_table(seeds, settings=MGAI_SETTINGS, cache_dir=".cache", pretrain_steps=10000,
+                        reward="gold", **overrides):
+    """Markdown (studies.mgai_settings): per setting the granularities' sign disagreement under
+    the toy's reward on the pretrained flow (of that D) and MGAI's effect over w/o MGAI and over
+    the pure-clip arm."""
+    table = {}
+    for name, setting in settings.items():
+        setting = {**overrides, **setting}
+        base = load_or_pretrain(cache_dir, pretrain_steps, progress=False,
+                                dim=setting.pop("dim", 2))
+        cfg = toy_config("g2rpo", **setting)
+        train = lambda seed, base=base, setting=setting, **arm: run(
+            base, "g2rpo", seed, eval_every=10**9, progress=False, reward=reward,
+            **{**setting, **arm})[1]
+        disagreement = lambda base=base, cfg=cfg: studies.granularity_disagreement(
+            base, REWARDS[reward], NUM_CLASSES, cfg.granularities, cfg.branch_steps,
+            shift=cfg.shift, num_steps=cfg.num_steps)
+        table[name] = (train, disagreement, cfg.granularities)
+    return studies.mgai_settings(table, seeds, "reward" if reward == "gold" else "proxy")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,6 +461,11 @@ def plot_guard_rails(runs, path):
 
 # Config fields with a flag name of their own, or none (the toy's --method picks the method).
 TOY_FLAG_NAMES = {"num_iterations": ("--iterations", "--num-iterations"), "method": None}
+STUDIES = ("mgai", "mgai-settings")
+# Config fields each study sets itself, per arm or per setting: a flag for one is refused.
+STUDY_SETS = {"mgai": ("granularities", "adv_clip", "adv_scale"),
+              "mgai-settings": ("granularities", "adv_clip", "adv_scale", "num_steps",
+                                "branch_steps")}
 
 
 def parse_args(argv=None):
@@ -477,10 +489,10 @@ def parse_args(argv=None):
     a("--dim", type=int, default=2,
       help="data dimension D: the 2-D problem embedded by a fixed random orthogonal map, plus "
            "D − 2 narrow directions the reward ignores (default: 2)")
-    a("--mgai-vs-dim", type=int_tuple, default=None, metavar="D1,D2,...",
-      help="the MGAI study instead of a run: for each D, λ-disagreement and G²RPO vs G²RPO w/o "
-           "MGAI over --seeds paired seeds (docs/toy.md, 'Does MGAI matter as the data dimension "
-           "grows?')")
+    a("--study", choices=STUDIES, default=None,
+      help="instead of a run: mgai, the arms that separate what MGAI's gain comes from; "
+           "mgai-settings, MGAI where the granularities might disagree more (fewer steps, coarser "
+           "Λ, D = 16); both over --seeds paired seeds (docs/toy.md)")
     a("--reward", default="gold", choices=list(REWARDS),
       help="what to train on: gold, the toy's reward, or proxy, one that can be gamed (it keeps "
            "rising outward past the gold reward's peak); evaluations report both (default: gold)")
@@ -497,12 +509,21 @@ def parse_args(argv=None):
 
 def _check_study_flags(p, args):
     """The checks of this file's own flags (studies.parse_run_args runs the shared ones)."""
-    for value in (args.dim, *(args.mgai_vs_dim or ())):
-        if value < 2:
-            p.error(f"--dim and --mgai-vs-dim need D >= 2, got {value}")
+    if args.dim < 2:
+        p.error(f"--dim needs D >= 2, got {args.dim}")
+    if args.study is not None:
+        if args.method != "g2rpo" or args.guard_rails is not None:
+            p.error(f"--study {args.study} compares G²RPO's arms: --method must be g2rpo, "
+                    f"without --guard-rails")
+        if args.study == "mgai-settings" and args.dim != 2:
+            p.error("--study mgai-settings sets --dim itself (per setting)")
+        for field in STUDY_SETS[args.study]:
+            if field in args.overrides:
+                flag = "--" + field.replace("_", "-")
+                p.error(f"--study {args.study} sets {flag} itself (per arm or setting)")
     if args.guard_rails is not None:
-        if args.method == "all" or args.mgai_vs_dim:
-            p.error("--guard-rails runs one --method (not all) and excludes --mgai-vs-dim")
+        if args.method == "all":
+            p.error("--guard-rails runs one --method (not all)")
         if "kl_beta" in args.overrides or args.reward != "gold":
             p.error("--guard-rails sets --kl-beta (each β of its list) and --reward (proxy) "
                     "itself")
@@ -563,9 +584,23 @@ def main(argv=None):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
     start = time.time()
-    if args.mgai_vs_dim:
-        mgai_vs_dim(args.mgai_vs_dim, range(args.seed, args.seed + args.seeds), args.cache_dir,
-                    args.pretrain_steps, **args.overrides)
+    seeds = range(args.seed, args.seed + args.seeds)
+    if args.study == "mgai":
+        base = load_or_pretrain(args.cache_dir, args.pretrain_steps, retrain=args.retrain,
+                                dim=args.dim)
+        dis = studies.granularity_disagreement(base, REWARDS[args.reward], NUM_CLASSES,
+                                               shift=TOY["shift"])
+        print("sign disagreement with λ = 1 (64 prompts × 8 branch steps × 12 members): "
+              + ", ".join(f"λ = {lam}: {share:.1%}" for lam, share in dis["disagree"].items())
+              + f"; MGAI's sum is {dis['scale']:.2f} times one granularity's mean |A|")
+        print(studies.mgai_tables(mgai_runs(base, seeds, args.reward, **args.overrides),
+                                  "reward" if args.reward == "gold" else "proxy"))
+        print(f"(total {time.time() - start:.1f} s)")
+        return
+    if args.study == "mgai-settings":
+        print(mgai_settings_table(seeds, cache_dir=args.cache_dir,
+                                  pretrain_steps=args.pretrain_steps, reward=args.reward,
+                                  **args.overrides))
         print(f"(total {time.time() - start:.1f} s)")
         return
     if args.guard_rails:
@@ -594,7 +629,6 @@ def main(argv=None):
     results, table = [], {}
     metrics_path = Path(args.out).with_suffix(".jsonl")
     metrics_path.write_text("")
-    seeds = range(args.seed, args.seed + args.seeds)
     for method in methods:
         for seed in seeds:
             model, r = run(base, method, seed, eval_every=2 if len(methods) > 1 else 10,

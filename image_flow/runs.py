@@ -205,13 +205,14 @@ class Tracker:
     Weights & Biases; does nothing for 'none' or on ranks other than 0.
 
     Scalar tags: train/<metric> for reward, reward_std, reward_anchor, loss, clip_frac, approx_kl,
-    kl_ref (with --kl-beta), grad_norm, zero_std_frac, nfe, seconds; train/adv_abs_k/<k>;
+    kl_ref (with --kl-beta), grad_norm, zero_std_frac, adv_clipped, nfe, seconds;
+    train/adv_abs_k/<k>;
     train/adv_abs_lambda/<λ>;
     eval/<reward>. Images: eval/grid.
     """
 
     SCALARS = ("reward", "reward_std", "reward_anchor", "loss", "clip_frac", "approx_kl",
-               "kl_ref", "grad_norm", "zero_std_frac", "nfe", "seconds")
+               "kl_ref", "grad_norm", "zero_std_frac", "adv_clipped", "nfe", "seconds")
 
     def __init__(self, kind, out_dir, config, branch_steps, granularities, start=0, is_main=True):
         self.kind = kind if is_main else "none"

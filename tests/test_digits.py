@@ -171,8 +171,8 @@ def test_scale_matched_control_multiplies_the_advantages_before_the_clip():
     torch.testing.assert_close(g2rpo.multi_granularity_advantages(r, 5.0, scale=3.0), 3 * one)
     clipped = g2rpo.multi_granularity_advantages(r, adv_clip=2.0, scale=3.0)
     assert clipped.abs().max() == 2.0
-    cfg = digits_flow.digits_config("g2rpo_wo_mgai_x3")
-    assert cfg.granularities == (1,) and cfg.adv_scale == 3.0
+    cfg = digits_flow.digits_config("g2rpo", **studies.mgai_arms()["w/o MGAI ×3"])
+    assert cfg.granularities == (1,) and cfg.adv_scale == 3.0 and cfg.adv_clip == 5.0
     with pytest.raises(g2rpo.ConfigError, match="adv_scale must be > 0"):
         digits_flow.digits_config("g2rpo", adv_scale=0.0)
 
@@ -198,6 +198,9 @@ def test_granularity_statistics_are_consistent(base):
     (["--study", "hacking", "--kl-beta", "1"], "--study hacking sets --kl-beta"),
     (["--study", "hacking", "--kl-betas", "0,-1"], "every β must be >= 0"),
     (["--study", "credit", "--method", "all"], "runs one --method (not all)"),
+    (["--study", "mgai", "--adv-clip", "2"], "--study mgai sets --adv-clip itself"),
+    (["--study", "mgai-settings", "--branch-steps", "0,1"], "sets --branch-steps itself"),
+    (["--study", "mgai", "--method", "mixgrpo"], "--method must be g2rpo"),
     (["--out", "/nonexistent/x.png"], "does not exist"),
 ])
 def test_cli_checks_its_flags_before_training(tmp_path, capsys, argv, message):

@@ -19,8 +19,9 @@ fit on GOLD, which neither the flow nor the proxy saw. Fidelity: a third classif
 data's own (and to the flow's training digits, which shows memorisation).
 
     python -m worlds.digits_flow                         # G²RPO, one seed: before -> after, a PNG
-    python -m worlds.digits_flow --method all --seeds 10 # the comparison tables (docs/digits.md),
-                                                         # the MGAI rows and its disagreement table
+    python -m worlds.digits_flow --method all --seeds 10 # the comparison tables (docs/digits.md)
+    python -m worlds.digits_flow --study mgai --seeds 30 # what MGAI's gain comes from
+    python -m worlds.digits_flow --study mgai-settings --seeds 10  # where granularities disagree
     python -m worlds.digits_flow --study credit          # the credited step's share of the spread
     python -m worlds.digits_flow --study hacking --seeds 10  # gold vs proxy, KL β, EMA, pictures
 """
@@ -59,8 +60,6 @@ METHODS = {
     "full_sde": dict(method="full_sde"),
     "mixgrpo": dict(method="mixgrpo"),
     "g2rpo_wo_mgai": dict(method="g2rpo", granularities=(1,)),
-    # The scale-matched control: one granularity, its advantages ×|Λ| before the same clip.
-    "g2rpo_wo_mgai_x3": dict(method="g2rpo", granularities=(1,), adv_scale=3.0),
     "g2rpo": dict(method="g2rpo", granularities=(1, 2, 3)),
 }
 
@@ -463,9 +462,16 @@ def run(base_model, method="g2rpo", seed=0, eval_every=10, progress=True, log=No
 # The studies.
 
 COMPARED = (("g2rpo", "full_sde"), ("g2rpo", "mixgrpo"), ("g2rpo", "g2rpo_wo_mgai"),
-            ("g2rpo", "g2rpo_wo_mgai_x3"), ("g2rpo_wo_mgai_x3", "g2rpo_wo_mgai"),
             ("g2rpo_wo_mgai", "full_sde"))
 REPORTED = ("gold", "proxy", "accuracy", "nn_data", "nn_train")
+
+
+def cell(values, key=None):
+    """'mean [95% CI]' over seeds: Student t, or for accuracy (a proportion) a bootstrap
+    interval, which stays inside [0, 1]."""
+    if key == "accuracy":
+        return studies.proportion_text(values)
+    return f"{mean_ci(values)[0]:.4f} {ci_text(values)}"
 
 
 def comparison_tables(table, pretrained=None):
@@ -477,7 +483,6 @@ def comparison_tables(table, pretrained=None):
     same = {m: {k: [studies.at_budget(r, budget, k) for r in rs] for k in REPORTED}
             for m, rs in table.items()}
     first = next(iter(table.values()))
-    cell = lambda v: f"{mean_ci(v)[0]:.4f} {ci_text(v)}"
     head = " | ".join(f"{k} [95% CI]" for k in REPORTED)
     lines = [f"| method | {head} | model evals / iteration |  ({len(first)} seeds, "
              f"{first[0]['config']['num_iterations']} iterations)",
@@ -487,7 +492,7 @@ def comparison_tables(table, pretrained=None):
                      + " | – |")
     for m, rs in table.items():
         h = rs[0]["history"][0]
-        lines.append(f"| {m} | " + " | ".join(cell(final[m][k]) for k in REPORTED)
+        lines.append(f"| {m} | " + " | ".join(cell(final[m][k], k) for k in REPORTED)
                      + f" | {h['nfe'] + h['train_rows']:,} |")
     lines += ["", f"| method | gold at {budget:,} model evals [95% CI] | proxy [95% CI] | "
                   f"accuracy [95% CI] | iterations used |  (the largest budget all reach)",
@@ -495,7 +500,7 @@ def comparison_tables(table, pretrained=None):
     for m, rs in table.items():
         per_it = rs[0]["evals"] / rs[0]["config"]["num_iterations"]
         lines.append(f"| {m} | {cell(same[m]['gold'])} | {cell(same[m]['proxy'])} | "
-                     f"{cell(same[m]['accuracy'])} | {budget / per_it:.1f} |")
+                     f"{cell(same[m]['accuracy'], 'accuracy')} | {budget / per_it:.1f} |")
     pairs = [(a, b) for a, b in COMPARED if a in table and b in table]
     if pairs and len(first) > 1:
         lines += ["", "| paired difference of gold (same seeds) | at the end | 95% CI | | at the "
@@ -522,7 +527,7 @@ def mgai_table(base_model, seeds, shift=1.0):
 
     lines = ["| sign disagreement with λ = 1 | λ = 2 [95% CI] | λ = 3 [95% CI] |",
              "|---|---|---|"]
-    for key, name in (("disagree", "all members"), ("disagree_not_small", "where |A_λ=1| > 0.5")):
+    for key, name in (("disagree", "all members"), ("disagree_not_small", "where \\|A_λ=1\\| > 0.5")):
         lines.append(f"| {name} | " + " | ".join(cell([r[key][lam] for r in rows])
                                                   for lam in (2, 3)) + " |")
     scale = [r["scale"] for r in rows]
@@ -531,22 +536,58 @@ def mgai_table(base_model, seeds, shift=1.0):
     return "\n".join(lines)
 
 
+def mgai_runs(base_model, seeds, reward="proxy", **overrides):
+    """studies.mgai_arms on the digits (G²RPO's recipe otherwise), the same seeds for every
+    arm, evaluated at the end: {arm: [result per seed]}."""
+    train = lambda seed, **arm: run(base_model, "g2rpo", seed, eval_every=10**9, progress=False,
+                                    reward=reward, **{**overrides, **arm})[1]
+    return studies.mgai_study(train, seeds, studies.mgai_arms())
+
+
+# Where the granularities might disagree more than at the default (T = 16, Λ = {1, 2, 3}):
+# fewer sampling steps, so a coarse completion is a rougher approximation, or coarser strides.
+MGAI_SETTINGS = {
+    "T = 16, Λ = {1, 2, 3} (default)": dict(),
+    "T = 8, Λ = {1, 2, 3}, branch steps 0–3": dict(num_steps=8, branch_steps=(0, 1, 2, 3)),
+    "T = 16, Λ = {1, 4, 8}": dict(granularities=(1, 4, 8)),
+}
+
+
+def mgai_settings_table(base_model, seeds, settings=MGAI_SETTINGS, reward="proxy", **overrides):
+    """Markdown (studies.mgai_settings): per setting the granularities' sign disagreement under
+    the proxy on the pretrained flow and MGAI's effect over w/o MGAI and over the pure-clip arm."""
+    score = lambda x, c: judges()[1](to_image(x), c)
+    table = {}
+    for name, setting in settings.items():
+        setting = {**overrides, **setting}
+        cfg = digits_config("g2rpo", **setting)
+        train = lambda seed, setting=setting, **arm: run(
+            base_model, "g2rpo", seed, eval_every=10**9, progress=False, reward=reward,
+            **{**setting, **arm})[1]
+        disagreement = lambda cfg=cfg: studies.granularity_disagreement(
+            base_model, score, NUM_CLASSES, cfg.granularities, cfg.branch_steps, shift=cfg.shift,
+            num_steps=cfg.num_steps)
+        table[name] = (train, disagreement, cfg.granularities)
+    return studies.mgai_settings(table, seeds, "gold")
+
+
 def credit_table(base_model, seeds, branch_steps=tuple(range(8)), shift=1.0):
     """Markdown: per branch step k, the share of a group's proxy-reward spread that the noise of
     step k explains (a first-order Sobol index) when every branch step is an SDE step (full-SDE)
-    and when k is the only one (singular: 1 by construction); mean and 95 % CI over seeds."""
+    and when k is the only one (singular: 1 by construction); mean and 95 % CI over seeds (a
+    bootstrap interval: a share stays inside [0, 1])."""
     score = lambda x, c: judges()[1](to_image(x), c)
     classes = list(range(NUM_CLASSES))
-    lines = ["| branch step k | σ_k | full-SDE: share explained by step k [95% CI] | singular |",
-             "|---|---|---|---|"]
+    lines = ["| branch step k | σ_k | full-SDE: share explained by step k [95% CI] | singular "
+             "(1 by construction; computed as a check) |", "|---|---|---|---|"]
     sigmas = g2rpo.sigma_schedule(16, shift)
     for k in branch_steps:
         full = [studies.credited_noise_share(base_model, k, set(branch_steps), classes, score,
                                              shift=shift, seed=s) for s in seeds]
         single = studies.credited_noise_share(base_model, k, {k}, classes, score, shift=shift,
                                               seed=seeds[0])
-        lines.append(f"| {k} | {sigmas[k]:.3f} | {mean_ci(full)[0]:.3f} "
-                     f"{ci_text(full)} | {single:.3f} |")
+        lines.append(f"| {k} | {sigmas[k]:.3f} | {studies.proportion_text(full, 3)} | "
+                     f"{single:.3f} |")
     return "\n".join(lines)
 
 
@@ -579,7 +620,6 @@ def hacking_tables(runs):
     end = first[0]["curve"][-1]["iteration"]
     at = [i for i in HACKING_AT if i < end] + [end]
     point = lambda r, i: next(p for p in r["curve"] if p["iteration"] == i)
-    cell = lambda v: f"{mean_ci(v)[0]:.4f} {ci_text(v)}"
     lines = ["| β | EMA | " + " | ".join(f"gold at {i}" for i in at)
              + f" |  (mean [95% CI], {len(first)} seeds, trained on the proxy)",
              "|---|---|" + "---|" * len(at)]
@@ -591,7 +631,7 @@ def hacking_tables(runs):
     for (beta, decay), rs in runs.items():
         peak = [max(p["gold"] for p in r["curve"]) for r in rs]
         lines.append(f"| {beta:g} | {decay:g} | {cell(peak)} | "
-                     + " | ".join(cell([r["curve"][-1][k] for r in rs])
+                     + " | ".join(cell([r["curve"][-1][k] for r in rs], k)
                                   for k in ("proxy", "accuracy", "nn_data")) + " |")
     return "\n".join(lines)
 
@@ -693,7 +733,11 @@ def hacking_figure(runs, models, path, command):
 
 # Config fields with a flag name of their own, or none (--method picks the method).
 FLAG_NAMES = {"num_iterations": ("--iterations", "--num-iterations"), "method": None}
-STUDIES = ("credit", "hacking")
+STUDIES = ("credit", "hacking", "mgai", "mgai-settings")
+# Config fields each study sets itself, per arm or per setting: a flag for one is refused.
+STUDY_SETS = {"mgai": ("granularities", "adv_clip", "adv_scale"),
+              "mgai-settings": ("granularities", "adv_clip", "adv_scale", "num_steps",
+                                "branch_steps")}
 
 
 def parse_args(argv=None):
@@ -703,10 +747,12 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--method", default="g2rpo", choices=[*METHODS, "all"],
-      help="which method (all: each, the comparison and MGAI tables) (default: g2rpo)")
+      help="which method (all: each, and the comparison tables) (default: g2rpo)")
     a("--study", choices=STUDIES, default=None,
       help="credit: the credited step's share of a group's reward spread; hacking: gold vs "
-           "proxy over a long run with --kl-betas and EMA off / on (docs/digits.md)")
+           "proxy over a long run with --kl-betas and EMA off / on; mgai: the arms that separate "
+           "what MGAI's gain comes from; mgai-settings: MGAI where the granularities might "
+           "disagree more (docs/digits.md)")
     a("--seeds", type=int, default=1,
       help="runs per method, seeds --seed, --seed + 1, ... (tables: 95 %% CIs) (default: 1)")
     a("--out", default="digits_g2rpo.png",
@@ -733,6 +779,13 @@ def _check_study_flags(p, args):
     """The checks of this file's own flags (studies.parse_run_args runs the shared ones)."""
     if args.study is not None and args.method == "all":
         p.error(f"--study {args.study} runs one --method (not all)")
+    if args.study in STUDY_SETS:
+        if args.method != "g2rpo":
+            p.error(f"--study {args.study} compares G²RPO's arms: --method must be g2rpo")
+        for field in STUDY_SETS[args.study]:
+            if field in args.overrides:
+                flag = "--" + field.replace("_", "-")
+                p.error(f"--study {args.study} sets {flag} itself (per arm or setting)")
     if args.study == "hacking":
         if "kl_beta" in args.overrides or args.reward != "proxy":
             p.error("--study hacking sets --kl-beta (each of --kl-betas) and trains on the proxy")
@@ -764,6 +817,16 @@ def main(argv=None):
     if args.study == "credit":
         print(credit_table(base, seeds))
         print(f"(credit study {time.time() - start:.1f} s)")
+        return
+    if args.study == "mgai":
+        print(mgai_table(base, seeds))
+        print(studies.mgai_tables(mgai_runs(base, seeds, reward=args.reward, **args.overrides),
+                                  "gold"))
+        print(f"(MGAI study {time.time() - start:.1f} s)")
+        return
+    if args.study == "mgai-settings":
+        print(mgai_settings_table(base, seeds, reward=args.reward, **args.overrides))
+        print(f"(MGAI settings {time.time() - start:.1f} s)")
         return
     if args.study == "hacking":
         overrides = dict(args.overrides)
@@ -802,10 +865,6 @@ def main(argv=None):
             print(f"({method}: {time.time() - t0:.1f} s)")
     if len(methods) > 1 or args.seeds > 1:
         print(comparison_tables(table, before))
-    if args.method == "all":
-        t0 = time.time()
-        print(mgai_table(base, seeds))
-        print(f"(MGAI disagreement {time.time() - t0:.1f} s)")
     figure(panels, table, args.out, command)
     print(f"saved {args.out} and {metrics_path}  (total {time.time() - start:.1f} s)")
 

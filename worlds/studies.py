@@ -31,15 +31,21 @@ def fine_tune(model, cfg, evaluate, velocity_fn, reward_fn, prompts, latent_shap
     EMA weights (and the trained weights' under "live"), and `model` ends holding the EMA
     weights; the EMA does not change training (keep_live: a copy of the trained weights'
     model under "live"). Returns {"curve", "history", "nfe", "evals"}: nfe counts rollout model
-    evaluations, evals adds the training passes' rows."""
+    evaluations, evals adds the training passes' rows; each history row gains update_norm, the
+    norm of the iteration's change of the trained weights."""
     ema = g2rpo.EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     weights = ema.applied if ema is not None else contextlib.nullcontext
     start = evaluate(model)
     curve = [dict(iteration=0, nfe=0, evals=0, **start,
                   **({"live": start} if ema is not None else {}))]
     nfe, evals = [0], [0]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    previous = [torch.cat([p.detach().flatten() for p in trained])]
 
     def callback(it, m):
+        now = torch.cat([p.detach().flatten() for p in trained])
+        m["update_norm"] = (now - previous[0]).norm().item()  # ‖θ after − θ before‖ this iteration
+        previous[0] = now
         nfe[0] += m["nfe"]  # rollout evaluations
         evals[0] += m["nfe"] + m["train_rows"]  # ... plus the training passes' rows
         if (it + 1) % eval_every == 0 or it + 1 == cfg.num_iterations:
@@ -140,7 +146,8 @@ def ode_samples(model, classes, num_steps=16, shift=1.0, seed=1234):
 def credited_noise_share(model, step, sde_steps, classes, score, outer=16, inner=16, eta=0.7,
                          num_steps=16, shift=1.0, seed=0):
     """Share of the within-group reward variance explained by the noise of one step (first-order
-    Sobol index), per condition, averaged: Var(E[r | ε_step]) / Var(r).
+    Sobol index), per condition, averaged over the conditions whose rewards vary:
+    Var(E[r | ε_step]) / Var(r).
 
     Each group shares its initial noise; `outer` draws of ε_step, each finished `inner` times with
     fresh noise at the other SDE steps. Singular sampling is sde_steps = {step} (share 1 by
@@ -165,22 +172,23 @@ def credited_noise_share(model, step, sde_steps, classes, score, outer=16, inner
     total = r.flatten(1).var(dim=1)  # (C,)
     # Var of the A conditional means, less the part the inner sampling noise adds to it.
     explained = r.mean(2).var(1) - r.var(2).mean(1) / B
-    share = (explained / total.clamp_min(1e-12)).clamp(0, 1)
-    return share.mean().item()
+    spread = total > 1e-12  # a condition whose rewards do not vary has no share to explain
+    return (explained[spread] / total[spread]).clamp(0, 1).mean().item()
 
 
 @torch.no_grad()
 def granularity_disagreement(model, score, num_classes, granularities=(1, 2, 3),
                              branch_steps=tuple(range(8)), prompts=64, group_size=12, eta=0.7,
-                             shift=1.0, seed=7, adv_clip=5.0, not_small=0.5):
+                             shift=1.0, seed=7, adv_clip=5.0, not_small=0.5, num_steps=16):
     """How much the granularities' group advantages differ, from one singular-sampling rollout of
     `prompts` prompts (classes in turn). Returns {"disagree": {λ: share of (k, prompt, member)
     whose advantage at λ has the opposite sign of λ = 1's}, "disagree_not_small": the same where
     |A_λ=1| > not_small, "scale": mean |clipped Σ_λ A_λ| / mean |A_λ=1| (MGAI's sum against one
-    granularity's advantage; |Λ| when they all agree and nothing is clipped)}."""
+    granularity's advantage; |Λ| when they all agree and nothing is clipped)}, on a grid of
+    `num_steps` steps."""
     g = torch.Generator().manual_seed(seed)
     c = torch.arange(prompts) % num_classes
-    sigmas = g2rpo.sigma_schedule(16, shift)
+    sigmas = g2rpo.sigma_schedule(num_steps, shift)
     velocity = g2rpo.CountingVelocity(model, 1 << 16)
     x_T = torch.randn(prompts, model.dim, generator=g)
     out = g2rpo.singular_stochastic_sampling(velocity, c, x_T, sigmas, branch_steps, granularities,
@@ -257,6 +265,150 @@ def paired_difference(a, b):
     m, h = mean_ci(d)
     verdict = "–" if math.isnan(h) else ("excludes 0" if abs(m) > h else "includes 0")
     return f"{m:+.4f}", ci_text(d, signed=True), verdict
+
+
+def proportion_ci(values, resamples=10_000, seed=0):
+    """(mean, lo, hi): the mean of per-seed proportions (e.g. accuracies) with a 95 % percentile
+    bootstrap interval over the seeds, which stays inside [0, 1] where a Student t interval of
+    values near 1 runs past it. One value: (value, nan, nan)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if len(t) < 2:
+        return t.mean().item(), float("nan"), float("nan")
+    g = torch.Generator().manual_seed(seed)
+    means = t[torch.randint(len(t), (resamples, len(t)), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return t.mean().item(), lo, hi
+
+
+def proportion_text(values, digits=4):
+    """'0.8817 [0.8419, 0.9215]': proportion_ci as a table cell ('–' for the interval of one)."""
+    m, lo, hi = proportion_ci(values)
+    return f"{m:.{digits}f} " + ("–" if math.isnan(lo) else f"[{lo:.{digits}f}, {hi:.{digits}f}]")
+
+
+# ----------------------------------------------------------------------------------------------
+# What MGAI's gain comes from. MGAI sums |Λ| group advantages that mostly agree, so besides
+# what the coarse completions say it changes the advantages' scale, and with it how often the
+# clip at ±adv_clip binds; AdamW's step hardly depends on a constant scale (only through ε and
+# the gradient-norm clip). Each arm below switches one of these channels.
+
+NO_CLIP = 1e9  # an advantage clip nothing reaches: |scale·Σ_λ A_λ| <= scale·|Λ|·(G − 1)/√G
+
+
+def mgai_arms(granularities=(1, 2, 3), adv_clip=5.0):
+    """{arm: Config overrides}: G²RPO and G²RPO w/o MGAI, each with the clip on and off; w/o
+    MGAI with its advantages ×|Λ| before the clip (the scale MGAI's sum has when the
+    granularities agree), with the clip off (scale alone); and w/o MGAI clipped at
+    adv_clip/|Λ| (clamp(|Λ|·A, ±c) = |Λ|·clamp(A, ±c/|Λ|): the clip alone)."""
+    L = len(granularities)
+    one = dict(granularities=(1,))
+    return {"G²RPO": dict(granularities=tuple(granularities)),
+            "G²RPO, clip off": dict(granularities=tuple(granularities), adv_clip=NO_CLIP),
+            "w/o MGAI": one,
+            f"w/o MGAI ×{L}": dict(one, adv_scale=float(L)),
+            f"w/o MGAI ×{L}, clip off": dict(one, adv_scale=float(L), adv_clip=NO_CLIP),
+            f"w/o MGAI, clip {adv_clip:g}/{L}": dict(one, adv_clip=adv_clip / L)}
+
+
+def pure_clip_arm(granularities=(1, 2, 3), adv_clip=5.0):
+    """The name of mgai_arms' last arm: w/o MGAI with the clip that MGAI's scale implies."""
+    return list(mgai_arms(granularities, adv_clip))[-1]
+
+
+def mgai_study(train, seeds, arms, progress=True, desc="MGAI arms"):
+    """{arm: [train(seed, **overrides) per seed]} for every arm of `arms` (mgai_arms), the same
+    seeds in the same order for each (so differences are paired); a progress bar over the runs."""
+    from tqdm.auto import tqdm
+
+    runs = {}
+    with tqdm(total=len(arms) * len(seeds), desc=desc, disable=not progress,
+              dynamic_ncols=True) as bar:
+        for arm, overrides in arms.items():
+            bar.set_postfix_str(arm)
+            runs[arm] = []
+            for seed in seeds:
+                runs[arm].append(train(seed, **overrides))
+                bar.update()
+    return runs
+
+
+def mgai_tables(runs, key, granularities=(1, 2, 3), adv_clip=5.0):
+    """Markdown: per arm the final `key` (mean, 95 % CI over seeds) and, averaged over
+    iterations and seeds, the share of advantages the clip changed, mean |A|, the gradient norm
+    (before its clip) and the update norm ‖Δθ‖ per iteration; then every arm's paired difference
+    against w/o MGAI and against G²RPO with its half-width (the smallest difference the study can
+    see); then the verdict: MGAI over the pure-clip arm beside MGAI's whole effect."""
+    final = {arm: [r["curve"][-1][key] for r in rs] for arm, rs in runs.items()}
+    seeds = len(next(iter(runs.values())))
+    mean_of = lambda rs, f: sum(sum(f(m) for m in r["history"]) / len(r["history"])
+                                for r in rs) / len(rs)
+    lines = [f"| arm | {key} [95% CI] | advantages clipped | mean \\|A\\| | grad norm | "
+             f"update norm / iteration |  ({seeds} seeds, "
+             f"{len(next(iter(runs.values()))[0]['history'])} iterations)",
+             "|---|---|---|---|---|---|"]
+    for arm, rs in runs.items():
+        lines.append(f"| {arm} | {mean_ci(final[arm])[0]:.4f} {ci_text(final[arm])} | "
+                     f"{mean_of(rs, lambda m: m['adv_clipped']):.1%} | "
+                     f"{mean_of(rs, lambda m: sum(m['adv_abs_k']) / len(m['adv_abs_k'])):.3f} | "
+                     f"{mean_of(rs, lambda m: m['grad_norm']):.3f} | "
+                     f"{mean_of(rs, lambda m: m['update_norm']):.4f} |")
+    if seeds < 2:
+        return "\n".join(lines)
+    diffs = lambda a, b: [x - y for x, y in zip(final[a], final[b])]
+    lines += ["", f"| paired difference of {key} | arm − w/o MGAI | 95% CI | half-width | "
+                  f"arm − G²RPO | 95% CI | half-width |", "|---|---|---|---|---|---|---|"]
+    pairs = set()
+    for arm in runs:
+        cells = []
+        for ref in ("w/o MGAI", "G²RPO"):
+            if arm == ref:
+                cells.append("– | – | –")
+                continue
+            pairs.add(frozenset((arm, ref)))
+            m, h = mean_ci(diffs(arm, ref))
+            cells.append(f"{round(m, 4) + 0.0:+.4f} | {ci_text(diffs(arm, ref), signed=True)} | "
+                         f"±{h:.4f}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    pure = pure_clip_arm(granularities, adv_clip)
+    (whole, _), (beyond, half) = mean_ci(diffs("G²RPO", "w/o MGAI")), mean_ci(diffs("G²RPO", pure))
+    verdict = (f"excludes 0: MGAI adds {beyond:+.4f} beyond the clip" if abs(beyond) > half else
+               f"includes 0: what MGAI adds beyond the clip is smaller than {half:.4f} at this "
+               f"power")
+    lines += ["", f"{len(pairs)} distinct paired comparisons over {seeds} seeds, not corrected "
+                  f"for their number. The verdict: G²RPO − ({pure}) = {beyond:+.4f} "
+                  f"{ci_text(diffs('G²RPO', pure), signed=True)}, which {verdict}; MGAI's "
+                  f"whole effect, G²RPO − w/o MGAI, is {whole:+.4f}, and the verdict's interval "
+                  f"(width {2 * half:.4f}) is {'narrower' if 2 * half < abs(whole) else 'not narrower'} "
+                  f"than it."]
+    return "\n".join(lines)
+
+
+def mgai_settings(settings, seeds, key, adv_clip=5.0):
+    """MGAI where its granularities may disagree more. settings: {name: (train, disagreement,
+    granularities)}, train(seed, **overrides) → a fine_tune result in that setting and
+    disagreement() → granularity_disagreement's dict there. Markdown: per setting how often
+    λ > 1 disagrees with λ = 1 in sign (all members / where |A_λ=1| > 0.5), G²RPO's final `key`,
+    and G²RPO against w/o MGAI and against the pure-clip arm (paired over `seeds`)."""
+    lines = [f"| setting | sign disagreement with λ = 1: all / where \\|A_λ=1\\| > 0.5 | G²RPO "
+             f"{key} | G²RPO − w/o MGAI [95% CI] | G²RPO − pure clip [95% CI] | half-width |"
+             f"  ({len(seeds)} paired seeds)", "|---|---|---|---|---|---|"]
+    for name, (train, disagreement, granularities) in settings.items():
+        every = mgai_arms(granularities, adv_clip)
+        arms = {arm: every[arm] for arm in ("G²RPO", "w/o MGAI",
+                                            pure_clip_arm(granularities, adv_clip))}
+        final = {arm: [r["curve"][-1][key] for r in rs]
+                 for arm, rs in mgai_study(train, seeds, arms, desc=name).items()}
+        g2, wo, clip = final.values()
+        d = disagreement()
+        share = lambda x: "–" if math.isnan(x) else f"{x:.1%}"  # – : no |A_λ=1| > 0.5
+        flips = ", ".join(f"λ={lam}: {share(d['disagree'][lam])} / "
+                          f"{share(d['disagree_not_small'][lam])}" for lam in d["disagree"])
+        diff = lambda a, b: f"{mean_ci([x - y for x, y in zip(a, b)])[0]:+.4f} " + ci_text(
+            [x - y for x, y in zip(a, b)], signed=True)
+        half = mean_ci([x - y for x, y in zip(g2, clip)])[1]
+        lines.append(f"| {name} | {flips} | {mean_ci(g2)[0]:.4f} {ci_text(g2)} | {diff(g2, wo)} "
+                     f"| {diff(g2, clip)} | ±{half:.4f} |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
