@@ -764,6 +764,7 @@ def test_a_callback_returning_true_stops_training():
     (["--window-every", "5"], "--window-every is not used by --method g2rpo"),
     (["--study", "mgai", "--granularities", "1,2"], "--study mgai sets --granularities itself"),
     (["--study", "mgai", "--method", "full_sde"], "--method must be g2rpo"),
+    (["--study", "mgai-verdict", "--adv-scale", "3"], "--study mgai-verdict sets --adv-scale"),
     (["--study", "mgai-settings", "--dim", "16"], "--study mgai-settings sets --dim itself"),
     (["--study", "mgai-settings", "--num-steps", "8"], "sets --num-steps itself"),
 ])

@@ -17,6 +17,7 @@ chasing the offset peak too hard pulls samples off the modes, so reward hacking 
     python toy_flow.py --reward proxy --kl-beta 3 --ema-decay 0.99   # guard rails on a gamed reward
     python toy_flow.py --guard-rails 0,1,3,10 --seeds 5 --out toy_guard_rails.png   # their study
     python toy_flow.py --study mgai --seeds 30           # what MGAI's gain comes from
+    python toy_flow.py --study mgai-verdict --seeds 60   # its three deciding arms, more seeds
     python toy_flow.py --study mgai-settings --seeds 20  # MGAI where the granularities disagree
 """
 
@@ -324,12 +325,12 @@ def granularity_disagreement(model, **kwargs):
     return out["disagree"]
 
 
-def mgai_runs(base_model, seeds, reward="gold", **overrides):
-    """studies.mgai_arms on the toy (its recipe otherwise), the same seeds for every arm,
-    evaluated at the end: {arm: [result per seed]}."""
+def mgai_runs(base_model, seeds, reward="gold", arms=None, **overrides):
+    """`arms` (default: all of studies.mgai_arms) on the toy (its recipe otherwise), the same
+    seeds for every arm, evaluated at the end: {arm: [result per seed]}."""
     train = lambda seed, **arm: run(base_model, "g2rpo", seed, eval_every=10**9, progress=False,
                                     reward=reward, **{**overrides, **arm})[1]
-    return studies.mgai_study(train, seeds, studies.mgai_arms())
+    return studies.mgai_study(train, seeds, arms or studies.mgai_arms())
 
 
 # Where the granularities might disagree more than at the default (T = 16, Λ = {1, 2, 3}, D = 2):
@@ -461,9 +462,10 @@ def plot_guard_rails(runs, path):
 
 # Config fields with a flag name of their own, or none (the toy's --method picks the method).
 TOY_FLAG_NAMES = {"num_iterations": ("--iterations", "--num-iterations"), "method": None}
-STUDIES = ("mgai", "mgai-settings")
+STUDIES = ("mgai", "mgai-verdict", "mgai-settings")
 # Config fields each study sets itself, per arm or per setting: a flag for one is refused.
 STUDY_SETS = {"mgai": ("granularities", "adv_clip", "adv_scale"),
+              "mgai-verdict": ("granularities", "adv_clip", "adv_scale"),
               "mgai-settings": ("granularities", "adv_clip", "adv_scale", "num_steps",
                                 "branch_steps")}
 
@@ -491,8 +493,10 @@ def parse_args(argv=None):
            "D − 2 narrow directions the reward ignores (default: 2)")
     a("--study", choices=STUDIES, default=None,
       help="instead of a run: mgai, the arms that separate what MGAI's gain comes from; "
-           "mgai-settings, MGAI where the granularities might disagree more (fewer steps, coarser "
-           "Λ, D = 16); both over --seeds paired seeds (docs/toy.md)")
+           "mgai-verdict, only the three of them that carry the verdict (G²RPO, w/o MGAI, the "
+           "pure clip), for more seeds in the same time; mgai-settings, MGAI where the "
+           "granularities might disagree more (fewer steps, coarser Λ, D = 16); all over --seeds "
+           "paired seeds (docs/toy.md)")
     a("--reward", default="gold", choices=list(REWARDS),
       help="what to train on: gold, the toy's reward, or proxy, one that can be gamed (it keeps "
            "rising outward past the gold reward's peak); evaluations report both (default: gold)")
@@ -585,7 +589,7 @@ def main(argv=None):
 
     start = time.time()
     seeds = range(args.seed, args.seed + args.seeds)
-    if args.study == "mgai":
+    if args.study in ("mgai", "mgai-verdict"):
         base = load_or_pretrain(args.cache_dir, args.pretrain_steps, retrain=args.retrain,
                                 dim=args.dim)
         dis = studies.granularity_disagreement(base, REWARDS[args.reward], NUM_CLASSES,
@@ -593,7 +597,8 @@ def main(argv=None):
         print("sign disagreement with λ = 1 (64 prompts × 8 branch steps × 12 members): "
               + ", ".join(f"λ = {lam}: {share:.1%}" for lam, share in dis["disagree"].items())
               + f"; MGAI's sum is {dis['scale']:.2f} times one granularity's mean |A|")
-        print(studies.mgai_tables(mgai_runs(base, seeds, args.reward, **args.overrides),
+        arms = studies.mgai_arms() if args.study == "mgai" else studies.verdict_arms()
+        print(studies.mgai_tables(mgai_runs(base, seeds, args.reward, arms, **args.overrides),
                                   "reward" if args.reward == "gold" else "proxy"))
         print(f"(total {time.time() - start:.1f} s)")
         return

@@ -201,6 +201,7 @@ def test_granularity_statistics_are_consistent(base):
     (["--study", "mgai", "--adv-clip", "2"], "--study mgai sets --adv-clip itself"),
     (["--study", "mgai-settings", "--branch-steps", "0,1"], "sets --branch-steps itself"),
     (["--study", "mgai", "--method", "mixgrpo"], "--method must be g2rpo"),
+    (["--study", "mgai-verdict", "--granularities", "1"], "mgai-verdict sets --granularities"),
     (["--out", "/nonexistent/x.png"], "does not exist"),
 ])
 def test_cli_checks_its_flags_before_training(tmp_path, capsys, argv, message):

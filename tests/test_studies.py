@@ -93,6 +93,10 @@ def test_proportion_intervals_stay_inside_zero_one():
     assert mean == pytest.approx(m) and 0.98 <= lo < mean < hi <= 1.0  # ... the bootstrap's not
     assert studies.proportion_ci(near_one) == (mean, lo, hi)  # deterministic
     assert studies.proportion_text([0.5]) == "0.5000 –"
+    # the digits' figures draw the intervals their tables print: the bootstrap for accuracy
+    assert digits_flow.interval(near_one, "accuracy") == (mean, lo, hi)
+    assert digits_flow.interval(near_one, "gold") == pytest.approx((m, m - h, m + h))
+    assert digits_flow.interval([0.5], "accuracy") == (0.5, 0.5, 0.5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,6 +124,19 @@ def test_toy_mgai_study_prints_every_arm_with_its_mechanism_and_paired_differenc
     assert "9 distinct paired comparisons over 2 seeds" in out
     assert re.search(rf"G²RPO − \(w/o MGAI, clip 5/3\) = {SIGNED} {SIGNED_CI}, which "
                      rf"(excludes|includes) 0", out)
+
+
+def test_toy_mgai_verdict_runs_only_the_three_deciding_arms(tmp_path, capsys):
+    toy_flow.main(["--study", "mgai-verdict", "--seeds", "2", "--iterations", "1",
+                   "--pretrain-steps", "50", "--cache-dir", str(tmp_path), *TINY])
+    out = capsys.readouterr().out
+    verdict = studies.verdict_arms()
+    assert list(verdict) == ["G²RPO", "w/o MGAI", "w/o MGAI, clip 5/3"]
+    assert all(verdict[arm] == studies.mgai_arms()[arm] for arm in verdict)
+    for arm in studies.mgai_arms():
+        assert len(rows(out, arm)) == (2 if arm in verdict else 0), arm
+    assert "3 distinct paired comparisons over 2 seeds" in out
+    assert re.search(rf"G²RPO − \(w/o MGAI, clip 5/3\) = {SIGNED} {SIGNED_CI}", out)
 
 
 def test_toy_mgai_settings_print_disagreement_beside_the_effect(tmp_path, capsys):
@@ -185,6 +202,13 @@ def test_digits_mgai_study_and_settings_print_their_tables(tmp_path, capsys):
     for arm in studies.mgai_arms():
         assert len(rows(out, arm)) == 2, arm  # its final gold, its paired differences
     assert "G²RPO − (w/o MGAI, clip 5/3) = " in out
+    digits_flow.main(["--study", "mgai-verdict", "--seeds", "2", "--iterations", "1",
+                      *DIGITS(tmp_path)])
+    out = capsys.readouterr().out
+    assert "all members" not in out  # the disagreement table is --study mgai's
+    for arm in studies.mgai_arms():
+        assert len(rows(out, arm)) == (2 if arm in studies.verdict_arms() else 0), arm
+    assert "3 distinct paired comparisons over 2 seeds" in out
     digits_flow.main(["--study", "mgai-settings", "--seeds", "2", "--iterations", "1",
                       *DIGITS(tmp_path)])
     out = capsys.readouterr().out

@@ -21,6 +21,7 @@ data's own (and to the flow's training digits, which shows memorisation).
     python -m worlds.digits_flow                         # G²RPO, one seed: before -> after, a PNG
     python -m worlds.digits_flow --method all --seeds 10 # the comparison tables (docs/digits.md)
     python -m worlds.digits_flow --study mgai --seeds 30 # what MGAI's gain comes from
+    python -m worlds.digits_flow --study mgai-verdict --seeds 80  # its deciding arms, more seeds
     python -m worlds.digits_flow --study mgai-settings --seeds 10  # where granularities disagree
     python -m worlds.digits_flow --study credit          # the credited step's share of the spread
     python -m worlds.digits_flow --study hacking --seeds 10  # gold vs proxy, KL β, EMA, pictures
@@ -536,12 +537,12 @@ def mgai_table(base_model, seeds, shift=1.0):
     return "\n".join(lines)
 
 
-def mgai_runs(base_model, seeds, reward="proxy", **overrides):
-    """studies.mgai_arms on the digits (G²RPO's recipe otherwise), the same seeds for every
-    arm, evaluated at the end: {arm: [result per seed]}."""
+def mgai_runs(base_model, seeds, reward="proxy", arms=None, **overrides):
+    """`arms` (default: all of studies.mgai_arms) on the digits (G²RPO's recipe otherwise), the
+    same seeds for every arm, evaluated at the end: {arm: [result per seed]}."""
     train = lambda seed, **arm: run(base_model, "g2rpo", seed, eval_every=10**9, progress=False,
                                     reward=reward, **{**overrides, **arm})[1]
-    return studies.mgai_study(train, seeds, studies.mgai_arms())
+    return studies.mgai_study(train, seeds, arms or studies.mgai_arms())
 
 
 # Where the granularities might disagree more than at the default (T = 16, Λ = {1, 2, 3}):
@@ -602,15 +603,20 @@ def hacking_study(base_model, betas, seeds, method="g2rpo", ema_decay=HACKING_EM
     """Train on the proxy with each β over `seeds`, evaluating the trained weights (EMA off) and
     their EMA (on; it does not change training, so both come from the same runs). Returns
     ({(β, decay or 0): [result per seed]}, {(β, decay): the first seed's final model})."""
+    from tqdm.auto import tqdm
+
     runs, models = {}, {}
     overrides.setdefault("num_iterations", HACKING_ITERATIONS)
-    for beta in betas:
-        for seed in seeds:
-            model, r = run(base_model, method, seed, eval_every=eval_every, progress=False,
-                           kl_beta=beta, ema_decay=ema_decay, keep_live=True, **overrides)
-            studies.add_ema_rows(runs, beta, r, ema_decay)
-            if seed == seeds[0]:
-                models[(beta, 0.0)], models[(beta, ema_decay)] = r["live"], model
+    with tqdm(total=len(betas) * len(seeds), desc="hacking study", dynamic_ncols=True) as bar:
+        for beta in betas:
+            bar.set_postfix_str(f"β = {beta:g}")
+            for seed in seeds:
+                model, r = run(base_model, method, seed, eval_every=eval_every, progress=False,
+                               kl_beta=beta, ema_decay=ema_decay, keep_live=True, **overrides)
+                studies.add_ema_rows(runs, beta, r, ema_decay)
+                if seed == seeds[0]:
+                    models[(beta, 0.0)], models[(beta, ema_decay)] = r["live"], model
+                bar.update()
     return runs, models
 
 
@@ -659,13 +665,23 @@ def show_samples(ax, model, title, per_class=6, seed=7, shift=1.0):
     ax.set(title=title, xticks=[], yticks=[])
 
 
+def interval(values, key=None):
+    """(mean, lo, hi) over seeds, as `cell` prints it: Student t, or for accuracy a bootstrap
+    interval; one value: (value, value, value)."""
+    if key == "accuracy":
+        m, lo, hi = studies.proportion_ci(values)
+    else:
+        m, h = mean_ci(values)
+        lo, hi = m - h, m + h
+    return (m, m, m) if math.isnan(lo) else (m, lo, hi)
+
+
 def band(ax, x, runs, key, label, **style):
-    """The mean over runs of curve[key] against x, with its 95 % CI as a band."""
-    stats = [mean_ci([r["curve"][j][key] for r in runs]) for j in range(len(x))]
-    mean = torch.tensor([m for m, _ in stats])
-    half = torch.tensor([0.0 if math.isnan(h) else h for _, h in stats])
+    """The mean over runs of curve[key] against x, with its 95 % CI (`interval`) as a band."""
+    mean, lo, hi = torch.tensor([interval([r["curve"][j][key] for r in runs], key)
+                                 for j in range(len(x))]).T
     line, = ax.plot(x, mean, label=label, **style)
-    ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.15)
+    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
 
 
 def figure(panels, curves, path, command, curve_keys=("gold", "proxy", "accuracy", "nn_data")):
@@ -733,9 +749,10 @@ def hacking_figure(runs, models, path, command):
 
 # Config fields with a flag name of their own, or none (--method picks the method).
 FLAG_NAMES = {"num_iterations": ("--iterations", "--num-iterations"), "method": None}
-STUDIES = ("credit", "hacking", "mgai", "mgai-settings")
+STUDIES = ("credit", "hacking", "mgai", "mgai-verdict", "mgai-settings")
 # Config fields each study sets itself, per arm or per setting: a flag for one is refused.
 STUDY_SETS = {"mgai": ("granularities", "adv_clip", "adv_scale"),
+              "mgai-verdict": ("granularities", "adv_clip", "adv_scale"),
               "mgai-settings": ("granularities", "adv_clip", "adv_scale", "num_steps",
                                 "branch_steps")}
 
@@ -751,8 +768,9 @@ def parse_args(argv=None):
     a("--study", choices=STUDIES, default=None,
       help="credit: the credited step's share of a group's reward spread; hacking: gold vs "
            "proxy over a long run with --kl-betas and EMA off / on; mgai: the arms that separate "
-           "what MGAI's gain comes from; mgai-settings: MGAI where the granularities might "
-           "disagree more (docs/digits.md)")
+           "what MGAI's gain comes from; mgai-verdict: only the three of them that carry the "
+           "verdict (G²RPO, w/o MGAI, the pure clip), for more seeds in the same time; "
+           "mgai-settings: MGAI where the granularities might disagree more (docs/digits.md)")
     a("--seeds", type=int, default=1,
       help="runs per method, seeds --seed, --seed + 1, ... (tables: 95 %% CIs) (default: 1)")
     a("--out", default="digits_g2rpo.png",
@@ -818,9 +836,11 @@ def main(argv=None):
         print(credit_table(base, seeds))
         print(f"(credit study {time.time() - start:.1f} s)")
         return
-    if args.study == "mgai":
-        print(mgai_table(base, seeds))
-        print(studies.mgai_tables(mgai_runs(base, seeds, reward=args.reward, **args.overrides),
+    if args.study in ("mgai", "mgai-verdict"):
+        if args.study == "mgai":
+            print(mgai_table(base, seeds))
+        arms = studies.mgai_arms() if args.study == "mgai" else studies.verdict_arms()
+        print(studies.mgai_tables(mgai_runs(base, seeds, args.reward, arms, **args.overrides),
                                   "gold"))
         print(f"(MGAI study {time.time() - start:.1f} s)")
         return

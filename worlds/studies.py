@@ -315,6 +315,14 @@ def pure_clip_arm(granularities=(1, 2, 3), adv_clip=5.0):
     return list(mgai_arms(granularities, adv_clip))[-1]
 
 
+def verdict_arms(granularities=(1, 2, 3), adv_clip=5.0):
+    """The three of mgai_arms that carry the verdict, G²RPO, w/o MGAI and the pure-clip arm:
+    half the runs of all six, so twice the seeds for the same time."""
+    every = mgai_arms(granularities, adv_clip)
+    return {arm: every[arm] for arm in ("G²RPO", "w/o MGAI",
+                                        pure_clip_arm(granularities, adv_clip))}
+
+
 def mgai_study(train, seeds, arms, progress=True, desc="MGAI arms"):
     """{arm: [train(seed, **overrides) per seed]} for every arm of `arms` (mgai_arms), the same
     seeds in the same order for each (so differences are paired); a progress bar over the runs."""
@@ -393,9 +401,7 @@ def mgai_settings(settings, seeds, key, adv_clip=5.0):
              f"{key} | G²RPO − w/o MGAI [95% CI] | G²RPO − pure clip [95% CI] | half-width |"
              f"  ({len(seeds)} paired seeds)", "|---|---|---|---|---|---|"]
     for name, (train, disagreement, granularities) in settings.items():
-        every = mgai_arms(granularities, adv_clip)
-        arms = {arm: every[arm] for arm in ("G²RPO", "w/o MGAI",
-                                            pure_clip_arm(granularities, adv_clip))}
+        arms = verdict_arms(granularities, adv_clip)
         final = {arm: [r["curve"][-1][key] for r in rs]
                  for arm, rs in mgai_study(train, seeds, arms, desc=name).items()}
         g2, wo, clip = final.values()
@@ -403,11 +409,10 @@ def mgai_settings(settings, seeds, key, adv_clip=5.0):
         share = lambda x: "–" if math.isnan(x) else f"{x:.1%}"  # – : no |A_λ=1| > 0.5
         flips = ", ".join(f"λ={lam}: {share(d['disagree'][lam])} / "
                           f"{share(d['disagree_not_small'][lam])}" for lam in d["disagree"])
-        diff = lambda a, b: f"{mean_ci([x - y for x, y in zip(a, b)])[0]:+.4f} " + ci_text(
-            [x - y for x, y in zip(a, b)], signed=True)
-        half = mean_ci([x - y for x, y in zip(g2, clip)])[1]
-        lines.append(f"| {name} | {flips} | {mean_ci(g2)[0]:.4f} {ci_text(g2)} | {diff(g2, wo)} "
-                     f"| {diff(g2, clip)} | ±{half:.4f} |")
+        over_wo, over_clip = ([x - y for x, y in zip(g2, other)] for other in (wo, clip))
+        cell = lambda d: f"{mean_ci(d)[0]:+.4f} {ci_text(d, signed=True)}"
+        lines.append(f"| {name} | {flips} | {mean_ci(g2)[0]:.4f} {ci_text(g2)} | {cell(over_wo)} "
+                     f"| {cell(over_clip)} | ±{mean_ci(over_clip)[1]:.4f} |")
     return "\n".join(lines)
 
 
