@@ -1,5 +1,6 @@
-"""pytest set-up: the `gpu` marker (tests marked gpu are skipped where CUDA is missing) and the
-tiny random models the image trainer's tests share (image_flow/tiny.py).
+"""pytest set-up: the `gpu` marker (tests marked gpu are skipped where CUDA is missing), the
+tiny random models the image trainer's tests share (image_flow/tiny.py), the count of collected
+tests (the front page states it) and the notebooks started beside the other tests.
 
     python -m pytest -q -m gpu                             # on a GPU machine: only the GPU tests
     G2RPO_GPU_TEST_DEVICE=cpu python -m pytest -q -m gpu   # dry run of their code on a CPU
@@ -9,6 +10,12 @@ import os
 
 import pytest
 import torch
+
+# One thread for every test process and what it starts (the command lines honour
+# OMP_NUM_THREADS): tiny models run as fast on one, and the notebooks execute beside the other
+# tests on the second core; two threads of one process on a busy core stall each other.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -58,10 +65,27 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (python -m pytest -q -m gpu)")
 
 
+COLLECTED = pytest.StashKey[tuple]()
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k / -m deselect anything
 def pytest_collection_modifyitems(config, items):
+    # (tests, GPU tests) collected from the given paths: the front page states them (test_docs).
+    config.stash[COLLECTED] = (len(items), sum("gpu" in item.keywords for item in items))
     if gpu_test_device().type != "cuda" or torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run python -m pytest -q -m gpu on one)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    """Start the selected tests' work that can run beside the others (the notebooks: minutes)."""
+    by_module = {}
+    for item in session.items:
+        by_module.setdefault(getattr(item, "module", None), []).append(item)
+    for module, items in by_module.items():
+        start = getattr(module, "start_beside_the_other_tests", None)
+        if start is not None:
+            start(session.config, items)

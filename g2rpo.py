@@ -1,11 +1,17 @@
-"""G²RPO — Granular GRPO for flow-matching models, in one file.
+"""G²RPO in one file: the algorithm first, in the paper's order, then what runs it fast.
 
-Paper: "G²RPO: Granular GRPO for Precise Reward in Flow Models" (arXiv 2510.01982).
-This file holds the whole algorithm and knows nothing about any particular model: the caller hands
-the trainer a velocity function, a reward function and prompts (see toy_flow.py, flux_flow.py).
-It imports torch and the standard library only (tqdm is imported lazily, if present, for a bar).
+Paper: "Fine-Grained GRPO for Precise Preference Alignment in Flow Models" (arXiv 2510.01982 v3,
+CVPR 2026), first titled "G²RPO: Granular GRPO for Precise Reward in Flow Models" (v1, v2).
+Official code: github.com/bcmi/Granular-GRPO. Imports torch and the standard library only and
+knows no model: the caller brings a velocity function, a reward function and prompts (toy_flow.py,
+worlds/digits_flow.py, image_flow/).
 
-Notation (shape letters used in the comments)
+Part 1 (to line ~290) is the algorithm for ONE prompt's group in the paper's order, the reference
+the rest is tested against; each function runs pasted alone with the helpers it names, torch only
+(docs/algorithm.md, "Copy one function"). Then 2 the Config, 3 the batched machinery (a whole
+iteration in few model calls), 4 the trainer, 5 the baselines, 6 the guard rails, 7 input checks.
+
+Notation (shape letters in the comments)
     P  prompts in an iteration        G  group size (members per prompt)
     K  branch steps |M|               L  granularities |Λ| (times reward models R)
     T  sampling steps                 D  data dims of one sample (any shape, written *D)
@@ -14,30 +20,31 @@ Notation (shape letters used in the comments)
 Conventions (rectified flow, as FLUX / SD3 / diffusers)
     x_σ = (1 − σ)·x0 + σ·ε, σ = 1 is noise, σ = 0 is data; sampling runs σ: 1 → 0.
     The model predicts the velocity v ≈ ε − x0; step i goes σ_i → σ_{i+1}, Δ = σ_{i+1} − σ_i < 0.
-    SDE noise scale σ_t = η·sqrt(σ / (1 − σ)); at σ = 1 the denominator uses 1 − σ_next.
+    The paper's time t is `sigma` here, and its noise scale σ_t (Eq. 2) is `sigma_t`:
+    σ_t = η·sqrt(σ / (1 − σ)), with 1 − σ_next in the denominator at σ = 1.
+    The paper counts steps down (t = T … 1) and branches at M = {16, …, 9}; the code counts grid
+    indices up (step k goes σ_k → σ_{k+1}): k_paper = T − k, so branch_steps (0, …, 7) is M.
     log π is the Gaussian log-density AVERAGED over the D elements of a sample (float32).
     Group advantages use the unbiased (n − 1) std plus 1e-8; equal rewards give exactly 0.
 
-Equation map (paper → function; equation numbers as in SPEC.md, "~" where it hedges)
-    σ schedule with static shift (SPEC §1) ................. sigma_schedule
-    Euler ODE step (= diffusers' FlowMatchEuler step) ...... ode_step
-    Eqs. 2–3, SDE step and its Gaussian policy ............. sde_step, gaussian_log_prob
-    Alg. 1, Singular Stochastic Sampling ................... singular_stochastic_sampling
-    Eqs. ~8–11, Multi-Granularity Advantage Integration .... granularity_schedule,
-                                                             group_advantages,
-                                                             multi_granularity_advantages
-    Eq. ~12, clipped GRPO objective ........................ clipped_grpo_loss, policy_update
-    Alg. 1 outer loop ...................................... train (rollout, train_iteration)
-    Baseline (DanceGRPO / Flow-GRPO style, SPEC §8) ........ full_sde_sampling
-    Baseline MixGRPO (arXiv 2507.21802): SDE in a sliding
-      window of steps, ODE elsewhere (SPEC §8) ............. mixgrpo_window, full_sde_sampling
-
-Additions (in neither the paper nor the official code: guard rails against reward hacking)
-    β·KL(π_θ ‖ π_ref) of the SDE steps, added to Eq. 12 ... gaussian_kl, policy_log_prob_and_kl,
-                                                             policy_update (Config.kl_beta)
-    EMA of the trainable weights ........................... EMA (Config.ema_decay)
-
-Input checks (every Config field) close the file: check_config, check_guard_rails.
+Equation map (the paper's numbers; Alg. 1 is its Algorithm 1, "G²RPO Training Process")
+    Part 1  σ grid, the official recipe's static shift ........ sigma_schedule
+            Eq. 1, the flow ODE, one Euler step ................ ode_step
+            Eq. 2, the reverse SDE; Eq. 3, its Euler–Maruyama
+              step, a Gaussian policy ........................ sde_step, gaussian_log_prob
+            Alg. 1 line 7, one x_T per group; lines 9–11, the
+              ODE anchor; lines 12–13, the group's SDE step at
+              k; lines 14–16, ODE completions per granularity .. group_rollout, granularity_schedule
+            Alg. 1 lines 20–22, group advantages per
+              granularity, their sum (Eq. 11), clipped ......... group_advantages,
+                                                                 multi_granularity_advantages
+            the clipped objective; Alg. 1 lines 24–26 .......... clipped_grpo_loss, group_update
+    Part 3  Alg. 1 lines 7–16 for P prompts at once ............ singular_stochastic_sampling
+    Part 4  Alg. 1 lines 20–22 and 24–26 for P prompts ........ rollout, policy_update
+            Algorithm 1's outer loop ........................... train
+    Part 5  full-SDE GRPO (DanceGRPO / Flow-GRPO style) ........ full_sde_sampling
+            MixGRPO (arXiv 2507.21802), an SDE window .......... mixgrpo_window
+    Part 6  additions: β·KL(π_θ ‖ π_ref) in the loss, EMA ...... gaussian_kl, EMA
 """
 
 import contextlib
@@ -49,9 +56,239 @@ from dataclasses import dataclass
 
 import torch
 
+# ── Part 1. The algorithm for one prompt's group, in the paper's order: the reference. ────────────
+# ── 1.1 The σ grid and the two steps: the ODE (Eq. 1) and the SDE (Eqs. 2–3) with its log π. ──────
 
-# ----------------------------------------------------------------------------------------------
-# Configuration: defaults are the official FLUX recipe (bcmi/Granular-GRPO, HPS script).
+
+def sigma_schedule(num_steps, shift=3.0):
+    """σ grid from 1 to 0 with the static shift σ = s·u / (1 + (s − 1)·u), u = linspace(1, 0, T+1).
+
+    >>> sigma_schedule(4, shift=1.0)
+    tensor([1.0000, 0.7500, 0.5000, 0.2500, 0.0000])
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift!r}")
+    u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return (shift * u / (1 + (shift - 1) * u)).float()  # (T+1,)
+
+
+def _per_sample(s, x):
+    """A float, 0-d or (N,) σ as a float32 tensor that broadcasts against x (N, *D)."""
+    s = torch.as_tensor(s, dtype=torch.float32, device=x.device)
+    if s.dim() > 1 or (s.dim() == 1 and s.shape[0] != x.shape[0]):
+        raise ValueError(f"sigma must be a float or a ({x.shape[0]},) tensor, got {tuple(s.shape)}")
+    return s if s.dim() == 0 else s.view(-1, *([1] * (x.dim() - 1)))  # (N, 1, ..., 1)
+
+
+def ode_step(x, v, sigma, sigma_next):
+    """Eq. 1, dx = v dσ, by one Euler step: x' = x + (σ' − σ)·v (= diffusers' FlowMatchEuler)."""
+    return x + (_per_sample(sigma_next, x) - _per_sample(sigma, x)) * v
+
+
+def gaussian_log_prob(x, mean, std):
+    """log N(x; mean, std²) per element, averaged over all non-batch elements → (N,) float32.
+
+    >>> gaussian_log_prob(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor(1.0))
+    tensor([-0.9189])
+    """
+    x, mean = x.float(), mean.float()
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    log_sqrt_2pi = torch.tensor(2 * torch.pi, dtype=torch.float64).log().item() / 2
+    lp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - log_sqrt_2pi
+    return lp.flatten(1).mean(dim=1)  # (N,)
+
+
+def sde_step(x, v, sigma, sigma_next, eta, generator=None, prev_sample=None, noise=None):
+    """One Euler–Maruyama step (Eq. 3) of the reverse SDE that keeps the flow's marginals (Eq. 2):
+
+        Eq. 2   dx = [v + σ_t²/(2σ)·(x + (1 − σ)·v)] dσ + σ_t dw,   σ_t = η·sqrt(σ / (1 − σ))
+        Eq. 3   x' = x + drift·Δ + σ_t·sqrt(−Δ)·ε,  Δ = σ' − σ < 0,  ε ~ N(0, I)
+
+    so the policy is the Gaussian π(x' | x) = N(mean, std²), mean = x + drift·Δ, std = σ_t·sqrt(−Δ).
+    x, v: (N, *D); sigma, sigma_next: floats or (N,) tensors; eta > 0. ε is drawn from generator,
+    or given as noise (N, *D); with prev_sample, that sample is scored instead (the training pass).
+    Returns (x' (N, *D), log π (N,) float32, mean (N, *D) float32, std broadcastable to x).
+    """
+    if not 0 < eta < float("inf"):
+        raise ValueError(f"eta must be > 0 and finite for an SDE step (eta = 0 is ode_step), "
+                         f"got {eta!r}")
+    xf, vf = x.float(), v.float()
+    s, s_next = _per_sample(sigma, xf), _per_sample(sigma_next, xf)
+    if not ((s_next < s) & (s > 0) & (s <= 1) & (s_next >= 0)).all():
+        raise ValueError(f"sde_step needs 1 >= sigma > sigma_next >= 0, got sigma "
+                         f"{s.flatten()[:4].tolist()}, sigma_next {s_next.flatten()[:4].tolist()}")
+    delta = s_next - s  # Δ < 0
+    # Eq. 2's σ_t. At σ = 1, 1 − σ is 0: the official code and Flow-GRPO use 1 − σ_next there.
+    one_minus = torch.where(s >= 1, 1 - s_next, 1 - s)
+    sigma_t = eta * torch.sqrt(s / one_minus)
+    # Eq. 3's mean, x + Δ·drift with Eq. 2's drift v + σ_t²/(2σ)·(x + (1 − σ)·v), gathered by x, v:
+    mean = (xf * (1 + sigma_t**2 * delta / (2 * s))
+            + vf * (1 + sigma_t**2 * (1 - s) / (2 * s)) * delta)
+    std = sigma_t * torch.sqrt(-delta)  # Eq. 3's σ_t·sqrt(−Δ)
+    if prev_sample is None:
+        if noise is None:
+            noise = torch.randn(xf.shape, generator=generator, device=xf.device,
+                                dtype=torch.float32)
+        prev_sample = mean + std * noise  # Eq. 3: x' = mean + σ_t·sqrt(−Δ)·ε
+    prev_sample = prev_sample.detach()  # x' is data, not a function of θ
+    return prev_sample.to(x.dtype), gaussian_log_prob(prev_sample, mean, std), mean, std
+
+
+# ── 1.2 Singular Stochastic Sampling (Alg. 1 lines 7–16): one SDE step per branch, ODE elsewhere ──
+
+
+def granularity_schedule(num_steps, branch_step, granularity):
+    """Grid indices the ODE completion at granularity λ visits after the SDE step at branch step
+    k: k+1 (where the branch sample lives), one ordinary step to k+2, then strides of λ, and T
+    (σ = 0) last.
+
+    >>> granularity_schedule(16, 7, 3)
+    [8, 9, 12, 15, 16]
+    """
+    k, lam, T = branch_step, granularity, num_steps
+    if isinstance(lam, bool) or not isinstance(lam, int) or lam < 1:
+        raise ValueError(f"every granularity must be an integer >= 1, got {lam!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < T - 1:
+        raise ValueError(f"branch step {k!r} is outside 0..{T - 2}: a branch needs a step on the "
+                         f"grid of {T} steps and at least one ODE step after it")
+    # Differs from the official code: sigmas[:k+2] + sigmas[k+2::λ] may stop short of T and then
+    # takes x̂0 from the evaluation before the last point; we always finish with a step to σ = 0.
+    return [k + 1] + list(range(k + 2, T, lam)) + [T]
+
+
+@torch.no_grad()
+def group_rollout(velocity, x_T, sigmas, branch_steps, granularities, group_size, eta,
+                  generator=None, noise=None):
+    """Singular Stochastic Sampling for one prompt's group of G (Alg. 1 lines 7–16).
+
+    velocity(x (N, *D), sigma (N,)) → v (N, *D): the model, conditioned on this prompt.
+    x_T (*D): the group's one initial noise (line 7); sigmas (T+1,) from 1 to 0; noise: the SDE
+    steps' ε (K, G, *D), else drawn from generator.
+    Returns x (K, *D) the anchor states x_k; x_next (K, G, *D) the branch samples at σ_{k+1};
+    old_log_prob (K, G); samples (K, L, G, *D) each branch finished at each λ; anchor (*D).
+    """
+    T, G = len(sigmas) - 1, group_size
+    # Lines 9–11: the deterministic anchor from x_T; every state and its velocity are kept.
+    xs, vs = [x_T[None]], []  # (1, *D) each
+    for i in range(T):
+        vs.append(velocity(xs[i], sigmas[i].view(1)))
+        xs.append(ode_step(xs[i], vs[i], sigmas[i], sigmas[i + 1]))
+    out = {"x": [], "x_next": [], "old_log_prob": [], "samples": []}
+    for j, k in enumerate(branch_steps):
+        # Lines 12–13: G draws of ONE SDE step from the shared x_k (its v comes from the anchor).
+        x_k, v_k = xs[k].expand(G, *x_T.shape), vs[k].expand(G, *x_T.shape)  # (G, *D)
+        x_next, log_prob, _, _ = sde_step(x_k, v_k, sigmas[k], sigmas[k + 1], eta, generator,
+                                          noise=None if noise is None else noise[j])
+        # Lines 14–16: finish every branch with the ODE, once per granularity λ.
+        finals = []
+        for lam in granularities:
+            path, x = granularity_schedule(T, k, lam), x_next
+            for a, b in zip(path[:-1], path[1:]):
+                x = ode_step(x, velocity(x, sigmas[a].expand(G)), sigmas[a], sigmas[b])
+            finals.append(x)
+        for key, value in zip(out, (xs[k][0], x_next, log_prob, torch.stack(finals))):
+            out[key].append(value)
+    return {**{key: torch.stack(values) for key, values in out.items()}, "anchor": xs[-1][0]}
+
+
+# ── 1.3 Multi-Granularity Advantage Integration (Alg. 1 lines 20–22, Eq. 11). ─────────────────────
+
+
+def group_advantages(rewards, eps=1e-8):
+    """(r − mean) / (std + eps) along the last (group) dim, unbiased std; equal rewards give 0.
+
+    >>> group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    tensor([ 0.8660, -0.8660, -0.8660,  0.8660])
+    """
+    if rewards.shape[-1] < 2:
+        raise ValueError(f"a group needs >= 2 rewards, got group dim {rewards.shape[-1]}")
+    rewards = rewards.float()
+    if not torch.isfinite(rewards).all():
+        bad = rewards[~torch.isfinite(rewards)][:4].tolist()
+        raise ValueError(f"rewards must be finite, got {bad}")
+    mean = rewards.mean(dim=-1, keepdim=True)
+    std = rewards.std(dim=-1, keepdim=True)  # unbiased, as torch.std and the official code
+    adv = (rewards - mean) / (std + eps)
+    # Differs from the official code: equal float32 rewards give a mean off by one ulp and std 0
+    # there, so (r − mean)/(std + 1e-8) can reach about ±6; equal rewards carry no preference.
+    tied = (rewards == rewards[..., :1]).all(dim=-1, keepdim=True)
+    return torch.where(tied, torch.zeros_like(adv), adv)
+
+
+def multi_granularity_advantages(rewards, adv_clip=5.0, eps=1e-8, scale=1.0,
+                                 num_granularities=None):
+    """rewards (..., L, G) → the sum over L of the group advantages (Eq. 11), clipped → (..., G).
+
+    L runs over granularities (and over reward models R in the multi-reward setting: L·R rows).
+    num_granularities: L, when known; a (..., G, L) mix-up is then refused. scale multiplies the
+    sum before the clip (1 in the paper; Config.adv_scale, a control).
+    >>> multi_granularity_advantages(torch.tensor([[0.0, 1.0], [0.0, 2.0]]))
+    tensor([-1.4142,  1.4142])
+    """
+    if rewards.dim() < 2:
+        raise ValueError(f"rewards must be (..., L, G), got shape {tuple(rewards.shape)}")
+    if num_granularities is not None and rewards.shape[-2] != num_granularities:
+        raise ValueError(f"rewards must be (..., L, G): the {num_granularities} granularities on "
+                         f"dim -2, the group on dim -1; got shape {tuple(rewards.shape)}")
+    adv = group_advantages(rewards, eps).sum(dim=-2)  # Eq. 11: A_mix = Σ_λ A_λ   (..., G)
+    return (scale * adv).clamp(-adv_clip, adv_clip)
+
+
+# ── 1.4 The clipped objective and one policy update (Alg. 1 lines 24–26). ─────────────────────────
+
+
+def clipped_grpo_loss(log_prob, old_log_prob, advantages, clip_range):
+    """Loss = −mean( min(r·A, clip(r, 1 − ε, 1 + ε)·A) ), r = exp(log π − log π_old): the clipped
+    GRPO objective, with G²RPO's summed advantage as A.
+
+    Returns (loss, stats) with stats: clip_frac = mean(|r − 1| > ε), approx_kl = ½·mean(Δ log π²),
+    ratio_max_dev = max |r − 1|.
+    """
+    if not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range!r}")
+    log_ratio = log_prob - old_log_prob.detach()
+    ratio = torch.exp(log_ratio)
+    adv = advantages.detach()
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = {"clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+                 "approx_kl": (0.5 * log_ratio**2).mean().item(),
+                 "ratio_max_dev": (ratio - 1).abs().max().item()}
+    return loss, stats
+
+
+def group_update(velocity, optimizer, group, adv, sigmas, branch_steps, eta, clip_range,
+                 max_grad_norm=1.0, step_per_branch=True):
+    """The clipped objective on one group's rollout and the update (Alg. 1 lines 24–26).
+
+    velocity(x, sigma) → v, with gradient; group: group_rollout's output; adv (K, G).
+    step_per_branch: one optimizer step per branch step k (the official HPS script), else one
+    for the loss averaged over k (the paper's Alg. 1: then every ratio is exactly 1).
+    Returns one stats dict per k: loss, clip_frac, approx_kl, ratio_max_dev.
+    """
+    params = [p for param_group in optimizer.param_groups for p in param_group["params"]]
+    K, G = adv.shape
+    stats = []
+    for j, k in enumerate(branch_steps):
+        x_k = group["x"][j][None]  # (1, *D): the model is evaluated once for all G members
+        v = velocity(x_k, sigmas[k].view(1)).expand(G, *x_k.shape[1:])  # (G, *D)
+        _, log_prob, _, _ = sde_step(x_k.expand_as(v), v, sigmas[k], sigmas[k + 1], eta,
+                                     prev_sample=group["x_next"][j])  # log π_θ (G,)
+        loss, s = clipped_grpo_loss(log_prob, group["old_log_prob"][j], adv[j], clip_range)
+        (loss if step_per_branch else loss / K).backward()
+        if step_per_branch or j == K - 1:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        stats.append({"loss": loss.item(), **s})
+    return stats
+
+
+# ── Part 2. The Config: defaults are the official FLUX recipe (bcmi/Granular-GRPO, HPS script) ──
 
 
 @dataclass
@@ -61,7 +298,7 @@ class Config:
     num_steps: int = 16
     """T, sampling steps from σ = 1 to σ = 0."""
     shift: float = 3.0
-    """Static time shift of the σ grid (SPEC §1). 1.0 is the plain linear grid."""
+    """Static time shift of the σ grid (sigma_schedule). 1.0 is the plain linear grid."""
     eta: float = 0.7
     """η, the SDE noise level in σ_t = η·sqrt(σ / (1 − σ))."""
     branch_steps: tuple = (0, 1, 2, 3, 4, 5, 6, 7)
@@ -132,177 +369,7 @@ UNUSED_FIELDS = {"g2rpo": ("window_size", "window_stride", "window_every"),
                  "mixgrpo": ("branch_steps", "granularities")}
 
 
-# ----------------------------------------------------------------------------------------------
-# The flow: σ grid, ODE step, SDE step and its log-probability (SPEC §1–§2).
-
-
-def sigma_schedule(num_steps, shift=3.0):
-    """σ grid from 1 to 0 with the static shift σ = s·u / (1 + (s − 1)·u), u = linspace(1, 0, T+1).
-
-    >>> sigma_schedule(4, shift=1.0)
-    tensor([1.0000, 0.7500, 0.5000, 0.2500, 0.0000])
-    """
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-    if not shift > 0:
-        raise ValueError(f"shift must be > 0, got {shift!r}")
-    u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    return (shift * u / (1 + (shift - 1) * u)).float()  # (T+1,)
-
-
-def _per_sample(s, x):
-    """A float, 0-d or (N,) σ as a float32 tensor that broadcasts against x (N, *D)."""
-    s = torch.as_tensor(s, dtype=torch.float32, device=x.device)
-    if s.dim() == 0:
-        return s
-    if s.dim() != 1 or s.shape[0] != x.shape[0]:
-        raise ValueError(f"sigma must be a float or a ({x.shape[0]},) tensor, got shape "
-                         f"{tuple(s.shape)}")
-    return s.view(-1, *([1] * (x.dim() - 1)))  # (N, 1, ..., 1)
-
-
-def ode_step(x, v, sigma, sigma_next):
-    """Euler step of dx = v dσ: x' = x + (σ' − σ)·v (diffusers' FlowMatchEulerDiscreteScheduler)."""
-    return x + (_per_sample(sigma_next, x) - _per_sample(sigma, x)) * v
-
-
-def gaussian_log_prob(x, mean, std):
-    """log N(x; mean, std²) per element, averaged over all non-batch elements → (N,) float32.
-
-    >>> gaussian_log_prob(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor(1.0))
-    tensor([-0.9189])
-    """
-    x, mean = x.float(), mean.float()
-    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
-    lp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    return lp.flatten(1).mean(dim=1)  # (N,)
-
-
-def gaussian_kl(mean, ref_mean, std):
-    """KL(N(mean, std²) ‖ N(ref_mean, std²)) per element, averaged over all non-batch elements
-    (as gaussian_log_prob) → (N,) float32. With equal stds only ‖mean − ref_mean‖² / (2·std²)
-    is left; it is symmetric in the two means.
-
-    >>> gaussian_kl(torch.ones(1, 2), torch.zeros(1, 2), torch.tensor(0.5))
-    tensor([2.])
-    """
-    mean, ref_mean = mean.float(), ref_mean.float()
-    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
-    return ((mean - ref_mean) ** 2 / (2 * std**2)).flatten(1).mean(dim=1)  # (N,)
-
-
-def sde_step(x, v, sigma, sigma_next, eta, generator=None, prev_sample=None):
-    """One Euler–Maruyama step of the marginal-preserving reverse SDE (paper Eqs. 2–3).
-
-    x, v: (N, *D); sigma, sigma_next: floats or (N,) tensors; eta > 0.
-    With prev_sample, that sample is scored instead of drawing a new one (training pass).
-    Returns (x_next (N, *D), log_prob (N,) float32, mean (N, *D) float32, std broadcastable to x).
-    """
-    if not 0 < eta < math.inf:
-        raise ValueError(f"eta must be > 0 and finite for an SDE step (eta = 0 is ode_step), "
-                         f"got {eta!r}")
-    xf, vf = x.float(), v.float()
-    s, s_next = _per_sample(sigma, xf), _per_sample(sigma_next, xf)
-    if not ((s_next < s) & (s > 0) & (s <= 1) & (s_next >= 0)).all():
-        raise ValueError(f"sde_step needs 1 >= sigma > sigma_next >= 0, got sigma "
-                         f"{s.flatten()[:4].tolist()}, sigma_next {s_next.flatten()[:4].tolist()}")
-    delta = s_next - s  # Δ < 0
-    # σ = 1 guard (official / Flow-GRPO): 1 − σ is 0 there, so use 1 − σ_next instead.
-    one_minus = torch.where(s >= 1, 1 - s_next, 1 - s)
-    sigma_t = eta * torch.sqrt(s / one_minus)
-    # μ = x·(1 + σ_t²Δ/(2σ)) + v·(1 + σ_t²(1 − σ)/(2σ))·Δ  (Flow-GRPO form, SPEC §2)
-    mean = xf * (1 + sigma_t**2 * delta / (2 * s)) + vf * (1 + sigma_t**2 * (1 - s) / (2 * s)) * delta
-    std = sigma_t * torch.sqrt(-delta)
-    if prev_sample is None:
-        noise = torch.randn(xf.shape, generator=generator, device=xf.device, dtype=torch.float32)
-        prev_sample = mean + std * noise
-    prev_sample = prev_sample.detach()  # x' is data, not a function of θ
-    log_prob = gaussian_log_prob(prev_sample, mean, std)
-    return prev_sample.to(x.dtype), log_prob, mean, std
-
-
-# ----------------------------------------------------------------------------------------------
-# Multi-Granularity Advantage Integration (SPEC §4).
-
-
-def granularity_schedule(num_steps, branch_step, granularity):
-    """Grid indices an ODE completion visits after the SDE step taken at branch_step.
-
-    Starts at k+1 (where the branch sample lives), one ordinary step to k+2, then a stride of λ,
-    and always ends at T (σ = 0).
-    >>> granularity_schedule(16, 7, 3)
-    [8, 9, 12, 15, 16]
-    """
-    check_granularities([granularity])
-    check_branch_steps([branch_step], num_steps)
-    k, lam, T = branch_step, granularity, num_steps
-    # Differs from the official code: sigmas[:k+2] + sigmas[k+2::λ] may stop short of T and then
-    # takes x̂0 from the evaluation before the last point; we always finish with a step to σ = 0.
-    return [k + 1] + list(range(k + 2, T, lam)) + [T]
-
-
-def group_advantages(rewards, eps=1e-8):
-    """(r − mean) / (std + eps) along the last (group) dim, unbiased std; equal rewards give 0.
-
-    >>> group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]))
-    tensor([ 0.8660, -0.8660, -0.8660,  0.8660])
-    """
-    if rewards.shape[-1] < 2:
-        raise ValueError(f"a group needs >= 2 rewards, got group dim {rewards.shape[-1]}")
-    rewards = rewards.float()
-    if not torch.isfinite(rewards).all():
-        bad = rewards[~torch.isfinite(rewards)][:4].tolist()
-        raise ValueError(f"rewards must be finite, got {bad}")
-    mean = rewards.mean(dim=-1, keepdim=True)
-    std = rewards.std(dim=-1, keepdim=True)  # unbiased, as torch.std and the official code
-    adv = (rewards - mean) / (std + eps)
-    # Differs from the official code: equal float32 rewards give a mean off by one ulp and std 0
-    # there, so (r − mean)/(std + 1e-8) can reach about ±6; equal rewards carry no preference.
-    tied = (rewards == rewards[..., :1]).all(dim=-1, keepdim=True)
-    return torch.where(tied, torch.zeros_like(adv), adv)
-
-
-def multi_granularity_advantages(rewards, adv_clip=5.0, eps=1e-8, scale=1.0):
-    """rewards (..., L, G) → advantages (..., G): sum over L of group advantages, then clip (Eq. ~11).
-
-    L runs over granularities (and over reward models in the multi-reward setting). scale
-    multiplies the sum before the clip (1 in the paper; Config.adv_scale, a control).
-    """
-    if rewards.dim() < 2:
-        raise ValueError(f"rewards must be (..., L, G), got shape {tuple(rewards.shape)}")
-    adv = group_advantages(rewards, eps).sum(dim=-2)  # (..., G)
-    return (scale * adv).clamp(-adv_clip, adv_clip)
-
-
-# ----------------------------------------------------------------------------------------------
-# The objective (SPEC §5).
-
-
-def clipped_grpo_loss(log_prob, old_log_prob, advantages, clip_range):
-    """Loss = −mean( min(r·A, clip(r, 1 − ε, 1 + ε)·A) ), r = exp(log π − log π_old) (Eq. ~12).
-
-    Returns (loss, stats) with stats: clip_frac = mean(|r − 1| > ε), approx_kl = ½·mean(Δ log π²),
-    ratio_max_dev = max |r − 1|.
-    """
-    if not clip_range > 0:
-        raise ValueError(f"clip_range must be > 0, got {clip_range!r}")
-    log_ratio = log_prob - old_log_prob.detach()
-    ratio = torch.exp(log_ratio)
-    adv = advantages.detach()
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
-    with torch.no_grad():
-        stats = {
-            "clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
-            "approx_kl": (0.5 * log_ratio**2).mean().item(),
-            "ratio_max_dev": (ratio - 1).abs().max().item(),
-        }
-    return loss, stats
-
-
-# ----------------------------------------------------------------------------------------------
-# Rollouts. velocity_fn(x (N, *D), sigma (N,), cond) → v (N, *D), where cond holds N rows.
+# ── Part 3. Batched machinery: Part 1 for P prompts, all branches and granularities at once ──────
 
 
 def take_rows(cond, index):
@@ -376,7 +443,7 @@ def _ode_completions(velocity, cond, starts, prompt_index, schedules, sigmas):
 @torch.no_grad()
 def singular_stochastic_sampling(velocity, cond, x_T, sigmas, branch_steps, granularities,
                                  group_size, eta, generator=None):
-    """Alg. 1: ODE anchor, ONE SDE step per branch step for G members, ODE completions per λ.
+    """group_rollout for P prompts at once (Alg. 1 lines 7–16), in few model calls.
 
     velocity: a CountingVelocity; x_T: (P, *D), one shared initial noise per prompt.
     Returns a dict with
@@ -386,7 +453,7 @@ def singular_stochastic_sampling(velocity, cond, x_T, sigmas, branch_steps, gran
     """
     P, D, G, T = x_T.shape[0], x_T.shape[1:], group_size, len(sigmas) - 1
     rows = torch.arange(P, device=x_T.device)
-    # Alg. 1 lines 2–4: deterministic anchor, keeping every state and velocity.
+    # Alg. 1 lines 9–11: deterministic anchor, keeping every state and velocity.
     xs, vs, x = [x_T], [], x_T
     for i in range(T):
         v = velocity(x, sigmas[i].expand(P), cond, rows)
@@ -395,7 +462,7 @@ def singular_stochastic_sampling(velocity, cond, x_T, sigmas, branch_steps, gran
         vs.append(v)
     ks = list(branch_steps)
     K = len(ks)
-    # Alg. 1 line 6: one SDE step from x_k per member; v(x_k) comes from the anchor (shared by G).
+    # Alg. 1 lines 12–13: one SDE step from x_k per member; v(x_k) comes from the anchor.
     x_k = torch.stack([xs[k] for k in ks])  # (K, P, *D)
     v_k = torch.stack([vs[k] for k in ks])  # (K, P, *D)
     expand = lambda t: t.unsqueeze(2).expand(K, P, G, *D).reshape(K * P * G, *D)
@@ -403,7 +470,7 @@ def singular_stochastic_sampling(velocity, cond, x_T, sigmas, branch_steps, gran
     s_next = sigmas[[k + 1 for k in ks]].repeat_interleave(P * G)
     x_next, log_prob, _, _ = sde_step(expand(x_k), expand(v_k), s, s_next, eta, generator)
     x_next = x_next.view(K, P, G, *D)
-    # Alg. 1 lines 7–9: finish every branch at every granularity (SPEC §4).
+    # Alg. 1 lines 14–16: finish every branch at every granularity.
     schedules = {(k, lam): granularity_schedule(T, k, lam) for k in ks for lam in granularities}
     member_rows = rows.repeat_interleave(G)  # (P·G,)
     starts = {k: x_next[j].reshape(P * G, *D) for j, k in enumerate(ks)}
@@ -416,54 +483,6 @@ def singular_stochastic_sampling(velocity, cond, x_T, sigmas, branch_steps, gran
         "samples": samples.view(K, len(granularities), P, G, *D),
         "anchor": xs[-1],
     }
-
-
-@torch.no_grad()
-def full_sde_sampling(velocity, cond, x_T, sigmas, sde_steps, group_size, eta, generator=None):
-    """Baseline: every member follows its own trajectory with an SDE step at every k in sde_steps.
-
-    Returns x (K, P, G, *D), x_next (K, P, G, *D), old_log_prob (K, P, G), samples (P, G, *D).
-    """
-    P, D, G, T = x_T.shape[0], x_T.shape[1:], group_size, len(sigmas) - 1
-    member_rows = torch.arange(P, device=x_T.device).repeat_interleave(G)
-    x = x_T.repeat_interleave(G, dim=0)  # (P·G, *D)
-    steps = {}  # i → (x_i, x_{i+1}, log π_old), for i in sde_steps
-    for i in range(T):
-        v = velocity(x, sigmas[i].expand(P * G), cond, member_rows)
-        if i in sde_steps:
-            x_new, lp, _, _ = sde_step(x, v, sigmas[i], sigmas[i + 1], eta, generator)
-            steps[i] = (x, x_new, lp)
-            x = x_new
-        else:
-            x = ode_step(x, v, sigmas[i], sigmas[i + 1])
-    K = len(sde_steps)
-    stack = lambda j: torch.stack([steps[k][j] for k in sde_steps])  # in the order of sde_steps
-    return {
-        "x": stack(0).view(K, P, G, *D),
-        "x_next": stack(1).view(K, P, G, *D),
-        "old_log_prob": stack(2).view(K, P, G),
-        "samples": x.view(P, G, *D),
-    }
-
-
-def mixgrpo_window(iteration, num_steps, window_size, window_stride=1, window_every=25):
-    """MixGRPO's sliding window: the steps that take an SDE step (and are trained) at `iteration`.
-
-    The window starts at step 0, moves by window_stride every window_every iterations, and rolls
-    back to 0 once it would leave steps 0..T−3 (MixGRPO's "progressive" strategy with overlap and
-    roll-back; T−2 and T−1 are never trained there either). A function of the iteration alone.
-
-    >>> [mixgrpo_window(it, 8, 3, 1, 2) for it in (0, 1, 2, 5, 6, 8)]
-    [(0, 1, 2), (0, 1, 2), (1, 2, 3), (2, 3, 4), (3, 4, 5), (0, 1, 2)]
-    """
-    last_start = num_steps - 2 - window_size  # the window's last step must be ≤ T − 3
-    if last_start < 0:
-        raise ValueError(f"window_size {window_size} does not fit T = {num_steps}: a window lies "
-                         f"within steps 0..{num_steps - 3}")
-    # Differs from MixGRPO: its last windows shrink at the end of the grid; ours stay whole.
-    positions = last_start // window_stride + 1
-    start = (iteration // window_every) % positions * window_stride
-    return tuple(range(start, start + window_size))
 
 
 def count_model_evals(num_steps, branch_steps, granularities, group_size, method="g2rpo"):
@@ -510,10 +529,6 @@ def score(reward_fn, samples, prompts, batch_size):
     return torch.cat(out)
 
 
-# ----------------------------------------------------------------------------------------------
-# The policy update (SPEC §5) and the trainer.
-
-
 def policy_log_prob(velocity_fn, cond, x, x_next, sigma, sigma_next, eta):
     """log π_θ(x_next | x) with gradient: x (P, S, *D), S = 1 (shared) or G; x_next (P, G, *D).
 
@@ -542,6 +557,9 @@ def policy_log_prob_and_kl(velocity_fn, cond, x, x_next, sigma, sigma_next, eta,
         _, _, ref_mean, _ = sde_step(x_flat, v_ref, sigma, sigma_next, eta, prev_sample=x_flat)
     _, _, mean, std = sde_step(x_flat, v, sigma, sigma_next, eta, prev_sample=x_flat)
     return log_prob.view(P, G), gaussian_kl(mean, ref_mean, std).view(P, S)
+
+
+# ── Part 4. The trainer: rollout, policy update, the outer loop. ──────────────────────────────────
 
 
 def all_finite(tensors):
@@ -581,10 +599,10 @@ def _clip_and_step(params, optimizer, max_grad_norm, where, ema=None):
 
 def policy_update(params, optimizer, velocity_fn, rollout, sigmas, cfg, ref_velocity_fn=None,
                   ema=None):
-    """Eq. 12 on one rollout: one optimizer step per trained step k (the branch steps; MixGRPO:
-    the window's steps), or one for all of them. With cfg.kl_beta > 0 each step's loss gains
-    β·KL(π_θ ‖ π_ref) at the trained states (averaged over rows), and `kl_ref` is its mean over
-    the steps. The EMA, if any, moves after every optimizer step."""
+    """group_update for P prompts (Alg. 1 lines 24–26): one optimizer step per trained step k
+    (the branch steps; MixGRPO: the window's steps), or one for all of them. With cfg.kl_beta > 0
+    each step's loss gains β·KL(π_θ ‖ π_ref) at the trained states (averaged over rows), and
+    `kl_ref` is its mean over the steps. The EMA, if any, moves after every optimizer step."""
     ks = list(rollout["steps"])
     stats = {"loss": [], "clip_frac": [], "approx_kl": [], "grad_norm": [], "train_rows": 0}
     reference = ref_velocity_fn if cfg.kl_beta > 0 else None  # β = 0: never called
@@ -597,7 +615,7 @@ def policy_update(params, optimizer, velocity_fn, rollout, sigmas, cfg, ref_velo
                                               cfg.eta, reference)
         loss, s = clipped_grpo_loss(log_prob, rollout["old_log_prob"][j], rollout["adv"][j],
                                     cfg.clip_range)
-        if kl is not None:  # an addition to Eq. 12 (Config.kl_beta)
+        if kl is not None:  # an addition to the clipped objective (Config.kl_beta)
             kl = kl.mean()
             loss = loss + cfg.kl_beta * kl
             stats["kl_ref"].append(kl.item())
@@ -682,6 +700,165 @@ def train_iteration(params, optimizer, velocity_fn, reward_fn, prompts, cond, cf
     return metrics
 
 
+def format_metrics(it, m):
+    """One log line per iteration (glossary: docs/algorithm.md, Metrics)."""
+    line = (f"it {it:4d} | reward {m['reward']:.4f} ± {m['reward_std']:.4f}"
+            + (f" | anchor {m['reward_anchor']:.4f}" if "reward_anchor" in m else "")
+            + f" | loss {m['loss']:+.2e} | grad {m['grad_norm']:.3f}"
+            f" | clip {m['clip_frac']:.3f} | kl {m['approx_kl']:.2e}"
+            + (f" | kl_ref {m['kl_ref']:.2e}" if "kl_ref" in m else "")
+            + f" | zero-std {m['zero_std_frac']:.2f} | A clipped {m['adv_clipped']:.3f} | |A|_k "
+            + " ".join(f"{a:.2f}" for a in m["adv_abs_k"]))
+    if "adv_abs_lambda" in m:
+        line += " | |A|_λ " + " ".join(f"{a:.2f}" for a in m["adv_abs_lambda"])
+    return line + f" | nfe {m['nfe']}" + (f" | {m['seconds']:.2f} s/it" if "seconds" in m else "")
+
+
+def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prompts=None,
+          optimizer=None, generator=None, start_iteration=0, callback=None, log=print,
+          progress=True, sigmas=None, ref_velocity_fn=None, ema=None):
+    """G²RPO training loop (Alg. 1's outer loop), model-agnostic.
+
+    model: the nn.Module whose trainable parameters are optimised (velocity_fn closes over it).
+    velocity_fn(x (N, *D), sigma (N,), cond rows) → v; reward_fn(samples, prompts) → (N,) or (N, R).
+    prompts: a sequence; each iteration draws cfg.prompts_per_iteration of them with replacement.
+    encode_prompts(list) → cond with one row per prompt (default: torch.as_tensor); called
+    without gradient (a text encoder is not trained: its output is data for the policy).
+    optimizer: built over the trainable parameters (default: AdamW with cfg.lr, weight_decay);
+    the trainer clips and checks exactly the parameters it holds.
+    callback(iteration, metrics) runs after every iteration, before the log line (evaluation,
+    checkpoints; it may update metrics in place); a true return value stops training after it.
+    sigmas: an explicit (T+1,) grid from 1 to 0 (e.g. a pipeline's dynamic shift); default
+    sigma_schedule(cfg.num_steps, cfg.shift).
+    ref_velocity_fn: the reference policy's velocity (velocity_fn's signature; called without
+    gradient, and only when cfg.kl_beta > 0), e.g. a frozen copy of the pretrained model.
+    ema: an EMA(model, cfg.ema_decay) to update after every optimizer step (cfg.ema_decay > 0).
+    Returns the list of per-iteration metrics dicts.
+    """
+    check_config(cfg)  # again: a Config can be changed after it was built
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: the trainer needs at least one prompt")
+    # The optimizer's parameters when there is one: they were taken before any forward. A
+    # sharding wrapper may swap other tensors into model.parameters() between forward and
+    # backward (FSDP2 after a forward without gradient, e.g. an evaluation before training).
+    params = ([p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+              if optimizer is not None else [p for p in model.parameters() if p.requires_grad])
+    if not params:
+        raise ValueError("the model has no trainable parameters (requires_grad=True)")
+    check_guard_rails(cfg, params, ref_velocity_fn, ema)
+    device = params[0].device
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if generator is None:
+        generator = torch.Generator(device).manual_seed(cfg.seed)
+    encode_prompts = encode_prompts or (lambda ps: torch.as_tensor(ps, device=device))
+    if sigmas is None:
+        sigmas = sigma_schedule(cfg.num_steps, cfg.shift)
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).to(device)
+    if (sigmas.shape != (cfg.num_steps + 1,) or sigmas[0] != 1 or sigmas[-1] != 0
+            or not (sigmas[1:] < sigmas[:-1]).all()):
+        raise ValueError(f"sigmas must decrease from 1 to 0 in {cfg.num_steps + 1} values, got "
+                         f"{[round(s, 4) for s in sigmas.tolist()]}")
+    iterations = range(start_iteration, cfg.num_iterations)
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+            iterations = bar = tqdm(iterations, desc=f"{cfg.method}", dynamic_ncols=True)
+            log = bar.write if log is print else log
+        except ImportError:
+            pass
+    history = []
+    for it in iterations:
+        pick = torch.randint(len(prompts), (cfg.prompts_per_iteration,), generator=generator,
+                             device=generator.device).tolist()
+        batch = [prompts[i] for i in pick]
+        start = time.perf_counter()
+        with torch.no_grad():  # the conditioning is data for the policy: no graph to a text encoder
+            cond = encode_prompts(batch)
+        metrics = train_iteration(params, optimizer, velocity_fn, reward_fn, batch, cond, cfg,
+                                  sigmas, latent_shape, generator, it, ref_velocity_fn, ema)
+        metrics.update(iteration=it, seconds=time.perf_counter() - start)
+        history.append(metrics)
+        stop = False
+        if callback is not None:
+            stop = callback(it, metrics)  # may update metrics in place (e.g. over processes)
+        if log is not None:
+            log(format_metrics(it, metrics))
+        if bar is not None:
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}")
+        if stop:
+            break
+    return history
+
+
+# ── Part 5. The baselines: full-SDE GRPO and MixGRPO's sliding window. ────────────────────────────
+
+
+@torch.no_grad()
+def full_sde_sampling(velocity, cond, x_T, sigmas, sde_steps, group_size, eta, generator=None):
+    """Baseline: every member follows its own trajectory with an SDE step at every k in sde_steps.
+
+    Returns x (K, P, G, *D), x_next (K, P, G, *D), old_log_prob (K, P, G), samples (P, G, *D).
+    """
+    P, D, G, T = x_T.shape[0], x_T.shape[1:], group_size, len(sigmas) - 1
+    member_rows = torch.arange(P, device=x_T.device).repeat_interleave(G)
+    x = x_T.repeat_interleave(G, dim=0)  # (P·G, *D)
+    steps = {}  # i → (x_i, x_{i+1}, log π_old), for i in sde_steps
+    for i in range(T):
+        v = velocity(x, sigmas[i].expand(P * G), cond, member_rows)
+        if i in sde_steps:
+            x_new, lp, _, _ = sde_step(x, v, sigmas[i], sigmas[i + 1], eta, generator)
+            steps[i] = (x, x_new, lp)
+            x = x_new
+        else:
+            x = ode_step(x, v, sigmas[i], sigmas[i + 1])
+    K = len(sde_steps)
+    stack = lambda j: torch.stack([steps[k][j] for k in sde_steps])  # in the order of sde_steps
+    return {
+        "x": stack(0).view(K, P, G, *D),
+        "x_next": stack(1).view(K, P, G, *D),
+        "old_log_prob": stack(2).view(K, P, G),
+        "samples": x.view(P, G, *D),
+    }
+
+
+def mixgrpo_window(iteration, num_steps, window_size, window_stride=1, window_every=25):
+    """MixGRPO's sliding window: the steps that take an SDE step (and are trained) at `iteration`.
+
+    The window starts at step 0, moves by window_stride every window_every iterations, and rolls
+    back to 0 once it would leave steps 0..T−3 (MixGRPO's "progressive" strategy with overlap and
+    roll-back; T−2 and T−1 are never trained there either). A function of the iteration alone.
+
+    >>> [mixgrpo_window(it, 8, 3, 1, 2) for it in (0, 1, 2, 5, 6, 8)]
+    [(0, 1, 2), (0, 1, 2), (1, 2, 3), (2, 3, 4), (3, 4, 5), (0, 1, 2)]
+    """
+    last_start = num_steps - 2 - window_size  # the window's last step must be ≤ T − 3
+    if last_start < 0:
+        raise ValueError(f"window_size {window_size} does not fit T = {num_steps}: a window lies "
+                         f"within steps 0..{num_steps - 3}")
+    # Differs from MixGRPO: its last windows shrink at the end of the grid; ours stay whole.
+    positions = last_start // window_stride + 1
+    start = (iteration // window_every) % positions * window_stride
+    return tuple(range(start, start + window_size))
+
+
+# ── Part 6. Guard rails against reward hacking (additions: not in the paper or official code)
+
+
+def gaussian_kl(mean, ref_mean, std):
+    """KL(N(mean, std²) ‖ N(ref_mean, std²)) per element, averaged over all non-batch elements
+    (as gaussian_log_prob) → (N,) float32. With equal stds only ‖mean − ref_mean‖² / (2·std²)
+    is left; it is symmetric in the two means.
+
+    >>> gaussian_kl(torch.ones(1, 2), torch.zeros(1, 2), torch.tensor(0.5))
+    tensor([2.])
+    """
+    mean, ref_mean = mean.float(), ref_mean.float()
+    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    return ((mean - ref_mean) ** 2 / (2 * std**2)).flatten(1).mean(dim=1)  # (N,)
+
+
 class EMA:
     """Exponential moving average of a model's trainable weights (Config.ema_decay; an addition).
 
@@ -757,106 +934,14 @@ class EMA:
                 a.copy_(state[name])
 
 
-def format_metrics(it, m):
-    """One log line per iteration (glossary: docs/algorithm.md, Metrics)."""
-    line = (f"it {it:4d} | reward {m['reward']:.4f} ± {m['reward_std']:.4f}"
-            + (f" | anchor {m['reward_anchor']:.4f}" if "reward_anchor" in m else "")
-            + f" | loss {m['loss']:+.2e} | grad {m['grad_norm']:.3f}"
-            f" | clip {m['clip_frac']:.3f} | kl {m['approx_kl']:.2e}"
-            + (f" | kl_ref {m['kl_ref']:.2e}" if "kl_ref" in m else "")
-            + f" | zero-std {m['zero_std_frac']:.2f} | A clipped {m['adv_clipped']:.3f} | |A|_k "
-            + " ".join(f"{a:.2f}" for a in m["adv_abs_k"]))
-    if "adv_abs_lambda" in m:
-        line += " | |A|_λ " + " ".join(f"{a:.2f}" for a in m["adv_abs_lambda"])
-    return line + f" | nfe {m['nfe']}" + (f" | {m['seconds']:.2f} s/it" if "seconds" in m else "")
+# ── Part 7. Input checks: every Config field, before any rollout. ─────────────────────────────────
 
-
-def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prompts=None,
-          optimizer=None, generator=None, start_iteration=0, callback=None, log=print,
-          progress=True, sigmas=None, ref_velocity_fn=None, ema=None):
-    """G²RPO training loop (Alg. 1), model-agnostic.
-
-    model: the nn.Module whose trainable parameters are optimised (velocity_fn closes over it).
-    velocity_fn(x (N, *D), sigma (N,), cond rows) → v; reward_fn(samples, prompts) → (N,) or (N, R).
-    prompts: a sequence; each iteration draws cfg.prompts_per_iteration of them with replacement.
-    encode_prompts(list) → cond with one row per prompt (default: torch.as_tensor); called
-    without gradient (a text encoder is not trained: its output is data for the policy).
-    optimizer: built over the trainable parameters (default: AdamW with cfg.lr, weight_decay);
-    the trainer clips and checks exactly the parameters it holds.
-    callback(iteration, metrics) runs after every iteration, before the log line (evaluation,
-    checkpoints; it may update metrics in place); a true return value stops training after it.
-    sigmas: an explicit (T+1,) grid from 1 to 0 (e.g. a pipeline's dynamic shift); default
-    sigma_schedule(cfg.num_steps, cfg.shift).
-    ref_velocity_fn: the reference policy's velocity (velocity_fn's signature; called without
-    gradient, and only when cfg.kl_beta > 0), e.g. a frozen copy of the pretrained model.
-    ema: an EMA(model, cfg.ema_decay) to update after every optimizer step (cfg.ema_decay > 0).
-    Returns the list of per-iteration metrics dicts.
-    """
-    check_config(cfg)  # again: a Config can be changed after it was built
-    if len(prompts) == 0:
-        raise ValueError("prompts is empty: the trainer needs at least one prompt")
-    # The optimizer's parameters when there is one: they were taken before any forward. A
-    # sharding wrapper may swap other tensors into model.parameters() between forward and
-    # backward (FSDP2 after a forward without gradient, e.g. an evaluation before training).
-    params = ([p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-              if optimizer is not None else [p for p in model.parameters() if p.requires_grad])
-    if not params:
-        raise ValueError("the model has no trainable parameters (requires_grad=True)")
-    check_guard_rails(cfg, params, ref_velocity_fn, ema)
-    device = params[0].device
-    if optimizer is None:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if generator is None:
-        generator = torch.Generator(device).manual_seed(cfg.seed)
-    encode_prompts = encode_prompts or (lambda ps: torch.as_tensor(ps, device=device))
-    if sigmas is None:
-        sigmas = sigma_schedule(cfg.num_steps, cfg.shift)
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).to(device)
-    if (sigmas.shape != (cfg.num_steps + 1,) or sigmas[0] != 1 or sigmas[-1] != 0
-            or not (sigmas[1:] < sigmas[:-1]).all()):
-        raise ValueError(f"sigmas must decrease from 1 to 0 in {cfg.num_steps + 1} values, got "
-                         f"{[round(s, 4) for s in sigmas.tolist()]}")
-    iterations = range(start_iteration, cfg.num_iterations)
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-            iterations = bar = tqdm(iterations, desc=f"{cfg.method}", dynamic_ncols=True)
-            log = bar.write if log is print else log
-        except ImportError:
-            pass
-    history = []
-    for it in iterations:
-        pick = torch.randint(len(prompts), (cfg.prompts_per_iteration,), generator=generator,
-                             device=generator.device).tolist()
-        batch = [prompts[i] for i in pick]
-        start = time.perf_counter()
-        with torch.no_grad():  # the conditioning is data for the policy: no graph to a text encoder
-            cond = encode_prompts(batch)
-        metrics = train_iteration(params, optimizer, velocity_fn, reward_fn, batch, cond, cfg,
-                                  sigmas, latent_shape, generator, it, ref_velocity_fn, ema)
-        metrics.update(iteration=it, seconds=time.perf_counter() - start)
-        history.append(metrics)
-        stop = False
-        if callback is not None:
-            stop = callback(it, metrics)  # may update metrics in place (e.g. over processes)
-        if log is not None:
-            log(format_metrics(it, metrics))
-        if bar is not None:
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}")
-        if stop:
-            break
-    return history
-
-
-# ----------------------------------------------------------------------------------------------
-# Input checks: every Config field, before any rollout.
 
 ETA_SANE = (0.1, 2.0)  # outside: log-ratios explode (η → 0) or the gradient vanishes (η ≫ 1)
 
 
 class ConfigError(ValueError):
-    """A bad Config value; `field` names it (flux_flow.py maps it to its command-line flag)."""
+    """A bad Config value; `field` names it (the command lines map it to their flag)."""
 
     def __init__(self, field, message):
         super().__init__(message)

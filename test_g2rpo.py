@@ -1,8 +1,12 @@
 """The specification of g2rpo.py: closed forms and oracles first, smoke tests last."""
 
+import dis
+import inspect
 import math
 import os
 import re
+import textwrap
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -10,9 +14,6 @@ import pytest
 import torch
 
 import g2rpo
-from benchmarks.rollout import rollout_per_member
-
-torch.set_num_threads(2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,7 +64,7 @@ def test_sde_step_mean_is_euler_maruyama_of_the_sde():
     sigma, sigma_next, eta = 0.6, 0.5, 0.7
     _, _, mean, std = g2rpo.sde_step(x, v, sigma, sigma_next, eta, generator=g)
     sigma_t = eta * math.sqrt(sigma / (1 - sigma))
-    drift = v + sigma_t**2 / (2 * sigma) * (x + (1 - sigma) * v)  # SPEC §2 SDE, dσ form
+    drift = v + sigma_t**2 / (2 * sigma) * (x + (1 - sigma) * v)  # Eq. 2 as printed (dσ form)
     torch.testing.assert_close(mean, x + drift * (sigma_next - sigma))
     torch.testing.assert_close(std, torch.tensor(sigma_t * math.sqrt(sigma - sigma_next)))
 
@@ -226,7 +227,7 @@ def test_gradient_vanishes_once_ratio_is_clipped_in_the_advantage_direction():
 
 
 # ----------------------------------------------------------------------------------------------
-# Rollouts: batched vs per-member loop, model-evaluation counts, ratio = 1.
+# Part 1 is the reference: the batched rollout, advantages and update equal it.
 
 
 class LinearVelocity(torch.nn.Module):
@@ -248,10 +249,15 @@ def quadratic_reward(x, prompts):
     return -((x - target) ** 2).sum(-1)
 
 
+def conditioned(model, prompt):
+    """One prompt's velocity(x, sigma), as Part 1 takes it, from model(x, sigma, classes)."""
+    return lambda x, sigma: model(x, sigma, torch.full((len(x),), int(prompt)))
+
+
 @pytest.mark.parametrize("P,ks", [(3, (0, 2, 5, 7)), (2, (1, 4))])
-def test_batched_rollout_equals_per_member_loop(P, ks):
+def test_batched_sampling_equals_the_reference_per_prompt(P, ks):
     model = LinearVelocity()
-    T, G, lams, eta = 10, 4, (1, 2, 3), 0.7
+    T, G, lams, eta = 10, 5, (1, 2, 3), 0.7  # K ≠ P ≠ G in the first case
     sigmas = g2rpo.sigma_schedule(T, 3.0)
     cond = torch.arange(P) + 1
     x_T = torch.randn(P, 3, generator=torch.Generator().manual_seed(11))
@@ -259,13 +265,70 @@ def test_batched_rollout_equals_per_member_loop(P, ks):
     out = g2rpo.singular_stochastic_sampling(velocity, cond, x_T, sigmas, ks, lams, G, eta,
                                              torch.Generator().manual_seed(12))
     noise = torch.randn(len(ks) * P * G, 3, generator=torch.Generator().manual_seed(12))
-    x_k, x_next, lp, samples, _ = rollout_per_member(model, cond, x_T, sigmas, ks, lams, G, eta,
-                                                     noise=noise.view(len(ks), P, G, 3))
-    torch.testing.assert_close(out["x"][:, :, 0], x_k)
-    torch.testing.assert_close(out["x_next"], x_next)
-    torch.testing.assert_close(out["old_log_prob"], lp)
-    torch.testing.assert_close(out["samples"], samples)
+    noise = noise.view(len(ks), P, G, 3)  # the batched rollout's one draw, (K, P, G, D)
+    for p in range(P):
+        ref = g2rpo.group_rollout(conditioned(model, cond[p]), x_T[p], sigmas, ks, lams, G, eta,
+                                  noise=noise[:, p])
+        torch.testing.assert_close(out["x"][:, p, 0], ref["x"])
+        torch.testing.assert_close(out["x_next"][:, p], ref["x_next"])
+        torch.testing.assert_close(out["old_log_prob"][:, p], ref["old_log_prob"])
+        torch.testing.assert_close(out["samples"][:, :, p], ref["samples"])
+        torch.testing.assert_close(out["anchor"][p], ref["anchor"])
     assert out["x"].shape == (len(ks), P, 1, 3)
+
+
+@pytest.mark.parametrize("P,ks,G", [(3, (0, 2, 5, 6), 5), (2, (4, 1), 3)])
+def test_batched_rollout_advantages_equal_the_reference_per_prompt(P, ks, G):
+    model = LinearVelocity()
+    cfg = small_config(branch_steps=ks, group_size=G, granularities=(1, 2, 3),
+                       prompts_per_iteration=P, batch_size=7, adv_clip=2.0)
+    sigmas = g2rpo.sigma_schedule(cfg.num_steps, cfg.shift)
+    prompts = list(range(1, P + 1))
+    out, _ = g2rpo.rollout(model, quadratic_reward, prompts, torch.tensor(prompts), cfg, sigmas,
+                           (3,), torch.Generator().manual_seed(12))
+    g = torch.Generator().manual_seed(12)  # the rollout's draws: x_T, then the SDE noise
+    x_T = torch.randn(P, 3, generator=g)
+    K, L = len(ks), len(cfg.granularities)
+    noise = torch.randn(K * P * G, 3, generator=g).view(K, P, G, 3)
+    for p, prompt in enumerate(prompts):
+        ref = g2rpo.group_rollout(conditioned(model, prompt), x_T[p], sigmas, ks,
+                                  cfg.granularities, G, cfg.eta, noise=noise[:, p])
+        torch.testing.assert_close(out["samples"][:, :, p], ref["samples"])
+        rewards = quadratic_reward(ref["samples"].flatten(0, 2), [prompt] * (K * L * G))
+        adv = g2rpo.multi_granularity_advantages(rewards.view(K, L, G), cfg.adv_clip,
+                                                 num_granularities=L)  # (K, G)
+        torch.testing.assert_close(out["adv"][:, p], adv)
+    assert (out["adv"].abs() == cfg.adv_clip).any()  # the clip is exercised
+
+
+@pytest.mark.parametrize("step_per_branch", [True, False])
+def test_batched_update_equals_the_reference_on_one_group(step_per_branch):
+    cfg = small_config(prompts_per_iteration=1, step_per_branch=step_per_branch,
+                       clip_range=1e-3)
+    sigmas = g2rpo.sigma_schedule(cfg.num_steps, cfg.shift)
+    batched, reference = LinearVelocity(), LinearVelocity()  # the same weights
+    before = [p.detach().clone() for p in batched.parameters()]
+    out, _ = g2rpo.rollout(batched, quadratic_reward, [2], torch.tensor([2]), cfg, sigmas, (3,),
+                           torch.Generator().manual_seed(5))
+    optimizer = torch.optim.AdamW(batched.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stats = g2rpo.policy_update(list(batched.parameters()), optimizer, batched, out, sigmas, cfg)
+    group = {"x": out["x"][:, 0, 0], "x_next": out["x_next"][:, 0],
+             "old_log_prob": out["old_log_prob"][:, 0]}
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    per_k = g2rpo.group_update(conditioned(reference, 2), optimizer, group, out["adv"][:, 0],
+                               sigmas, cfg.branch_steps, cfg.eta, cfg.clip_range,
+                               cfg.max_grad_norm, step_per_branch)
+    for a, b, start in zip(batched.parameters(), reference.parameters(), before):
+        torch.testing.assert_close(a, b)
+        assert not torch.equal(a, start)
+    assert len(per_k) == len(cfg.branch_steps) and per_k[0]["ratio_max_dev"] < 1e-6
+    for name in ("loss", "clip_frac", "approx_kl"):
+        assert stats[name] == pytest.approx(sum(s[name] for s in per_k) / len(per_k), abs=1e-6)
+    if step_per_branch:  # the later steps are off-policy and the clip acts
+        assert stats["clip_frac"] > 0
+    else:
+        assert stats["clip_frac"] == 0 and stats["approx_kl"] < 1e-10
 
 
 def test_model_evaluations_match_the_formula():
@@ -332,7 +395,7 @@ def test_unsorted_branch_steps_pair_each_state_with_its_own_sigma(method):
 
 
 def test_batched_policy_log_prob_matches_per_step_reference():
-    # K ≠ P ≠ G so that a broadcasting slip cannot hide (SPEC §9).
+    # K ≠ P ≠ G so that a broadcasting slip cannot hide.
     model = LinearVelocity()
     cfg = small_config()
     sigmas = g2rpo.sigma_schedule(cfg.num_steps, cfg.shift)
@@ -505,42 +568,182 @@ def test_a_mixgrpo_window_that_does_not_fit_is_refused_naming_the_field(kw, fiel
 
 
 # ----------------------------------------------------------------------------------------------
-# The copy-paste surface (docs/algorithm.md, "Copy one function").
+# Reading g2rpo.py: Part 1 first, the equation map and the copy table held to the code.
 
-COPYABLE = {
-    "sigma_schedule": [], "gaussian_log_prob": [], "group_advantages": [],
-    "clipped_grpo_loss": [], "ode_step": ["_per_sample"],
-    "sde_step": ["_per_sample", "gaussian_log_prob"],
-    "multi_granularity_advantages": ["group_advantages"],
-    "granularity_schedule": ["check_granularities", "check_branch_steps", "_is_int"],
-    "mixgrpo_window": [], "gaussian_kl": [],
-}
+SOURCE = Path(g2rpo.__file__).read_text()
+PART_2 = next(i for i, line in enumerate(SOURCE.splitlines(), 1) if line.startswith("# ── Part 2."))
 
 
-@pytest.mark.parametrize("name", COPYABLE)
-def test_copy_paste_surface(name):
-    import inspect
+def defined_here(obj):
+    return (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == "g2rpo"
 
-    source = "import math\nimport torch\n" + "\n".join(
-        inspect.getsource(getattr(g2rpo, n)) for n in [name, *COPYABLE[name]])
-    alone = {}
-    exec(source, alone)
+
+def part_1():
+    """The functions of Part 1, the read-first section, in the order of the file."""
+    lines = {name: inspect.getsourcelines(inspect.unwrap(obj))[1]
+             for name, obj in vars(g2rpo).items() if defined_here(obj)}
+    return sorted((name for name, line in lines.items() if line < PART_2), key=lines.get)
+
+
+def loaded_names(name):
+    """Every global name the source of g2rpo.`name` loads: its body, its nested functions and
+    lambdas, its decorators, a class's methods."""
+    code = compile(textwrap.dedent(inspect.getsource(getattr(g2rpo, name))), name, "exec")
+    names, todo = set(), [code]
+    while todo:
+        c = todo.pop()
+        names |= {i.argval for i in dis.get_instructions(c)
+                  if i.opname in ("LOAD_GLOBAL", "LOAD_NAME") and not i.argval.startswith("__")}
+        todo += [k for k in c.co_consts if inspect.iscode(k)]
+    return names
+
+
+def needs(name):
+    """(the g2rpo helpers, the modules besides torch) that `name` needs pasted beside it."""
+    helpers, modules, todo = set(), set(), [name]
+    while todo:
+        for ref in loaded_names(todo.pop()):
+            obj = vars(g2rpo).get(ref)
+            if inspect.ismodule(obj):
+                modules.add(ref)
+            elif obj is not None and ref != name and ref not in helpers:
+                helpers.add(ref)
+                todo.append(ref)
+    return helpers, modules - {"torch"}
+
+
+def copy_table():
+    """docs/algorithm.md's "Copy one function" table: {function: (helpers, imports)}."""
+    page = (Path(__file__).parent / "docs" / "algorithm.md").read_text()
+    section = page[page.index("## Copy one function"):]
+    section = section[:section.index("\n## ")]
+    cells = lambda text: set(re.findall(r"`(\w+)`", text))
+    table = {}
+    for row in re.findall(r"^\| (`.*?) \| (.*?) \| (.*?) \|$", section, re.M):
+        for name in cells(row[0]):
+            table[name] = (cells(row[1]), cells(row[2]))
+    return table
+
+
+def test_part_1_comes_first_and_fits_where_the_docstring_says():
+    claimed = int(re.search(r"Part 1 \(to line ~(\d+)\)", g2rpo.__doc__).group(1))
+    assert abs(PART_2 - claimed) <= 10, (PART_2, claimed)
+    first = min(inspect.getsourcelines(inspect.unwrap(obj))[1]
+                for obj in vars(g2rpo).values() if defined_here(obj))
+    assert first == inspect.getsourcelines(g2rpo.sigma_schedule)[1]  # nothing before the σ grid
+    assert part_1() == ["sigma_schedule", "_per_sample", "ode_step", "gaussian_log_prob",
+                        "sde_step", "granularity_schedule", "group_rollout", "group_advantages",
+                        "multi_granularity_advantages", "clipped_grpo_loss", "group_update"]
+
+
+def test_the_equation_map_names_functions_that_exist_and_every_number_the_code_cites():
+    doc = g2rpo.__doc__
+    block = doc[doc.index("Equation map"):]
+    mapped = set()
+    for line in block.splitlines()[1:]:
+        right = line.split(" ..")[-1] if " .." in line else line
+        if " .." in line or re.fullmatch(r" {20,}[\w, ]+", line):
+            mapped |= set(re.findall(r"\w+", right.strip(". ")))
+    missing = {name for name in mapped if not hasattr(g2rpo, name)}
+    assert not missing, missing
+    assert {n for n in part_1() if not n.startswith("_")} <= mapped
+
+    def numbers(pattern, text):
+        found = set()
+        for a, b in re.findall(pattern, text):
+            found |= set(range(int(a), int(b or a) + 1))
+        return found
+
+    code = SOURCE.replace(doc, "")
+    equation, lines = r"Eqs?\. (\d+)(?:–(\d+))?", r"lines? (\d+)(?:–(\d+))?"
+    assert numbers(equation, code) <= numbers(equation, block) == {1, 2, 3, 11}
+    cited = numbers(r"Alg\. 1 " + lines, code)
+    assert cited and cited <= numbers(lines, block)
+
+
+def test_the_copy_table_lists_exactly_what_each_function_needs():
+    table = copy_table()
+    assert {n for n in part_1() if not n.startswith("_")} <= set(table)
+    for name, (helpers, imports) in table.items():
+        assert needs(name) == (helpers, imports), name
+
+
+def example_calls():
+    """name → a call of that function (given as f), returning tensors to compare."""
     x, v = torch.randn(3, 2), torch.randn(3, 2)
-    calls = {
+    sigmas = g2rpo.sigma_schedule(8, 1.0)
+    velocity = conditioned(LinearVelocity(), 2)
+
+    def group_update(f):
+        model, g = LinearVelocity(), torch.Generator().manual_seed(0)
+        group = g2rpo.group_rollout(conditioned(model, 2), torch.randn(3, generator=g), sigmas,
+                                    (0, 3), (1, 2), 4, 0.7, g)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        f(conditioned(model, 2), optimizer, group, torch.randn(2, 4, generator=g), sigmas, (0, 3),
+          0.7, 0.05)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def ema(f):
+        model = LinearVelocity()
+        averages = f(model, 0.9)
+        with torch.no_grad():
+            model.w.add_(1.0)
+        averages.update()
+        return averages.averages[0]
+
+    counting = lambda: g2rpo.CountingVelocity(LinearVelocity(), 5)
+    states = torch.randn(2, 1, 3), torch.randn(2, 4, 3)
+    return {
         "sigma_schedule": lambda f: f(8, 3.0),
         "gaussian_log_prob": lambda f: f(x, v, torch.tensor(0.5)),
-        "group_advantages": lambda f: f(x),
-        "clipped_grpo_loss": lambda f: f(x[:, 0], v[:, 0], x[:, 1], 0.1)[0],
         "ode_step": lambda f: f(x, v, 0.5, 0.25),
         "sde_step": lambda f: f(x, v, 1.0, 0.9, 0.7, torch.Generator().manual_seed(0))[1],
-        "multi_granularity_advantages": lambda f: f(x),
         "granularity_schedule": lambda f: torch.tensor(f(16, 7, 3)),
+        "group_rollout": lambda f: f(velocity, torch.randn(3), sigmas, (0, 3), (1, 2), 4, 0.7,
+                                     torch.Generator().manual_seed(0))["samples"],
+        "group_advantages": lambda f: f(x),
+        "multi_granularity_advantages": lambda f: f(x),
+        "clipped_grpo_loss": lambda f: f(x[:, 0], v[:, 0], x[:, 1], 0.1)[0],
+        "group_update": group_update,
+        "singular_stochastic_sampling": lambda f: f(
+            counting(), torch.tensor([1, 2]), torch.randn(2, 3), sigmas, (0, 3), (1, 2), 4, 0.7,
+            torch.Generator().manual_seed(0))["samples"],
+        "CountingVelocity": lambda f: f(LinearVelocity(), 2)(
+            torch.randn(5, 3), torch.rand(5), torch.tensor([1, 2]), torch.tensor([0, 1, 1, 0, 1])),
+        "count_model_evals": lambda f: torch.tensor([f(16, range(8), (1, 2, 3), 12),
+                                                     f(16, range(8), (1,), 12, "full_sde")]),
+        "score": lambda f: f(quadratic_reward, torch.randn(5, 3), [1, 2, 3, 4, 1], 2),
+        "policy_log_prob": lambda f: f(LinearVelocity(), torch.tensor([1, 2]), *states,
+                                       sigmas[2], sigmas[3], 0.7),
+        "full_sde_sampling": lambda f: f(counting(), torch.tensor([1, 2]), torch.randn(2, 3),
+                                         sigmas, (0, 2), 3, 0.7,
+                                         torch.Generator().manual_seed(0))["samples"],
         "mixgrpo_window": lambda f: torch.tensor([f(it, 16, 3, 1, 25) for it in range(400)]),
         "gaussian_kl": lambda f: f(x, v, torch.tensor(0.5)),
+        "EMA": ema,
     }
+
+
+@pytest.mark.parametrize("name", sorted(copy_table()))
+def test_each_function_of_the_copy_table_runs_pasted_alone(name):
+    helpers, imports = copy_table()[name]
+    source = "\n".join(["import torch", *(f"import {m}" for m in sorted(imports))]
+                       + [inspect.getsource(getattr(g2rpo, n)) for n in [name, *sorted(helpers)]])
+    alone = {}
+    exec(source, alone)
+    call = example_calls()[name]
     torch.manual_seed(0)
-    ours = calls[name](getattr(g2rpo, name))
-    torch.testing.assert_close(calls[name](alone[name]), ours)
+    ours = call(getattr(g2rpo, name))
+    torch.manual_seed(0)
+    torch.testing.assert_close(call(alone[name]), ours)
+
+
+def test_an_axis_mix_up_is_refused_where_the_granularities_are_known():
+    rewards = torch.randn(4, 12, 3)  # (K, G, L): the group and the granularities swapped
+    with pytest.raises(ValueError, match=r"must be \(\.\.\., L, G\): the 3 granularities on dim "
+                                         r"-2, the group on dim -1; got shape \(4, 12, 3\)"):
+        g2rpo.multi_granularity_advantages(rewards, num_granularities=3)
+    g2rpo.multi_granularity_advantages(rewards.transpose(1, 2), num_granularities=3)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -585,7 +584,7 @@ def print_comparison(table, num_seeds, pretrained=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    studies.set_threads()
 
     start = time.time()
     seeds = range(args.seed, args.seed + args.seeds)
@@ -639,7 +638,7 @@ def main(argv=None):
             model, r = run(base, method, seed, eval_every=2 if len(methods) > 1 else 10,
                            log=print if args.verbose else None, reward=args.reward,
                            **args.overrides)
-            with open(metrics_path, "a") as f:  # one JSON line per iteration, as flux_flow
+            with open(metrics_path, "a") as f:  # one JSON line per iteration, as image_flow
                 for m in r["history"]:
                     f.write(json.dumps({"method": method, "seed": seed, **m}) + "\n")
             end = r["curve"][-1]

@@ -35,7 +35,6 @@ import time
 import torch
 
 import g2rpo
-from benchmarks.rollout import rollout_per_member
 from image_flow import attention, flags, trainer
 from image_flow.families import family_for, weightless_pipeline
 from image_flow.plan import count
@@ -197,6 +196,59 @@ def model_flops_per_row(arch, tokens=None, text_tokens=TEXT_TOKENS, name="flux.1
     return counter.get_total_flops(), attention
 
 
+@torch.no_grad()
+def official_loop_rollout(velocity_fn, cond, x_T, sigmas, branch_steps, granularities,
+                          group_size, eta, generator=None):
+    """Singular Stochastic Sampling as the official code runs it, built from g2rpo's steps: every
+    model call carries one sample, and the anchor is recomputed for every branch step. Its cost
+    is what this benchmark compares with (the tests' reference is g2rpo's Part 1, group_rollout).
+
+    cond: P rows; x_T: (P, *D); the SDE noise is drawn per member from generator.
+    Returns x_k (K, P, *D) anchor states, x_next (K, P, G, *D), old_log_prob (K, P, G),
+    samples (K, L, P, G, *D), evals.
+    """
+    P, T, evals = x_T.shape[0], len(sigmas) - 1, 0
+
+    def v_of(x, i, p):
+        nonlocal evals
+        evals += 1
+        return velocity_fn(x[None], sigmas[i].view(1), g2rpo.take_rows(cond, torch.tensor([p])))[0]
+
+    x_ks, x_next, log_probs, samples = [], [], [], []
+    for k in branch_steps:
+        x0_k, xn_k, lp_k, s_k = [], [], [], []
+        for p in range(P):
+            # The anchor is recomputed per branch step, as the official code does.
+            x = x_T[p]
+            for i in range(k):
+                x = g2rpo.ode_step(x, v_of(x, i, p), sigmas[i], sigmas[i + 1])
+            v = v_of(x, k, p)
+            x0_k.append(x)
+            xn_p, lp_p, s_p = [], [], []
+            for _ in range(group_size):
+                x1, lp, _, _ = g2rpo.sde_step(x[None], v[None], sigmas[k], sigmas[k + 1], eta,
+                                              generator)
+                finals = []
+                for lam in granularities:
+                    sched = g2rpo.granularity_schedule(T, k, lam)
+                    y = x1[0]
+                    for a, b in zip(sched[:-1], sched[1:]):
+                        y = g2rpo.ode_step(y, v_of(y, a, p), sigmas[a], sigmas[b])
+                    finals.append(y)
+                xn_p.append(x1[0])
+                lp_p.append(lp[0])
+                s_p.append(torch.stack(finals))
+            xn_k.append(torch.stack(xn_p))
+            lp_k.append(torch.stack(lp_p))
+            s_k.append(torch.stack(s_p, dim=1))  # (L, G, *D)
+        x_ks.append(torch.stack(x0_k))
+        x_next.append(torch.stack(xn_k))
+        log_probs.append(torch.stack(lp_k))
+        samples.append(torch.stack(s_k, dim=1))  # (L, P, G, *D)
+    return (torch.stack(x_ks), torch.stack(x_next), torch.stack(log_probs), torch.stack(samples),
+            evals)
+
+
 def per_member_loop_calls(num_steps, branch_steps, granularities, group_size):
     """Model calls (batch 1) of the official-style loop per prompt: for each k the anchor to x_k
     and v(x_k) (k + 1), then every member's completion at every λ."""
@@ -286,7 +338,7 @@ def parse_args(argv=None):
     a("--skip-loop", action="store_true", help="leave the per-member loop out")
     a("--repeats", type=int, default=3, help="timed repeats per batch size in the table")
     a("--attention-backends", default=",".join(attention.DEFAULT_ATTENTION),
-      help="as image_flow.py (default: no cuDNN attention)")
+      help="as python -m image_flow (default: no cuDNN attention)")
     a("--gradient-checkpointing", action="store_true")
     args = p.parse_args(argv)
     args.resolution = args.resolution or (64 if args.tiny else 512)
@@ -414,7 +466,7 @@ def main(argv=None):
     steps = cfg.branch_steps if args.full_loop else args.loop_steps
     with Timer(cuda) as t_roll:
         x_T = rows(1)
-        x_k, x_next, lp, samples, calls = rollout_per_member(
+        x_k, x_next, lp, samples, calls = official_loop_rollout(
             velocity, cond, x_T, sigmas, steps, cfg.granularities, G, cfg.eta, generator=g)
     r = reward_fn(samples.flatten(0, 3), None).view(len(steps), L, 1, G)
     adv = g2rpo.multi_granularity_advantages(r.permute(0, 2, 1, 3), cfg.adv_clip)

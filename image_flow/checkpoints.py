@@ -240,10 +240,10 @@ def find_checkpoint(path):
         return old
     if path.is_file():
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is a single file, as flux_flow.py wrote before checkpoints "
-            f"became torch.distributed.checkpoint directories (<output-dir>/{CHECKPOINT}/); it "
-            f"cannot be resumed by this version: continue that run with the version that wrote "
-            f"it, or start a new one")
+            f"checkpoint {str(path)!r} is a single file, as versions of this trainer wrote "
+            f"before checkpoints became torch.distributed.checkpoint directories "
+            f"(<output-dir>/{CHECKPOINT}/); it cannot be resumed by this version: continue that "
+            f"run with the version that wrote it, or start a new one")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if (path / CHECKPOINT).is_dir() and not (path / META).exists():

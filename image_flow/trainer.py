@@ -48,7 +48,7 @@ def latent_shape(pipe, height, width):
 
 
 def sigma_grid(pipe, num_steps, height, width, schedule="static", shift=3.0):
-    """(T+1,) σ grid: "static" is the official recipe (SPEC §1), "pipeline" is the grid the
+    """(T+1,) σ grid: "static" is the official recipe (g2rpo.sigma_schedule), "pipeline" is the grid the
     family's pipeline itself uses at this size (a copy of its scheduler, asked as its __call__
     asks it)."""
     if schedule == "static":

@@ -76,7 +76,6 @@ def snippet_namespace():
 
 
 def test_the_front_page_and_algorithm_page_snippets_run_as_written():
-    torch.set_num_threads(1)
     (front,) = fenced(ROOT / "README.md", "python")
     (guard_rails,) = fenced(ROOT / "docs" / "algorithm.md", "python")
     ns = snippet_namespace()
@@ -333,6 +332,18 @@ def test_the_link_check_knows_github_anchors():
     assert len(links(ROOT / "README.md")) > 10
 
 
+def test_the_front_page_states_how_many_tests_the_suite_holds(request):
+    from conftest import COLLECTED
+
+    if {Path(a).resolve() for a in request.config.args} != {ROOT}:
+        pytest.skip("the count is of the whole suite: python -m pytest -q")
+    tests, gpu = request.config.stash[COLLECTED]
+    said = re.search(r"python -m pytest -q +# ([\d,]+) tests, (\d+) of them GPU tests",
+                     (ROOT / "README.md").read_text())
+    assert said, "the quick start's test command says how many tests it runs"
+    assert (int(said[1].replace(",", "")), int(said[2])) == (tests, gpu)
+
+
 def test_the_front_page_stays_a_front_page():
     text = (ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 200
@@ -366,3 +377,56 @@ def test_the_layout_page_names_every_python_file_and_nothing_else():
     assert not unnamed, f"docs/layout.md does not say where these live: {unnamed}"
     assert "image_flow/families/seam.py" in named and "benchmarks/rollout.py" in named
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Every pointer resolves: to the paper's own numbers, to files and tests that are here.
+
+TEXTS = sorted(p for p in ROOT.rglob("*") if p.suffix in (".py", ".md", ".ipynb")
+               and not any(part.startswith(".") for part in p.relative_to(ROOT).parts))
+# Files of other repositories the pages cite, each named beside its repository.
+ELSEWHERE = {"fastvideo/train_grpo_flux.py": "MixGRPO", "config/grpo.py": "Flow-GRPO",
+             "src/open_clip/transform.py": "hpsv2"}
+# Algorithm 1's lines as the paper numbers them: 7–16 sampling (one x_T per group, the anchor, the
+# SDE step, the completions), 20–22 the advantages, 24–26 the update.
+ALGORITHM_1 = set(range(7, 17)) | set(range(20, 23)) | set(range(24, 27))
+
+
+def numbered(pattern, text):
+    found = set()
+    for a, b in re.findall(pattern, text):
+        found |= set(range(int(a), int(b or a) + 1))
+    return found
+
+
+def test_equation_and_algorithm_numbers_are_the_papers_own_and_unhedged():
+    for path in TEXTS:
+        text = path.read_text()
+        rel = str(path.relative_to(ROOT))
+        assert not re.search(r"\bSPEC\b|\u00a7|Eqs?\. ?~", text), rel  # pages readers lack
+        assert numbered(r"Eqs?\. (\d+)(?:–(\d+))?", text) <= {1, 2, 3, 11}, rel
+        lines = numbered(r"(?:Alg\.|Algorithm) 1,? lines? (\d+)(?:–(\d+))?", text)
+        assert lines <= ALGORITHM_1, (rel, lines - ALGORITHM_1)
+
+
+def test_every_file_the_repository_names_is_in_it_or_named_with_its_repository():
+    here = {str(p.relative_to(ROOT)) for p in ROOT.rglob("*")}
+    names = {Path(p).name for p in here}
+    wrong = []
+    for path in TEXTS:
+        lines = path.read_text().splitlines()
+        for n, line in enumerate(lines, 1):
+            for target in re.findall(r"(?<![\w/.-])([\w/-]+\.(?:py|md|ipynb))\b", line):
+                if (target in here or target in names or any(h.endswith("/" + target) for h in here)
+                        or "/" not in target and ("tmp_path" in line or target == "script.py")):
+                    continue  # here; or a file a test makes, or a placeholder
+                if ELSEWHERE.get(target, "\0") not in " ".join(lines[max(n - 2, 0):n]):
+                    wrong.append(f"{path.relative_to(ROOT)}:{n}: {target}")
+    assert not wrong, wrong
+
+
+def test_every_test_the_docs_name_exists():
+    defined = {name for path in [ROOT / "test_g2rpo.py", *sorted((ROOT / "tests").glob("*.py"))]
+               for name in re.findall(r"^def (test_\w+)", path.read_text(), re.M)}
+    named = {name for page in PAGES for name in re.findall(r"`(test_\w+?)`", page.read_text())}
+    assert named and not named - defined, sorted(named - defined)

@@ -22,16 +22,6 @@ from test_image_flow import (ROOT, SUBPROCESS_ENV, H, W, assert_resume_is_bit_ex
                              parse_error, train_args)
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~10× faster on one thread of a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Case:
     """How the tests build and call one family: its tiny pipeline and text length (long enough
     that the prompts differ after the family's template; image_flow/tiny.py's PIPELINES), the

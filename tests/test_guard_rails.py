@@ -14,8 +14,6 @@ import g2rpo
 import toy_flow
 from test_g2rpo import LinearVelocity, quadratic_reward, small_config
 
-torch.set_num_threads(2)
-
 
 # ----------------------------------------------------------------------------------------------
 # The KL term: closed form against torch.distributions, and its gradient.

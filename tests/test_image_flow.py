@@ -29,7 +29,6 @@ from image_flow.prompts import PromptEncoder
 from image_flow.tiny import make_tiny_flux
 from image_flow.velocity import Velocity
 
-torch.set_num_threads(2)
 H = W = 32  # tiny VAE with the real 8× downsampling: 32×32 images, 2×2 = 4 packed tokens
 ROOT = Path(__file__).resolve().parents[1]  # the repository: `python -m image_flow` runs there
 # The environment of a trainer started in a subprocess (any working directory).
@@ -973,7 +972,7 @@ def test_paths_are_checked_before_any_model_loads(tiny_flux, tmp_path, capsys, m
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     assert "holds no prompts" in parse_error(base + ["--eval-prompts", str(empty)], capsys)
-    assert f"--resume: checkpoint '{latin1}' is a single file, as flux_flow.py wrote before" in (
+    assert f"--resume: checkpoint '{latin1}' is a single file, as versions of this trainer wrote" in (
         parse_error(base + ["--resume", str(latin1)], capsys))
     assert "exclude each other" in parse_error(
         base + ["--resume", str(tmp_path), "--overwrite"], capsys)
@@ -1296,7 +1295,7 @@ def test_a_kill_between_the_two_renames_of_a_save_is_recovered(tiny_flux, tmp_pa
     ("no_meta", "lacks g2rpo.json: not a g2rpo checkpoint"),
     ("bad_metadata", ".metadata cannot be read"),
     ("no_fields", "g2rpo.json lacks fingerprint"),
-    ("legacy", "is a single file, as flux_flow.py wrote before checkpoints became"),
+    ("legacy", "is a single file, as versions of this trainer wrote before checkpoints became"),
     ("missing", "does not exist"),
 ])
 def test_unreadable_checkpoints_are_named(tiny_flux, tmp_path, damage, message):

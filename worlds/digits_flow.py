@@ -33,7 +33,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -823,7 +822,7 @@ def describe(m, before=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    studies.set_threads()
     command = "python -m worlds.digits_flow " + " ".join(sys.argv[1:] if argv is None else argv)
     start = time.time()
     base = load_or_pretrain(args.cache_dir, args.pretrain_steps, retrain=args.retrain)

@@ -102,6 +102,13 @@ def flow_matching(model, sample, steps, batch, lr, generator, progress=True, des
     return model.eval()
 
 
+def set_threads():
+    """torch's threads for a command line: OMP_NUM_THREADS when it is set (the tests set 1),
+    else as many as the machine has, up to 2."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(int(threads) if threads else max(1, min(2, os.cpu_count() or 1)))
+
+
 def velocity_fn(model):
     """The g2rpo velocity interface for a small adapter's model: (x (N, D), σ (N,), classes
     (N,)) → v (N, D)."""
@@ -164,8 +171,7 @@ def credited_noise_share(model, step, sde_steps, classes, score, outer=16, inner
         v = model(x, sigmas[i].expand(len(x)), c)
         if i in sde_steps:
             noise = credited if i == step else torch.randn(x.shape, generator=g)
-            _, _, mean, std = g2rpo.sde_step(x, v, sigmas[i], sigmas[i + 1], eta, prev_sample=x)
-            x = mean + std * noise
+            x = g2rpo.sde_step(x, v, sigmas[i], sigmas[i + 1], eta, noise=noise)[0]
         else:
             x = g2rpo.ode_step(x, v, sigmas[i], sigmas[i + 1])
     r = score(x, c).view(C, A, B)
@@ -197,7 +203,8 @@ def granularity_disagreement(model, score, num_classes, granularities=(1, 2, 3),
     members = c.repeat_interleave(group_size).repeat(K * L)
     r = score(out["samples"].reshape(-1, model.dim), members).view(K, L, prompts, group_size)
     adv = g2rpo.group_advantages(r)  # (K, L, P, G)
-    summed = g2rpo.multi_granularity_advantages(r.transpose(1, 2), adv_clip)  # (K, P, G)
+    summed = g2rpo.multi_granularity_advantages(r.transpose(1, 2), adv_clip,
+                                                num_granularities=L)  # (K, P, G)
     big = adv[:, 0].abs() > not_small
     flips = {lam: (adv[:, 0] * adv[:, j]) < 0 for j, lam in enumerate(granularities) if j > 0}
     return {"disagree": {lam: f.float().mean().item() for lam, f in flips.items()},
