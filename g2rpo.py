@@ -23,7 +23,8 @@ Conventions (rectified flow, as FLUX / SD3 / diffusers)
     The paper's time t is `sigma` here, and its noise scale σ_t (Eq. 2) is `sigma_t`:
     σ_t = η·sqrt(σ / (1 − σ)), with 1 − σ_next in the denominator at σ = 1.
     The paper counts steps down (t = T … 1) and branches at M = {16, …, 9}; the code counts grid
-    indices up (step k goes σ_k → σ_{k+1}): k_paper = T − k, so branch_steps (0, …, 7) is M.
+    indices up (step k goes σ_k → σ_{k+1}): k_paper = T − k, so at T = 16 branch_steps (0, …, 7)
+    is M.
     log π is the Gaussian log-density AVERAGED over the D elements of a sample (float32).
     Group advantages use the unbiased (n − 1) std plus 1e-8; equal rewards give exactly 0.
 
