@@ -48,9 +48,9 @@ def latent_shape(pipe, height, width):
 
 
 def sigma_grid(pipe, num_steps, height, width, schedule="static", shift=3.0):
-    """(T+1,) σ grid: "static" is the official recipe (g2rpo.sigma_schedule), "pipeline" is the grid the
-    family's pipeline itself uses at this size (a copy of its scheduler, asked as its __call__
-    asks it)."""
+    """(T+1,) σ grid: "static" is the official recipe (g2rpo.sigma_schedule), "pipeline" is the
+    grid the family's pipeline itself uses at this size (a copy of its scheduler, asked as its
+    __call__ asks it)."""
     if schedule == "static":
         return g2rpo.sigma_schedule(num_steps, shift)
     if schedule != "pipeline":

@@ -378,7 +378,6 @@ def test_the_layout_page_names_every_python_file_and_nothing_else():
     assert "image_flow/families/seam.py" in named and "benchmarks/rollout.py" in named
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Every pointer resolves: to the paper's own numbers, to files and tests that are here.
 

@@ -972,8 +972,8 @@ def test_paths_are_checked_before_any_model_loads(tiny_flux, tmp_path, capsys, m
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     assert "holds no prompts" in parse_error(base + ["--eval-prompts", str(empty)], capsys)
-    assert f"--resume: checkpoint '{latin1}' is a single file, as versions of this trainer wrote" in (
-        parse_error(base + ["--resume", str(latin1)], capsys))
+    assert (f"--resume: checkpoint '{latin1}' is a single file, as versions of this trainer "
+            "wrote") in parse_error(base + ["--resume", str(latin1)], capsys)
     assert "exclude each other" in parse_error(
         base + ["--resume", str(tmp_path), "--overwrite"], capsys)
 

@@ -3,7 +3,7 @@
 The tests execute them with the toy's figures and table sent to a temporary folder: the
 committed notebooks and docs/ stay untouched. They take minutes, so when they are among the
 selected tests they start as soon as the tests are collected, in a process of their own beside
-the other tests (one torch thread: the other tests use the second core), and their tests wait
+the other tests (on one torch thread, as every test process: conftest.py), and their tests wait
 for it. To regenerate the committed outputs (and docs/nb_*.png, docs/nb_table.md) on purpose:
 
     python tests/test_notebook.py --regenerate
@@ -60,8 +60,7 @@ def start_beside_the_other_tests(config, items):
     folder = Path(tempfile.mkdtemp(prefix="g2rpo-notebooks-"))
     log = open(folder / "log.txt", "w")
     proc = subprocess.Popen([sys.executable, __file__, "--execute-into", str(folder),
-                             *map(str, notebooks)], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             *map(str, notebooks)], stdout=log, stderr=subprocess.STDOUT)
 
     def stop():
         if proc.poll() is None:
