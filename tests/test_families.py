@@ -6,9 +6,6 @@ LoRA and full fine-tune runs, exports that diffusers loads, resume, torchrun.
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,8 +15,8 @@ from image_flow.tiny import (PIPELINES, make_tiny_flux, make_tiny_flux2_klein,
                              make_tiny_qwen_image, make_tiny_z_image)
 from image_flow.prompts import PromptEncoder
 from image_flow.velocity import Velocity
-from test_image_flow import (ROOT, SUBPROCESS_ENV, H, W, assert_resume_is_bit_exact, checkpoint,
-                             parse_error, train_args)
+from test_image_flow import (H, W, assert_resume_is_bit_exact, checkpoint, parse_error,
+                             train_args, two_processes)
 
 
 class Case:
@@ -548,24 +545,18 @@ def test_resume_with_another_guidance_or_negative_prompt_is_refused(tiny, tiny_c
         assert message in capsys.readouterr().err
 
 
-# Every family under torchrun with DDP and LoRA (~12 s each on 2 cores); FSDP2's full fine-tune
-# for Qwen-Image, whose last block's text-stream weights never get a gradient, the case DDP
-# must be told about.
-TORCHRUN = [(key, "4") for key in sorted(EVERY)] + [("qwen-image", "0")]
+# Every family on two processes with DDP and LoRA (two_processes: torchrun's launcher, forked);
+# FSDP2's full fine-tune for Qwen-Image, whose last block's text-stream weights never get a
+# gradient, the case DDP must be told about.
+TWO_PROCESSES = [(key, "4") for key in sorted(EVERY)] + [("qwen-image", "0")]
 
 
-@pytest.mark.parametrize("key, lora_rank", TORCHRUN, ids=[
-    f"{k}-{'ddp-lora' if r == '4' else 'fsdp2-full'}" for k, r in TORCHRUN])
-def test_torchrun_two_processes_keep_ranks_identical(key, lora_rank, tiny_clip, tmp_path):
+@pytest.mark.parametrize("key, lora_rank", TWO_PROCESSES, ids=[
+    f"{k}-{'ddp-lora' if r == '4' else 'fsdp2-full'}" for k, r in TWO_PROCESSES])
+def test_two_processes_keep_ranks_identical(key, lora_rank, tiny_clip, tmp_path):
     folder, out = EVERY[key].make(tmp_path / key), tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29600 + int(lora_rank) + os.getpid() % 1000),
-           "-m", "image_flow",
-           *family_args(folder, tiny_clip, out, key, "--iterations", "2", "--lora-rank",
-                        lora_rank)]
-    env = {**os.environ, **SUBPROCESS_ENV}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    two_processes(family_args(folder, tiny_clip, out, key, "--iterations", "2", "--lora-rank",
+                              lora_rank), tmp_path)
     sums = json.loads((out / "rank_checksums.json").read_text())
     assert len(sums) == 2 and sums[0] == sums[1]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

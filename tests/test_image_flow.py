@@ -9,6 +9,7 @@ save_pretrained into a temporary folder and loaded back through the trainer's re
 import importlib.util
 import json
 import math
+import multiprocessing.forkserver
 import os
 import re
 import signal
@@ -480,13 +481,9 @@ def test_fsdp2_reference_is_sharded_and_the_policy_stays_sharded_after_an_evalua
         tiny_flux, tmp_path):
     script = tmp_path / "sharded_reference.py"
     script.write_text(SHARDED_REFERENCE.format(root=str(ROOT), flux=tiny_flux))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29700 + os.getpid() % 1000), str(script)]
-    env = {**os.environ, **SUBPROCESS_ENV}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count("reference ok on rank") == 2
-    assert r.stdout.count("sharded after a forward on rank") == 2
+    stdout = two_processes(str(script), tmp_path, timeout=300)
+    assert stdout.count("reference ok on rank") == 2
+    assert stdout.count("sharded after a forward on rank") == 2
 
 
 def test_ema_run_evaluates_and_exports_the_averages(tiny_flux, tiny_clip, tmp_path, capsys):
@@ -646,25 +643,30 @@ def test_torchrun_two_processes_keep_ranks_identical(tiny_flux, tiny_clip, tmp_p
     # LoRA: DDP. Full fine-tune: FSDP2 with fp32 shards and bf16 autocast compute (CPU here).
     # With the guard rails on: LoRA's reference is the adapter switched off (outside DDP), full
     # fine-tune's a bf16 copy sharded like the policy; the EMA is sharded like the weights.
+    # The LoRA case runs the real command line (torchrun's own process); the other, as every
+    # other two-process test, through its launcher forked from here (two_processes).
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29500 + int(lora_rank) + os.getpid() % 1000),
-           "-m", "image_flow",
-           *train_args(tiny_flux, tiny_clip, out, "--iterations", "2", "--lora-rank", lora_rank,
-                       "--dtype", dtype, "--kl-beta", "0.1", "--ema-decay", "0.9")]
-    env = {**os.environ, **SUBPROCESS_ENV}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    args = train_args(tiny_flux, tiny_clip, out, "--iterations", "2", "--lora-rank", lora_rank,
+                      "--dtype", dtype, "--kl-beta", "0.1", "--ema-decay", "0.9")
+    if lora_rank == "4":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(29500 + os.getpid() % 1000), "-m", "image_flow", *args]
+        env = {**os.environ, **SUBPROCESS_ENV}
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        stdout = r.stdout
+    else:
+        stdout = two_processes(args, tmp_path)
     sums = json.loads((out / "rank_checksums.json").read_text())
     assert len(sums) == 2 and sums[0] == sums[1]
-    assert "2 process(es)" in r.stdout
+    assert "2 process(es)" in stdout
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [0, 1]
     assert all(type(m["iteration"]) is int for m in metrics)  # not averaged into a float
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
     assert all(math.isfinite(m["kl_ref"]) for m in metrics) and metrics[1]["kl_ref"] > 0
     if lora_rank == "0":
-        assert "a frozen copy of the pretrained transformer (torch.bfloat16, sharded)" in r.stdout
+        assert "a frozen copy of the pretrained transformer (torch.bfloat16, sharded)" in stdout
     whole = checkpoint(out / "checkpoint")
     saved, ema = whole["model"], whole["ema"]
     assert ema.keys() == saved.keys() and all(v.dtype == torch.float32 for v in ema.values())
@@ -695,8 +697,8 @@ def test_evaluation_export_and_checkpoints_never_change_training(tiny_flux, tiny
     # trained weights and every logged metric equal those of a run that does none of it.
     def run(name, *extra):
         out = tmp_path / name
-        torchrun(train_args(tiny_flux, tiny_clip, out, "--iterations", "2", "--lora-rank",
-                            lora_rank, *extra), 10 + int(lora_rank) + len(extra), tmp_path)
+        two_processes(train_args(tiny_flux, tiny_clip, out, "--iterations", "2", "--lora-rank",
+                                 lora_rank, *extra), tmp_path)
         return training_record(out)
 
     weights, rows = run("plain")
@@ -714,14 +716,70 @@ def test_evaluation_export_and_checkpoints_never_change_training(tiny_flux, tiny
         assert [e["iteration"] for e in evals] == [0, 1, 2]
 
 
-def torchrun(args, port_offset, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29600 + port_offset + os.getpid() % 1000),
-           "-m", "image_flow", *args]
-    env = {**os.environ, **SUBPROCESS_ENV}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
+# What the processes of two_processes start with imported: the trainer, the models of every
+# family, the rewards' and LoRA's libraries.
+PRELOADED = ["test_image_flow", "image_flow.trainer", "image_flow.plan", "diffusers.models",
+             "diffusers.pipelines.flux.pipeline_flux", "peft", "transformers.models.clip",
+             "torch.distributed.fsdp"]
+
+
+def two_processes(target, cwd, timeout=600):
+    """Both ranks' stdout of `torchrun --nproc_per_node 2 -m image_flow TARGET` (TARGET: the
+    arguments), or of a script (TARGET: its path): torch's elastic launcher, which torchrun runs,
+    gives each rank its torchrun environment, but the two processes are forked from this one and
+    start with the imports done (about 9 s less per process on 2 cores). A failed rank raises
+    with both ranks' output; test_torchrun_two_processes_keep_ranks_identical runs the real
+    command line."""
+    import uuid
+
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logs = Path(cwd) / f"ranks-{uuid.uuid4().hex[:8]}"
+    logs.mkdir()
+    # Forked by a server process that imported the trainer and ran nothing: a fork of this
+    # process, which has run torch's thread pools, would inherit them broken.
+    multiprocessing.forkserver.set_forkserver_preload(PRELOADED)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=logs.name,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.05, start_method="forkserver")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                                   signal.SIGQUIT)}
+    try:  # the launcher installs its own signal handlers in the calling process
+        elastic_launch(config, _rank_main)(target, str(cwd), str(logs), timeout)
+    except Exception as e:
+        raise AssertionError(f"{e}\n" + "\n".join(
+            f"--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(logs.iterdir()))) from None
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return "".join((logs / f"stdout.{rank}").read_text() for rank in (0, 1))
+
+
+def _rank_main(target, cwd, logs, timeout):
+    """One rank of two_processes: its output to logs/{stdout,stderr}.RANK, then `python -m
+    image_flow TARGET` or the script TARGET; killed by SIGALRM after `timeout` seconds."""
+    import runpy
+
+    signal.alarm(timeout)
+    os.chdir(cwd)
+    os.environ.update(SUBPROCESS_ENV)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        f = os.open(os.path.join(logs, f"{name}.{os.environ['RANK']}"),
+                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(f, fd)
+        os.close(f)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    try:
+        if isinstance(target, (list, tuple)):
+            sys.argv = ["image_flow", *target]
+            runpy.run_module("image_flow", run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = [target]
+            runpy.run_path(target, run_name="__main__")
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 def assert_loaded_exactly(flux, path, lora_rank):
@@ -758,16 +816,14 @@ def test_elastic_resume_one_to_two_and_two_to_one_processes(tiny_flux, tiny_clip
     trainer.main(args + ["--iterations", "1"])  # 1 process
     ckpt = out / "checkpoint"
     # 1 → 2: the weights arrive whole on both ranks (their checksums equal the checkpoint's).
-    stdout = torchrun(args + ["--iterations", "1", "--resume", str(ckpt)], int(lora_rank),
-                      tmp_path)
+    stdout = two_processes(args + ["--iterations", "1", "--resume", str(ckpt)], tmp_path)
     assert "checkpoint is at iteration 1 of 1: nothing to train" in stdout
     params = checkpoint(ckpt)["model"].values()
     expected = torch.stack([p.double().sum() for p in params]).sum().item()
     sums = json.loads((out / "rank_checksums.json").read_text())
     assert sums == pytest.approx([expected] * 2, rel=1e-12, abs=1e-12)
     # ... and training goes on under 2 processes, saying the sampling noise is new.
-    stdout = torchrun(args + ["--iterations", "2", "--resume", str(ckpt)], int(lora_rank) + 1,
-                      tmp_path)
+    stdout = two_processes(args + ["--iterations", "2", "--resume", str(ckpt)], tmp_path)
     assert stdout.count("elastic resume: checkpoint written by 1 process(es), this run has 2; "
                         "weights and optimizer state continue exactly, sampling noise does "
                         "not") == 1
