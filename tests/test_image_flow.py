@@ -12,6 +12,7 @@ import math
 import multiprocessing.forkserver
 import os
 import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -758,8 +759,6 @@ def two_processes(target, cwd, timeout=600):
 def _rank_main(target, cwd, logs, timeout):
     """One rank of two_processes: its output to logs/{stdout,stderr}.RANK, then `python -m
     image_flow TARGET` or the script TARGET; killed by SIGALRM after `timeout` seconds."""
-    import runpy
-
     signal.alarm(timeout)
     os.chdir(cwd)
     os.environ.update(SUBPROCESS_ENV)
@@ -946,12 +945,17 @@ def test_a_finished_run_says_there_is_nothing_to_train_and_a_refused_resume_is_o
     assert history == []
     assert "checkpoint is at iteration 2 of 2: nothing to train" in capsys.readouterr().out
     assert files(tmp_path / "checkpoint") == before  # nothing rewritten
-    env = {**os.environ, **SUBPROCESS_ENV}
-    r = subprocess.run([sys.executable, "-m", "image_flow", *args, "--eta", "0.5",
-                        "--resume", str(tmp_path / "checkpoint")], capture_output=True,
-                       text=True, timeout=300, env=env, cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert r.stderr.strip().splitlines()[-1].startswith(
+    # `python -m image_flow ...`, run in this process: the exit status and all it prints.
+    argv = sys.argv
+    sys.argv = ["image_flow", *args, "--eta", "0.5", "--resume", str(tmp_path / "checkpoint")]
+    try:
+        with pytest.raises(SystemExit) as exit:
+            runpy.run_module("image_flow", run_name="__main__", alter_sys=True)
+    finally:
+        sys.argv = argv
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(
         f"python -m image_flow: error: --resume: checkpoint '{tmp_path / 'checkpoint'}' was made for "
         f"another model or config; it differs in: eta")
 
