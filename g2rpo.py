@@ -1022,6 +1022,16 @@ def check_config(cfg):
             check()
         except ValueError as e:
             raise ConfigError(field, str(e)) from None
+    if "granularities" not in UNUSED_FIELDS[cfg.method]:
+        repeated = repeated_granularity(cfg.num_steps, cfg.branch_steps, cfg.granularities)
+        if repeated is not None:
+            k, lam, mu, path = repeated
+            keep = distinct_granularities(cfg.num_steps, cfg.branch_steps, cfg.granularities)
+            raise ConfigError("granularities", (
+                f"granularities {lam} and {mu} finish branch step {k} on the same grid points "
+                f"{path} at T = {cfg.num_steps}: one completion counted twice doubles its "
+                f"advantage. Those that differ at every branch step "
+                f"({', '.join(map(str, cfg.branch_steps))}): {', '.join(map(str, keep))}"))
     if not ETA_SANE[0] <= cfg.eta <= ETA_SANE[1]:
         warnings.warn(f"eta = {cfg.eta} is outside {ETA_SANE}: with a tiny eta the log-ratios "
                       f"explode (kl ~1e13 at 1e-8), with a large one the gradient vanishes",
@@ -1036,6 +1046,30 @@ def check_granularities(granularities):
             raise ValueError(f"every granularity must be an integer >= 1, got {g!r}")
     if len(set(granularities)) != len(granularities):
         raise ValueError(f"granularities must be distinct, got {tuple(granularities)!r}")
+
+
+def repeated_granularity(num_steps, branch_steps, granularities):
+    """(k, λ, μ, grid points): the first branch step k at which granularities λ < μ complete on
+    the same grid points (near the end of the grid every stride gives the same few steps), or
+    None when every granularity's completion differs from every other's at every branch step."""
+    for k in branch_steps:
+        seen = {}
+        for lam in sorted(granularities):
+            path = granularity_schedule(num_steps, k, lam)
+            if tuple(path) in seen:
+                return k, seen[tuple(path)], lam, path
+            seen[tuple(path)] = lam
+    return None
+
+
+def distinct_granularities(num_steps, branch_steps, granularities):
+    """The granularities, in order, without those that repeat an earlier one's completion at
+    some branch step: at T = 4 with branch steps 0, 1, (1, 2, 3) → (1,)."""
+    kept = []
+    for lam in granularities:
+        if repeated_granularity(num_steps, branch_steps, (*kept, lam)) is None:
+            kept.append(lam)
+    return tuple(kept)
 
 
 def check_branch_steps(branch_steps, num_steps):

@@ -277,7 +277,7 @@ def test_batched_sampling_equals_the_reference_per_prompt(P, ks):
     assert out["x"].shape == (len(ks), P, 1, 3)
 
 
-@pytest.mark.parametrize("P,ks,G", [(3, (0, 2, 5, 6), 5), (2, (4, 1), 3)])
+@pytest.mark.parametrize("P,ks,G", [(3, (0, 2, 3, 1), 5), (2, (3, 1), 3)])
 def test_batched_rollout_advantages_equal_the_reference_per_prompt(P, ks, G):
     model = LinearVelocity()
     cfg = small_config(branch_steps=ks, group_size=G, granularities=(1, 2, 3),
@@ -356,7 +356,7 @@ def test_model_evaluations_match_the_formula():
 
 
 def small_config(**kw):
-    base = dict(num_steps=8, shift=1.0, branch_steps=(0, 1, 3, 5), group_size=4,
+    base = dict(num_steps=8, shift=1.0, branch_steps=(0, 1, 3, 4), group_size=4,
                 granularities=(1, 2), clip_range=0.05, lr=1e-2, prompts_per_iteration=3,
                 num_iterations=1, batch_size=64)
     return g2rpo.Config(**{**base, **kw})
@@ -384,7 +384,7 @@ def test_ratio_is_one_before_the_first_step_and_the_step_changes_parameters(meth
 @pytest.mark.parametrize("method", ["g2rpo", "full_sde"])
 def test_unsorted_branch_steps_pair_each_state_with_its_own_sigma(method):
     model = LinearVelocity()
-    cfg = small_config(method=method, branch_steps=(5, 0, 3), step_per_branch=False)
+    cfg = small_config(method=method, branch_steps=(4, 0, 3), step_per_branch=False)
     sigmas = g2rpo.sigma_schedule(cfg.num_steps, cfg.shift)
     out, _ = g2rpo.rollout(model, quadratic_reward, [1, 2], torch.tensor([1, 2]), cfg, sigmas,
                            (3,), torch.Generator().manual_seed(15))
@@ -537,12 +537,35 @@ def test_mixgrpo_rollout_equals_a_per_member_loop_with_ode_steps_outside_the_win
         torch.testing.assert_close(out["adv"][j], expected)
 
 
+def test_granularities_that_repeat_a_completion_are_refused():
+    # At T = 4 from branch step 1 every stride finishes on grid points 2, 3, 4: the same
+    # completion counted twice would double its advantage in the sum (Eq. 11).
+    assert g2rpo.granularity_schedule(4, 1, 1) == g2rpo.granularity_schedule(4, 1, 2) == [2, 3, 4]
+    with pytest.raises(g2rpo.ConfigError, match=re.escape(
+            "granularities 1 and 2 finish branch step 1 on the same grid points [2, 3, 4] at T = "
+            "4: one completion counted twice doubles its advantage. Those that differ at every "
+            "branch step (0, 1): 1")) as e:
+        g2rpo.Config(num_steps=4, branch_steps=(0, 1), granularities=(1, 2))
+    assert e.value.field == "granularities"
+    assert g2rpo.repeated_granularity(4, (0,), (1, 2, 3)) == (0, 2, 3, [1, 2, 4])
+    assert g2rpo.distinct_granularities(4, (0,), (1, 2, 3)) == (1, 2)
+    assert g2rpo.distinct_granularities(8, range(4), (1, 2, 3)) == (1, 2, 3)
+    assert g2rpo.distinct_granularities(16, range(8), (1, 4, 8)) == (1, 4, 8)
+    for T in range(2, 33):  # the defaults of every T, branch steps the first half
+        ks = tuple(range(max(1, T // 2)))
+        if T > 2:
+            assert g2rpo.repeated_granularity(T, ks, g2rpo.distinct_granularities(
+                T, ks, (1, 2, 3))) is None
+    g2rpo.Config()  # the paper's: T = 16, branch steps 0..7, Λ = {1, 2, 3}
+
+
 def test_fields_a_method_does_not_use_are_not_checked_against_the_grid():
     # MixGRPO's window replaces the branch steps: the default 0..7 need not fit T = 8.
     cfg = g2rpo.Config(method="mixgrpo", num_steps=8)
     assert cfg.branch_steps == (0, 1, 2, 3, 4, 5, 6, 7)
     g2rpo.Config(method="full_sde", granularities=(2, 2))  # full-SDE finishes no branches
-    g2rpo.Config(num_steps=4, branch_steps=(0, 1), window_size=5)  # no window but MixGRPO's
+    g2rpo.Config(num_steps=4, branch_steps=(0, 1), granularities=(1,),
+                 window_size=5)  # no window but MixGRPO's
     with pytest.raises(g2rpo.ConfigError, match="branch step 7 is outside 0..6") as e:
         g2rpo.Config(method="full_sde", num_steps=8)
     assert e.value.field == "branch_steps"

@@ -13,6 +13,8 @@ loaded (in bf16, before FSDP2 shards it) and before any optimizer state exists.
 """
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -90,6 +92,10 @@ def write_configs(folder, name):
     with torch.device("meta"):
         getattr(diffusers, arch.transformer)(**arch.config).save_config(folder / "transformer")
         getattr(diffusers, vae_cls)(**vae_kwargs).save_config(folder / "vae")
+    # FLUX.1-dev's scheduler for all (the plan's figures do not depend on it): the base recipe.
+    diffusers.FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096,
+        base_shift=0.5, max_shift=1.15).save_config(folder / "scheduler")
     for component, (cls, config_cls, kwargs) in encoders.items():
         index[component] = ["transformers", cls]
         getattr(transformers, config_cls)(**kwargs).save_pretrained(folder / component)
@@ -112,25 +118,30 @@ def main(argv=None):
             folder = write_configs(Path(tmp) / name, name)
             row = [name]
             for extra, world in ((["--lora-rank", "64"], 1), (["--lora-rank", "0"], 8)):
-                a = flags.parse_args(["--model", folder, "--rewards", "hps", "--hps-model",
-                                      "ViT-H-14", "--output-dir", str(Path(tmp) / "run"),
-                                      "--plan", str(world), *extra])
+                with contextlib.redirect_stdout(io.StringIO()):  # the recipe's line
+                    a = flags.parse_args(["--model", folder, "--rewards", "hps", "--hps-model",
+                                          "ViT-H-14", "--output-dir", str(Path(tmp) / "run"),
+                                          "--plan", str(world), *extra])
                 rows = {what: b for what, b, _ in plan.plan(a, world)}
                 if world == 1:
                     row += [rows["transformer, frozen"], sum(
                         b for what, b in rows.items() if "while encoding" in what)]
+                    per_prompt = rows["prompt embeddings (host)"] / a.batch_size
                 row += [rows["on the device, training"], rows["on the device, set-up"]]
-            table.append(row)
+            table.append(row + [per_prompt])
     print(f"torch {torch.__version__}; per process, bf16 compute, HPS-v2.1 reward, activations "
           f"not included; set-up: while the text encoders are loaded")
     print(f"{'checkpoint':<18}{'transformer':>12}{'text enc.':>11}"
-          f"{'LoRA 1 GPU':>12}{'set-up':>9}{'full, 8 GPUs':>14}{'set-up':>9}")
-    for name, transformer, encoders, lora, lora_setup, full, full_setup in table:
+          f"{'LoRA 1 GPU':>12}{'set-up':>9}{'full, 8 GPUs':>14}{'set-up':>9}"
+          f"{'prompt MB':>11}{'25k prompts':>13}")
+    for name, transformer, encoders, lora, lora_setup, full, full_setup, prompt in table:
         print(f"{name:<18}" + "".join(f"{v / 1e9:>{w}.1f}" for v, w in (
             (transformer, 12), (encoders, 11), (lora, 12), (lora_setup, 9), (full, 14),
-            (full_setup, 9))))
+            (full_setup, 9))) + f"{prompt / 1e6:>11.2f}{25_000 * prompt / 1e9:>13.0f}")
     print("(GB; transformer: its bf16 weights; LoRA: rank 64 on the family's targets; full: "
-          "FSDP2, float32 weights, gradients and AdamW moments sharded over 8)")
+          "FSDP2, float32 weights, gradients and AdamW moments sharded over 8; prompt: one "
+          "prompt's rows in the prompt cache at the default text length, at most for the "
+          "families whose rows keep each prompt's own length (Qwen-Image, Z-Image))")
     return table
 
 

@@ -5,6 +5,7 @@ match). A family's own flags (its guidance options) and help come from its modul
 
 import argparse
 import math
+import os
 import sys
 
 import g2rpo
@@ -127,6 +128,8 @@ def parse_args(argv=None):
         check_args(args)
     except (ValueError, OSError, ImportError) as e:
         p.error(str(e))
+    if os.environ.get("RANK", "0") == "0":  # before any weights load (and with --plan)
+        print(args.recipe_line, flush=True)
     return args
 
 
@@ -185,8 +188,9 @@ def _algorithm_flags(a, d):
            f"(default: the first half of the T steps, 0..T/2 − 1: {csv(d.branch_steps)} for "
            f"T = {d.num_steps}, 0,1 for T = 4)")
     a("--granularities", type=int_list, default=None,
-      help=f"comma-separated λ, ODE strides that finish a branch (g2rpo) "
-           f"(default: {csv(d.granularities)})")
+      help=f"comma-separated λ, ODE strides that finish a branch (g2rpo) (default: "
+           f"{csv(d.granularities)}, less those whose completion repeats another's at some "
+           f"branch step: 1 at T = 4)")
     a("--window-size", type=int, default=None,
       help=f"mixgrpo: steps in the SDE window (default: {d.window_size})")
     a("--window-stride", type=int, default=None,
@@ -265,9 +269,10 @@ def _run_flags(a, d, families):
       help="checkpoint, metrics.jsonl, eval images (default: runs/<family>: " + ", ".join(
           f"runs/{f.slug}" for f in families) + ")")
     a("--prompt-cache", default=None,
-      help="folder of the encoded prompts, shared by runs (a safetensors file per prompt, named "
-           "by the text encoders' files, family, text length, dtype and prompt) (default: "
-           "$G2RPO_PROMPT_CACHE, else ~/.cache/g2rpo/prompt-embeddings)")
+      help="folder of the encoded prompts, shared by runs and accounts: a folder per text "
+           "encoders' content, family, text length, dtype and library versions, a verified "
+           "safetensors file per prompt; `python -m image_flow.prompts` lists and prunes it "
+           "(default: $G2RPO_PROMPT_CACHE, else ~/.cache/g2rpo/prompt-embeddings)")
     a("--overwrite", action="store_true",
       help="replace the run already in --output-dir (its files are deleted)")
     a("--save-every", type=int, default=50, help="checkpoint every N iterations (and at the end)")
@@ -307,11 +312,12 @@ def check_args(args):
         reward_models.resolve_file(args.hps_checkpoint, "--hps-checkpoint")
     read_prompts(args.prompts)
     read_prompts(args.eval_prompts, BUILTIN_EVAL_PROMPTS)
-    _check_checkpoint(args)  # fills in the family's and the recipe's defaults
+    family, shell = _check_checkpoint(args)  # fills in the family's and the recipe's defaults
     try:
         make_config(args)
     except g2rpo.ConfigError as e:
         raise ValueError(f"{flag_of(e.field)}: {e}") from None
+    args.recipe_line = recipe_line(args, family, shell)
     if args.resume is not None:
         _check_resume(args)
     runs.check_writable_dir(args.output_dir)
@@ -325,8 +331,8 @@ def _check_values(args):
     for field in METHOD_FIELDS:
         if field in g2rpo.UNUSED_FIELDS[args.method] and getattr(args, field) is not None:
             raise ValueError(f"{flag_of(field)} is not used by --method {args.method}")
-        if getattr(args, field) is None and field != "branch_steps":  # the recipe's (T/2)
-            setattr(args, field, getattr(d, field))
+        if getattr(args, field) is None and field not in ("branch_steps", "granularities"):
+            setattr(args, field, getattr(d, field))  # those two: the recipe's (apply_recipe)
     if args.lora_rank < 0:
         raise ValueError(f"--lora-rank must be >= 0, got {args.lora_rank}")
     if args.lora_targets is not None and args.lora_rank == 0:
@@ -372,13 +378,15 @@ def _check_checkpoint(args):
     its transformer has."""
     family = check_pipeline_class(args.model)
     shell = pipeline_on_meta(args.model)
-    apply_family(args, family, model_index(args.model), shell.transformer.config)
+    apply_family(args, family, model_index(args.model), shell.transformer.config,
+                 shell.scheduler.config)
     try:  # the family's own limits (SD3: its position table), with the VAE's real factor
         family.check_image_size(shell, args.height, args.width)
     except ValueError as e:
         raise ValueError(f"--{e}") from None
     if args.lora_rank > 0:
         check_lora_targets(shell.transformer, args.lora_targets)
+    return family, shell
 
 
 def _check_resume(args):
@@ -399,7 +407,7 @@ def guidance_options(args):
     return {k: getattr(args, k) for k in guidance_flags() if getattr(args, k, None) is not None}
 
 
-def apply_family(args, family, index, transformer_config):
+def apply_family(args, family, index, transformer_config, scheduler_config):
     """Check the flags whose meaning depends on the family and fill in their defaults (the
     recipe's: apply_recipe). index: the checkpoint's model_index.json (the pipeline's config)."""
     family.guidance.check(dict(index), dict(transformer_config), args.guidance)
@@ -410,9 +418,10 @@ def apply_family(args, family, index, transformer_config):
         if option not in family.guidance.options:
             raise ValueError(f"{flag_of(option)} is not an option of {family.name}'s guidance")
     args.family = family.name
-    apply_recipe(args, family, dict(index), dict(transformer_config))
+    apply_recipe(args, family, dict(index), dict(transformer_config), dict(scheduler_config))
     if args.max_sequence_length is None:
-        args.max_sequence_length = family.max_sequence_length
+        args.max_sequence_length = (family.distilled_max_sequence_length if args.recipe ==
+                                    "distilled" else None) or family.max_sequence_length
     if args.lora_targets is None:
         args.lora_targets = family.lora_targets
     if args.gradient_checkpointing is None:
@@ -421,16 +430,18 @@ def apply_family(args, family, index, transformer_config):
         args.output_dir = f"runs/{family.slug}"
 
 
-def apply_recipe(args, family, index, transformer_config):
+def apply_recipe(args, family, index, transformer_config, scheduler_config):
     """--recipe: the defaults of steps, grid, branch steps, guidance and evaluation steps for a
     base checkpoint (the paper's recipe) or a step-distilled one (its own few steps on its
     pipeline's grid, guidance off). args.recipe becomes the one taken and args.recipe_reason
     says why, for the console."""
-    declared, where = family.distilled(index, transformer_config)
+    declared, where = family.distilled(index, transformer_config, scheduler_config)
     if args.recipe == "auto":
         args.recipe = "distilled" if declared else "base"
+        example = (f", as {family.distilled_example} is" if family.distilled_example else "")
         args.recipe_reason = where + ("" if declared is not None else
-                                      "; assumed a base model (--recipe distilled if it is not)")
+                                      f"; assumed a base model: give --recipe distilled if it is "
+                                      f"step-distilled{example}")
     else:
         args.recipe_reason = "--recipe " + args.recipe
     distilled = args.recipe == "distilled"
@@ -440,10 +451,41 @@ def apply_recipe(args, family, index, transformer_config):
         args.schedule = "pipeline" if distilled else "static"
     if args.branch_steps is None:
         args.branch_steps = default_branch_steps(args.steps)
+    args.dropped_granularities = ()
+    if args.granularities is None and "granularities" not in g2rpo.UNUSED_FIELDS[args.method]:
+        # The paper's Λ, less those that repeat another's completion at these steps (at T = 4,
+        # 2 and 3 finish like 1): g2rpo.Config refuses repeated granularities.
+        paper = g2rpo.Config.granularities
+        args.granularities = g2rpo.distinct_granularities(args.steps, args.branch_steps, paper)
+        args.dropped_granularities = tuple(g for g in paper if g not in args.granularities)
+    elif args.granularities is None:
+        args.granularities = g2rpo.Config.granularities
     if args.guidance is None:
         args.guidance = family.guidance.off if distilled else family.guidance.default_for(index)
     if args.eval_steps is None:
         args.eval_steps = args.steps if distilled else family.inference_steps
+
+
+def recipe_line(args, family, shell):
+    """The console's words for the recipe, before any weights load: which one and why, T and its
+    σ grid, branch steps, granularities, guidance, text length and evaluation steps."""
+    from .trainer import sigma_grid
+
+    sigmas = sigma_grid(shell, args.steps, args.height, args.width, args.schedule, args.shift)
+    grid = f"static (shift {args.shift:g})" if args.schedule == "static" else "pipeline's"
+    method = ("branch steps " + csv(args.branch_steps) if args.method != "mixgrpo" else
+              f"MixGRPO's window of {args.window_size}")
+    if "granularities" not in g2rpo.UNUSED_FIELDS[args.method]:
+        dropped = args.dropped_granularities
+        method += f", granularities {csv(args.granularities)}" + (
+            f" ({csv(dropped)} would repeat {'its' if len(args.granularities) == 1 else 'their'} "
+            f"completions at T = {args.steps})" if dropped else "")
+    guidance = family.guidance.describe(args.guidance, shell.transformer.config,
+                                        **guidance_options(args))
+    return (f"recipe {args.recipe} ({args.recipe_reason}): T = {args.steps} on the {grid} σ grid "
+            f"{[round(s, 3) for s in sigmas.tolist()]}, {method}; {guidance}; text "
+            f"{args.max_sequence_length} tokens; evaluation: {args.eval_steps} steps on the "
+            f"pipeline's grid")
 
 
 def default_branch_steps(num_steps):

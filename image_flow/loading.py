@@ -48,14 +48,21 @@ def checkpoint_file(path, name):
         return f if f.is_file() else None
     if path.count("/") != 1:
         return None
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import errors, hf_hub_download, try_to_load_from_cache
 
     cached = try_to_load_from_cache(path, name)
     if isinstance(cached, str):
         return Path(cached)
     try:
         return Path(hf_hub_download(path, name))
-    except Exception:  # offline, no network, no such repository or file: the caller says which
+    except errors.GatedRepoError:  # before RepositoryNotFoundError, its parent
+        raise OSError(f"--model: {path!r} is gated on the Hub: accept its conditions at "
+                      f"https://huggingface.co/{path}, then log in (`hf auth login`) or set "
+                      f"HF_TOKEN") from None
+    except errors.RepositoryNotFoundError:
+        raise OSError(f"--model: the Hub has no repository {path!r} that this account can see "
+                      f"(a typo, or a private one: log in with `hf auth login`)") from None
+    except Exception:  # offline, no network, no such file: the caller says which
         return None
 
 
@@ -69,9 +76,14 @@ def required_file(path, name):
                  f"{path!r} is neither a folder nor a Hub id (org/name)")
         raise OSError(f"--model: {where}; a diffusers checkpoint in save_pretrained's layout is "
                       f"needed")
-    raise OSError(f"--model: {name} of {path!r} is neither in the Hugging Face cache nor on the "
-                  f"Hub (offline, or no such checkpoint); fetch it first with `hf download "
-                  f"{path}`")
+    import huggingface_hub
+
+    if huggingface_hub.is_offline_mode():
+        raise OSError(f"--model: {name} of {path!r} is not in the Hugging Face cache and "
+                      f"HF_HUB_OFFLINE is set; fetch it first with `hf download {path}`")
+    raise OSError(f"--model: {name} of {path!r} is neither in the Hugging Face cache nor in the "
+                  f"Hub repository (or the Hub cannot be reached); fetch the checkpoint with "
+                  f"`hf download {path}`")
 
 
 def model_index(path):
@@ -90,19 +102,35 @@ def check_pipeline_class(path):
 
 def load_pipeline(path, device="cpu", dtype=torch.float32):
     """The family's pipeline class .from_pretrained(path), every model in it frozen and in eval
-    mode (the trainer never switches modes: sampling == training)."""
+    mode (the trainer never switches modes: sampling == training).
+
+    Each model component is read straight onto `device` (from_pretrained's device_map), one
+    after another: a process never holds the whole pipeline in host memory on its way to a GPU,
+    so neither do the ranks of one node together. The tokenizers and the scheduler come with
+    the pipeline's own from_pretrained."""
+    import importlib
+
     import diffusers
 
     family = check_pipeline_class(path)
     cls, what = getattr(diffusers, family.pipeline), family.pipeline
+    models = {}
     try:
         with warnings.catch_warnings():  # newer diffusers renames torch_dtype to dtype
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = cls.from_pretrained(path, torch_dtype=dtype)
+            for name, spec in model_index(path).items():
+                if not (isinstance(spec, list) and len(spec) == 2 and spec[1]
+                        and spec[0] in ("diffusers", "transformers")):
+                    continue
+                model = getattr(importlib.import_module(spec[0]), spec[1])
+                if issubclass(model, torch.nn.Module):
+                    kw = {"torch_dtype" if spec[0] == "diffusers" else "dtype": dtype}
+                    models[name] = model.from_pretrained(path, subfolder=name, **kw,
+                                                         device_map={"": torch.device(device)})
+            pipe = cls.from_pretrained(path, torch_dtype=dtype, **models)
     except (OSError, ValueError) as e:
         raise OSError(f"could not load {what} from {path!r}: {e}. Pass a local folder "
                       f"(save_pretrained layout) or a Hub id that is already downloaded.") from e
-    pipe.to(device)
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
             m.requires_grad_(False).eval()
@@ -153,8 +181,8 @@ def check_lora_targets(transformer, targets):
 
 def pipeline_on_meta(path):
     """The checkpoint's pipeline class around its transformer and VAE built from their configs
-    on the meta device (no weights; the text encoders left out): sizes, ids and LoRA targets
-    can be checked before loading."""
+    on the meta device and its scheduler (no weights; the text encoders left out): sizes, ids,
+    LoRA targets and σ grids can be checked before loading."""
     index = model_index(path)
     import diffusers
 
@@ -163,4 +191,6 @@ def pipeline_on_meta(path):
         for name in ("transformer", "vae"):  # model_index: {"vae": ["diffusers", "<class>"]}
             config = json.loads(required_file(path, f"{name}/config.json").read_text())
             models[name] = getattr(diffusers, index[name][1]).from_config(config)
+    config = json.loads(required_file(path, "scheduler/scheduler_config.json").read_text())
+    models["scheduler"] = getattr(diffusers, index["scheduler"][1]).from_config(config)
     return weightless_pipeline(index["_class_name"], **models)

@@ -8,7 +8,8 @@ its parameters counted: the transformer (frozen in the compute dtype; trained we
 with their gradients and AdamW's two moments, the EMA's copy, a full fine-tune's KL reference;
 under FSDP2 what is sharded is divided by the number of processes), the VAE, the text encoders
 while prompts are encoded (freed before training), the reward models, and the prompt embeddings
-(on disk; a process holds one batch's). Activations are not counted: they depend on the image
+(a process holds one batch's; the cache on disk holds every prompt's, its total shown against
+the disk's free space). Activations are not counted: they depend on the image
 size, the batch and --gradient-checkpointing, and are what the rest of the GPU is for.
 """
 
@@ -17,8 +18,9 @@ import logging
 
 import torch
 
-from .loading import (check_lora_targets, checkpoint_file, matches, model_index,
-                      pipeline_on_meta)
+from .families import family_for
+from .loading import (BUILTIN_EVAL_PROMPTS, check_lora_targets, checkpoint_file, matches,
+                      model_index, pipeline_on_meta, read_prompts)
 
 
 def count(n, units=(("B", 1e9), ("M", 1e6), ("k", 1e3))):
@@ -124,7 +126,8 @@ def plan(args, world=1, dtype_bytes=2):
         rows.append(("KL reference", total * dtype_bytes / shard,
                      "a frozen copy in the compute dtype" + (", sharded" if shard > 1 else "")))
     rows.append(("VAE", n_params(shell.vae) * dtype_bytes, "the compute dtype"))
-    for name, enc in text_encoders_on_meta(args.model).items():
+    encoders = text_encoders_on_meta(args.model)
+    for name, enc in encoders.items():
         rows.append((f"{name} (while encoding)",
                      None if enc is None else n_params(enc) * dtype_bytes,
                      "config not on this machine" if enc is None else
@@ -136,14 +139,36 @@ def plan(args, world=1, dtype_bytes=2):
         rows.append((f"reward {name}", None if n is None else 4 * n,
                      "config not on this machine" if n is None else
                      f"{count(n)} parameters, float32"))
+    family = family_for(model_index(args.model)["_class_name"])
     text_dim = t.config.get("joint_attention_dim") or t.config.get("cap_feat_dim")
-    per_prompt = args.max_sequence_length * text_dim * dtype_bytes
+    tokens = family.text_tokens(args.max_sequence_length)
+    pooled = t.config.get("pooled_projection_dim") or 0
+    per_prompt = (tokens * text_dim + pooled) * dtype_bytes
+    each = f"{'up to ' if family.own_text_length else ''}{size(per_prompt)} per prompt"
     rows.append(("prompt embeddings (host)", per_prompt * args.batch_size,
-                 f"up to {size(per_prompt)} per prompt ({args.max_sequence_length} × "
-                 f"{text_dim}), a batch at a time; the cache on disk holds every prompt"))
+                 f"{each} ({tokens} × {text_dim}{f' + {pooled} pooled' if pooled else ''}), a "
+                 f"batch at a time"))
+    prompts = len(prompt_set(args))
+    rows.append(("prompt cache (disk)", per_prompt * prompts,
+                 f"{prompts} prompts × {each}, in {args.prompt_cache} "
+                 f"({size(free_space(args.prompt_cache))} free there)"))
+    dtype = {2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
+    models = (t, shell.vae, *[e for e in encoders.values() if e is not None])
+    largest = max(w.numel() for m in models for w in m.parameters()) * dtype_bytes
+    rows.append(("loading (host)", largest,
+                 "each model read straight onto the device, one after another, its tensors "
+                 "memory-mapped from the files: about the largest tensor at a time, not the "
+                 "pipeline"))
+    evals = len(read_prompts(args.eval_prompts, BUILTIN_EVAL_PROMPTS))
+    rows.append(("VAE decode (activations)", decode_bytes(shell, family, args, dtype),
+                 f"peak of one decode of --decode-batch {args.decode_batch} at "
+                 f"{args.height}×{args.width} (measured on the meta device), when scoring and "
+                 f"evaluating; evaluation's {evals} prompts are sampled --batch-size "
+                 f"{args.batch_size} at a time, as training's"))
     # Totals on the device: while training, and while the prompts are encoded (the whole
     # transformer in the compute dtype as loaded, before FSDP2 shards it, and the text encoders).
-    device = {what: b or 0 for what, b, _ in rows if "(host)" not in what}
+    device = {what: b or 0 for what, b, _ in rows if not what.endswith(
+        ("(host)", "(disk)", "(activations)"))}
     encoders = sum(b for what, b in device.items() if "while encoding" in what)
     training = sum(device.values()) - encoders
     fixed = sum(b for what, b in device.items() if what == "VAE" or what.startswith("reward"))
@@ -152,6 +177,82 @@ def plan(args, world=1, dtype_bytes=2):
                  "the transformer as loaded, the VAE, the rewards and the text encoders, "
                  "before the trained weights' state exists"))
     return rows
+
+
+class LiveBytes:
+    """The most bytes of tensors alive at once while a function runs (a TorchDispatchMode):
+    each op's new outputs counted until they are freed, views and in-place results not again.
+    On the meta device nothing is allocated, so a real-size model can be measured anywhere."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        meter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t._base is None and id(t) not in meter.ids:
+                        meter.add(t)
+                return out
+
+        self.mode, self.ids, self.live, self.peak = Mode(), set(), 0, 0
+
+    def add(self, t):
+        import weakref
+
+        n = t.untyped_storage().nbytes()
+        self.ids.add(id(t))
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(t, self.free, id(t), n)
+
+    def free(self, key, n):
+        self.ids.discard(key)
+        self.live -= n
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def decode_bytes(shell, family, args, dtype):
+    """Peak bytes of one VAE decode of --decode-batch images, measured on the meta device."""
+    from .trainer import latent_shape
+
+    torch.nn.Module.to(shell.vae, dtype)  # (diffusers' own .to warns about float32 modules)
+    x = torch.zeros(args.decode_batch, *latent_shape(shell, args.height, args.width),
+                    device="meta")
+    with torch.no_grad(), LiveBytes() as meter:
+        family.decode(shell, x, args.height, args.width)
+    return meter.peak
+
+
+def prompt_set(args):
+    """Every prompt a run encodes: training, evaluation and the negative one if guidance needs
+    it, each once."""
+    from .flags import guidance_options
+
+    family = family_for(model_index(args.model)["_class_name"])
+    negative = ([args.negative_prompt] if family.guidance.needs_uncond(
+        args.guidance, **guidance_options(args)) else [])
+    return dict.fromkeys(read_prompts(args.prompts) + read_prompts(
+        args.eval_prompts, BUILTIN_EVAL_PROMPTS) + negative)
+
+
+def free_space(folder):
+    """Free bytes on the disk that holds `folder` (or would: its nearest existing parent)."""
+    import shutil
+    from pathlib import Path
+
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
 
 
 def print_plan(args, world):

@@ -91,7 +91,7 @@ def tiny_vae(latent_channels, **kw):
 
 def make_tiny_flux(path, guidance_embeds=True, dynamic_shift=True):
     """A tiny FluxPipeline saved in `path` (guidance_embeds: FLUX.1-dev-like; False:
-    schnell-like)."""
+    schnell-like, its scheduler too: unshifted, not dynamic)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -109,7 +109,8 @@ def make_tiny_flux(path, guidance_embeds=True, dynamic_shift=True):
                                  eos_token_id=1)).eval()  # eval(): T5's dropout is on otherwise
     vae = tiny_vae(1, shift_factor=0.0609, scaling_factor=1.5035)
     scheduler = FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=dynamic_shift, shift=1.0 if dynamic_shift else 3.0,
+        use_dynamic_shifting=dynamic_shift and guidance_embeds,
+        shift=1.0 if dynamic_shift or not guidance_embeds else 3.0,
         base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
     FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tokenizer(),
                  text_encoder_2=t5, tokenizer_2=t5_tokenizer(),
@@ -327,7 +328,7 @@ def smoke_command(folder, family):
     """The image trainer's command line for a short run on the tiny `family` in `folder`."""
     folder = Path(folder)
     return ["--model", str(folder / family), "--clip-model", str(folder / "clip"),
-            "--rewards", "clip", "--height", "32", "--width", "32", "--steps", "4",
+            "--rewards", "clip", "--height", "32", "--width", "32", "--steps", "5",
             "--group-size", "3", "--branch-steps", "0,1", "--granularities", "1,2",
             "--max-sequence-length", str(PIPELINES[family][1]), "--iterations", "2",
             "--lora-rank", "4", "--eval-steps", "4", "--output-dir", str(folder / "runs" / family),

@@ -23,13 +23,13 @@ from . import checkpoints, rewards as reward_models, runs
 from .attention import checkpoint_keeping_attention
 from .families import family_of
 from .families.seam import Family
-from .flags import csv, guidance_options, make_config, parse_args, settings
+from .flags import guidance_options, make_config, parse_args, settings
 from .loading import (BUILTIN_EVAL_PROMPTS, check_lora_targets, checkpoint_file, load_pipeline,
                       read_prompts)
 from .parallel import (adapters_disabled, all_reduce_metrics, check_ranks_in_sync,
                        frozen_reference, init_distributed, wrap_distributed)
-from .prompts import (DiskStore, PromptEncoder, encode_up_front, release_text_encoders,
-                      text_encoder_identity)
+from .prompts import (CacheError, DiskStore, PromptEncoder, encode_up_front, library_versions,
+                      release_text_encoders, text_encoder_identity)
 from .velocity import Velocity
 
 
@@ -59,30 +59,42 @@ def sigma_grid(pipe, num_steps, height, width, schedule="static", shift=3.0):
 
 
 @torch.no_grad()
-def decode(pipe, latents, height, width):
+def decode(pipe, latents, height, width, batch=None):
     """Sampler states (B, *D) → images in [0, 1], (B, 3, H, W) float32, as the pipeline decodes
-    them (the family's unpacking and the VAE config's scaling and shift)."""
-    image = family_of(pipe).decode(pipe, latents, height, width)
-    return (image.float() / 2 + 0.5).clamp(0, 1)
+    them (the family's unpacking and the VAE config's scaling and shift), `batch` at a time."""
+    batch = batch or len(latents)
+    images = [family_of(pipe).decode(pipe, latents[i : i + batch], height, width)
+              for i in range(0, len(latents), batch)]
+    return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1)
 
 
 @torch.no_grad()
-def sample(pipe, velocity, encoder, prompts, height, width, sigmas, generator):
-    """Deterministic sampling (η = 0) with g2rpo.ode_step: the pipeline's loop, our steps.
+def sample(pipe, velocity, encoder, prompts, height, width, sigmas, generator, batch=None,
+           decode_batch=None):
+    """Deterministic sampling (η = 0) with g2rpo.ode_step: the pipeline's loop, our steps,
+    `batch` prompts per transformer call (default: all), `decode_batch` images per decode.
 
-    Initial noise is the pipeline's own draw (its prepare_latents) with the caller's generator,
-    so for the same generator the result equals the pipeline's on the same σ grid.
-    Returns (latents (B, *D) float32, images (B, 3, H, W) in [0, 1]).
+    Initial noise is the pipeline's own draw (its prepare_latents) for all the prompts at once
+    with the caller's generator, so for the same generator the result equals the pipeline's on
+    the same σ grid, whatever the batches. Returns (latents (B, *D) float32, images
+    (B, 3, H, W) in [0, 1]).
     """
     check_image_size(pipe, height, width)
-    cond = encoder(list(prompts))
-    rows = cond["cond"] if isinstance(cond, dict) else cond
-    x = family_of(pipe).noise(pipe, len(prompts), height, width, rows[0].dtype, generator).float()
-    sigmas = sigmas.to(x.device)
-    for i in range(len(sigmas) - 1):
-        v = velocity(x, sigmas[i].expand(len(x)), cond)
-        x = g2rpo.ode_step(x, v, sigmas[i], sigmas[i + 1])
-    return x, decode(pipe, x, height, width)
+    prompts, batch = list(prompts), batch or len(prompts)
+    noise, out = None, []
+    for i in range(0, len(prompts), batch):
+        cond = encoder(prompts[i : i + batch])
+        if noise is None:  # drawn in the text rows' dtype, as the pipeline does
+            rows = cond["cond"] if isinstance(cond, dict) else cond
+            noise = family_of(pipe).noise(pipe, len(prompts), height, width, rows[0].dtype,
+                                          generator).float()
+        x, steps = noise[i : i + batch], sigmas.to(noise.device)
+        for k in range(len(steps) - 1):
+            v = velocity(x, steps[k].expand(len(x)), cond)
+            x = g2rpo.ode_step(x, v, steps[k], steps[k + 1])
+        out.append(x)
+    x = torch.cat(out)
+    return x, decode(pipe, x, height, width, decode_batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,16 +174,21 @@ def fingerprint(args, transformer):
 # Evaluation.
 
 
-def evaluate(pipe, velocity, encoder, rewards, prompts, height, width, sigmas, seeds):
-    """ODE samples (η = 0) for each prompt at fixed seeds → (mean reward per reward model,
-    images (seeds, prompts, 3, H, W) on the CPU)."""
+def evaluate(pipe, velocity, encoder, rewards, prompts, height, width, sigmas, seeds, batch=None,
+             decode_batch=None):
+    """ODE samples (η = 0) for each prompt at fixed seeds, `batch` prompts per transformer call
+    and `decode_batch` images per decode and reward call (default: all) → (mean reward per
+    reward model, images (seeds, prompts, 3, H, W) on the CPU)."""
     scores, images = {n: [] for n in rewards}, []
     for seed in seeds:
         g = torch.Generator(pipe.transformer.device).manual_seed(seed)
-        _, img = sample(pipe, velocity, encoder, prompts, height, width, sigmas, g)
+        _, img = sample(pipe, velocity, encoder, prompts, height, width, sigmas, g, batch,
+                        decode_batch)
         images.append(img.cpu())
+        step = decode_batch or len(prompts)
         for n, r in rewards.items():
-            scores[n].append(r(img, prompts).float().cpu())
+            scores[n] += [r(img[i : i + step], prompts[i : i + step]).float().cpu()
+                          for i in range(0, len(prompts), step)]
     return {n: torch.cat(s).mean().item() for n, s in scores.items()}, torch.stack(images)
 
 
@@ -271,12 +288,13 @@ def encode_prompts(r):
     uncond = r.family.guidance.needs_uncond(args.guidance, **guidance_options(args))
     identity = {"text_encoders": text_encoder_identity(
         checkpoint_file(args.model, "model_index.json").parent), "family": r.family.name,
-        "max_sequence_length": args.max_sequence_length, "dtype": str(r.dtype)}
+        "max_sequence_length": args.max_sequence_length, "dtype": str(r.dtype),
+        **library_versions()}
     encoder = PromptEncoder(pipe, args.max_sequence_length,
                             args.negative_prompt if uncond else None,
-                            DiskStore(args.prompt_cache, identity))
+                            DiskStore(args.prompt_cache, identity, checkpoint=args.model))
     n = encode_up_front(encoder, r.prompts + r.eval_prompts, r.rank, r.world, r.is_main)
-    release_text_encoders(pipe)
+    release_text_encoders(pipe)  # every rank has checked every entry it will read
     r.say(f"prompts: {n} encoded, the rest read from {args.prompt_cache}; text encoders freed")
     return encoder
 
@@ -296,21 +314,16 @@ def build_velocities(r):
 
 
 def describe(r):
-    """The run's console lines: family, processes, weights, guidance, σ grid, guard rails."""
+    """The run's console lines: family, processes, weights, guidance, guard rails (the recipe's
+    line was printed when the flags were checked)."""
     args, cfg = r.args, r.cfg
     n_train = sum(p.numel() for p in r.params)
     trained = f"LoRA r={args.lora_rank}" if args.lora_rank else "full fine-tune"
     backend = f" ({dist.get_backend()})" if dist.is_initialized() else ""
-    guidance = r.family.guidance.describe(args.guidance, r.raw.config, **guidance_options(args))
     r.say(f"{r.family.name} ({type(r.pipe).__name__}); {r.world} process(es){backend} on "
           f"{r.device}, {r.dtype}; {trained} ({n_train / 1e6:.2f} M trainable"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}); "
-          f"{len(r.prompts)} prompts; {guidance}")
-    grid = (f"static (shift {args.shift:g})" if args.schedule == "static" else "pipeline's")
-    branch = csv(args.branch_steps) if args.method != "mixgrpo" else "(MixGRPO's window)"
-    r.say(f"recipe {args.recipe} ({args.recipe_reason}): T = {args.steps} on the {grid} σ grid "
-          f"{[round(s, 3) for s in r.sigmas.tolist()]}, branch steps {branch}; evaluation: "
-          f"{args.eval_steps} steps on the pipeline's grid")
+          f"{len(r.prompts)} prompts")
     if cfg.kl_beta:
         r.say(f"KL penalty β = {cfg.kl_beta:g} to the reference: " + (
             "the transformer with its LoRA switched off" if args.lora_rank else
@@ -343,7 +356,7 @@ class Hooks:
         with r.averaged():
             scores, images = evaluate(r.pipe, r.eval_velocity, r.encoder, r.eval_rewards,
                                       r.eval_prompts, args.height, args.width, r.eval_sigmas,
-                                      args.eval_seeds)
+                                      args.eval_seeds, args.batch_size, args.decode_batch)
         scores = runs.by_domain(scores, r.train_names)
         grid = runs.captioned_grid(images, r.eval_prompts, args.eval_seeds,
                                    f"after {iteration} iterations")
@@ -426,10 +439,11 @@ def _run_training(args, rank, world, device, directory):
 
 
 def cli():
-    """The command line: main(), with a refused resume as one line instead of a traceback."""
+    """The command line: main(), with a refused resume or a prompt-cache entry that cannot be
+    replaced as one line instead of a traceback."""
     try:
         main()
-    except checkpoints.CheckpointError as e:
-        if os.environ.get("RANK", "0") == "0":
+    except (checkpoints.CheckpointError, CacheError) as e:
+        if os.environ.get("RANK", "0") == "0" or isinstance(e, CacheError):  # one rank's own
             print(f"python -m image_flow: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 
+import g2rpo
+
 from image_flow import families, flags, loading, trainer
 from image_flow.tiny import (PIPELINES, make_tiny_flux, make_tiny_flux2_klein,
                              make_tiny_qwen_image, make_tiny_z_image)
@@ -371,14 +373,23 @@ def test_the_recipe_follows_what_the_checkpoint_declares(tmp_path, tiny_clip):
     assert recipe(dev) == ("base", 16, "static", 3.5, 28, paper)
     schnell = parsed(make_tiny_flux(tmp_path / "schnell", guidance_embeds=False))
     assert recipe(schnell)[:3] == ("distilled", 4, "pipeline") and schnell.eval_steps == 4
-    assert "guidance_embeds false, as the timestep-distilled FLUX.1-schnell" in \
-        schnell.recipe_reason
-    # Nothing declares it: the base recipe, and the reason says it was assumed.
+    assert schnell.recipe_reason == ("scheduler/scheduler_config.json: use_dynamic_shifting "
+                                     "false, shift 1, as the timestep-distilled FLUX.1-schnell")
+    assert schnell.max_sequence_length == 256  # schnell's text length, not dev's 512
+    assert dev.max_sequence_length == 512
+    # FLUX.1 on a static shifted grid: neither dev's nor schnell's, so nothing is declared.
+    static = parsed(make_tiny_flux(tmp_path / "static", dynamic_shift=False))
+    assert recipe(static) == ("base", 16, "static", 3.5, 28, paper)
+    assert static.recipe_reason.endswith("neither FLUX.1-dev's grid nor FLUX.1-schnell's; "
+                                         "assumed a base model: give --recipe distilled if it "
+                                         "is step-distilled")
+    # Nothing declares it: the base recipe, and the reason says it was assumed and what to give.
     sd3 = make_tiny_sd3(tmp_path / "sd3")
     assert recipe(parsed(sd3)) == ("base", 16, "static", 4.5, 28, paper)
     assert parsed(sd3).recipe_reason == (
         "nothing in a StableDiffusion3Pipeline checkpoint declares whether it is step-distilled; "
-        "assumed a base model (--recipe distilled if it is not)")
+        "assumed a base model: give --recipe distilled if it is step-distilled, as SD3.5 Large "
+        "Turbo is")
     assert recipe(parsed(sd3, "--recipe", "distilled")) == ("distilled", 4, "pipeline", 1.0, 4,
                                                            (0, 1))
     z = make_tiny_z_image(tmp_path / "z")
@@ -389,6 +400,46 @@ def test_the_recipe_follows_what_the_checkpoint_declares(tmp_path, tiny_clip):
     assert recipe(parsed(sd3, "--steps", "8")) == ("base", 8, "static", 4.5, 28, (0, 1, 2, 3))
     assert recipe(parsed(distilled, "--steps", "6", "--eval-steps", "2", "--branch-steps",
                          "1")) == ("distilled", 6, "pipeline", 1.0, 2, (1,))
+
+
+def test_every_recipe_takes_distinct_granularities_and_is_shown_before_any_weights_load(
+        tmp_path, tiny_clip, capsys, monkeypatch):
+    # Each family's base and distilled recipe (T = 16, 8 or 4): the default granularities never
+    # repeat one another's completion (g2rpo.Config refuses that), and at T = 4 the line says
+    # which were dropped and why.
+    for key, case in EVERY.items():
+        folder = case.make(tmp_path / key)
+        for recipe in ("base", "distilled"):
+            args = flags.parse_args(["--model", folder, "--clip-model", tiny_clip, "--recipe",
+                                     recipe, "--output-dir", str(tmp_path / "out"), "--height",
+                                     "32", "--width", "32"])
+            assert g2rpo.repeated_granularity(args.steps, args.branch_steps,
+                                              args.granularities) is None, (key, recipe)
+            out = capsys.readouterr().out
+            assert out.startswith(f"recipe {recipe} (") and (
+                f"granularities {flags.csv(args.granularities)}") in out, out
+            assert f"T = {args.steps} on the" in out and f"text {args.max_sequence_length} " \
+                "tokens; evaluation: " in out
+            if args.steps == 4:
+                assert args.granularities == (1,) and "(2,3 would repeat its completions at " \
+                    "T = 4)" in out, out
+            else:
+                assert args.granularities == (1, 2, 3)
+    # Given granularities that repeat one another are refused, with the ones that would do.
+    assert ("--granularities: granularities 1 and 2 finish branch step 1 on the same grid points "
+            "[2, 3, 4] at T = 4") in parse_error(["--model", folder, "--clip-model", tiny_clip,
+                                                  "--recipe", "distilled", "--steps", "4",
+                                                  "--granularities", "1,2", "--height", "32",
+                                                  "--width", "32"], capsys)
+    # The line is printed when the flags are checked: before any weights load.
+    def not_yet(*a, **k):
+        raise RuntimeError("weights would load here")
+
+    monkeypatch.setattr(trainer, "load_pipeline", not_yet)
+    with pytest.raises(RuntimeError, match="weights would load here"):
+        trainer.main(["--model", folder, "--clip-model", tiny_clip, "--output-dir",
+                      str(tmp_path / "run"), "--height", "32", "--width", "32"])
+    assert "recipe base (" in capsys.readouterr().out
 
 
 def test_flux1_edges_guidance_before_the_transformer_config_and_schnells_log(
@@ -407,19 +458,29 @@ def test_flux1_edges_guidance_before_the_transformer_config_and_schnells_log(
     argv = ["--model", "org/flux", "--clip-model", tiny_clip, "--guidance", "3.5"]
     err = parse_error(argv, capsys)
     assert "no guidance embedding" not in err
-    assert ("transformer/config.json of 'org/flux' is neither in the Hugging Face cache nor on "
-            "the Hub") in err
-    # One default output directory, whatever the checkpoint's name: runs/<family>.
+    assert ("transformer/config.json of 'org/flux' is not in the Hugging Face cache and "
+            "HF_HUB_OFFLINE is set") in err
+    # One default output directory, whatever the checkpoint's name: runs/<family>; for a Hub id
+    # whose configs are not in the cache yet too (fetched, a few KB, before anything loads).
     monkeypatch.chdir(tmp_path)
     assert flags.parse_args(["--model", dev, "--clip-model", tiny_clip]).output_dir == "runs/flux"
+    fetched = []
+    with monkeypatch.context() as online:
+        online.setattr("huggingface_hub.hf_hub_download",
+                       lambda repo, name, **k: fetched.append(name) or f"{dev}/{name}")
+        assert flags.parse_args(["--model", "org/not-cached", "--clip-model", tiny_clip,
+                                 "--plan"]).output_dir == "runs/flux"
+    assert "model_index.json" in fetched and "transformer/config.json" in fetched
     # A checkpoint without a guidance embedding (FLUX.1-schnell) is not logged with one.
     schnell = make_tiny_flux(tmp_path / "schnell", guidance_embeds=False)
+    capsys.readouterr()
     trainer.main(train_args(schnell, tiny_clip, tmp_path / "run", "--iterations", "1",
                             "--lora-rank", "4"))
     out = capsys.readouterr().out
     assert "no guidance embedding (1 transformer row per sample)" in out
     assert "guidance 3.5" not in out
-    assert "recipe distilled (transformer/config.json: guidance_embeds false" in out
+    assert ("recipe distilled (scheduler/scheduler_config.json: use_dynamic_shifting false, "
+            "shift 1, as the timestep-distilled FLUX.1-schnell)") in out
 
 
 def test_gradient_checkpointing_defaults_per_family_and_can_be_turned_off(tmp_path, tiny_clip):
@@ -625,7 +686,8 @@ def test_the_memory_plan_of_released_checkpoints_counts_their_text_encoders(caps
     from benchmarks import memory_plan
 
     (row,) = memory_plan.main(["--checkpoints", "SD3.5-Medium"])
-    name, transformer, encoders, lora, lora_setup, full, full_setup = row
+    name, transformer, encoders, lora, lora_setup, full, full_setup, prompt = row
+    assert prompt == ((77 + 256) * 4096 + 2048) * 2  # CLIP's 77 and T5's 256 tokens, pooled
     assert encoders / 2 == pytest.approx(0.123e9 + 0.695e9 + 4.76e9, rel=0.01)
     assert transformer / 2 == pytest.approx(2.24e9, rel=0.01)  # the FLOPs table's count
     assert lora < lora_setup and full < full_setup  # the text encoders are freed

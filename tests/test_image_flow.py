@@ -39,7 +39,7 @@ SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": s
 
 def train_args(flux, clip, out, *extra):
     return ["--model", flux, "--clip-model", clip, "--rewards", "clip", "--height", str(H),
-            "--width", str(W), "--steps", "4", "--group-size", "3", "--branch-steps", "0,1",
+            "--width", str(W), "--steps", "5", "--group-size", "3", "--branch-steps", "0,1",
             "--granularities", "1,2", "--max-sequence-length", "16", "--clip-range", "0.05",
             "--output-dir", str(out), "--batch-size", "64", "--lr", "1e-3",
             "--eval-steps", "4", *extra]
@@ -66,6 +66,26 @@ def test_eta_zero_sampler_equals_flux_pipeline(tmp_path, guidance_embeds, dynami
     torch.testing.assert_close(latents, ref_latents)
     torch.testing.assert_close(images, ref_images)
     assert latents.abs().max() > 0 and images.std() > 0  # not a trivial match
+
+
+def test_evaluation_in_batches_equals_one_call(tiny_flux):
+    # More evaluation prompts than the batch (5 prompts, 2 per transformer call, 3 per decode
+    # and reward call): the same noise, latents, images and scores as all of them at once.
+    pipe = loading.load_pipeline(tiny_flux)
+    prompts = ["a red fox", "a lighthouse", "a bowl of ramen", "a corgi", "a crane"]
+    sigmas = trainer.sigma_grid(pipe, 4, H, W, schedule="pipeline")
+    velocity = Velocity.from_pipe(pipe.transformer, pipe, H, W, guidance=3.5)
+    encoder = PromptEncoder(pipe, 16)
+    calls = []
+    rewards = {"bright": lambda img, p: (calls.append(len(p)), img.mean((1, 2, 3)))[1]}
+    whole = trainer.evaluate(pipe, velocity, encoder, rewards, prompts, H, W, sigmas, (0, 1))
+    assert calls == [5, 5]
+    calls.clear()
+    batched = trainer.evaluate(pipe, velocity, encoder, rewards, prompts, H, W, sigmas, (0, 1),
+                               batch=2, decode_batch=3)
+    assert calls == [3, 2, 3, 2]
+    torch.testing.assert_close(batched[1], whole[1], rtol=1e-5, atol=1e-6)
+    assert batched[0]["bright"] == pytest.approx(whole[0]["bright"], rel=1e-6)
 
 
 def test_static_schedule_is_the_official_grid(tiny_flux):
@@ -99,9 +119,14 @@ def test_the_prompt_cache_on_disk_is_read_back_bit_exact_and_keyed(tiny_flux, tm
     assert encode_up_front(enc, ["a cat", "a dog", "a cat"], progress=False) == 3  # + negative
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 3
     assert not list((tmp_path / "cache").rglob("*.tmp"))  # written whole, then renamed
-    # Another process (a resumed run) reads them back without its text encoders.
+    # Another process (a resumed run) reads them back without its text encoders, which are
+    # gone from memory, not only from the pipeline.
+    import weakref
+
+    alive = [weakref.ref(pipe.text_encoder), weakref.ref(pipe.text_encoder_2)]
     release_text_encoders(pipe)
     assert pipe.text_encoder is None and pipe.text_encoder_2 is None
+    assert [ref() for ref in alive] == [None, None]
     again = PromptEncoder(pipe, 16, negative_prompt="blurry", store=DiskStore(
         tmp_path / "cache", {"model": "tiny", "max_sequence_length": 16}))
     assert encode_up_front(again, ["a cat", "a dog"], progress=False) == 0
@@ -113,6 +138,151 @@ def test_the_prompt_cache_on_disk_is_read_back_bit_exact_and_keyed(tiny_flux, tm
                                                    {"model": "tiny", "max_sequence_length": 8}))
     with pytest.raises(RuntimeError, match="'a cat' was not encoded before training"):
         other(["a cat"])
+
+
+def damage(path, how, other=None):
+    """Damage a cache entry as disks and people do."""
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "zeroed":  # the last 200 bytes of tensor data
+        path.write_bytes(data[:-200] + bytes(200))
+    elif how == "swapped":  # another prompt's entry under this one's name
+        path.write_bytes(other.read_bytes())
+    elif how == "unreplaceable":  # neither readable nor removable: a folder in its place
+        path.unlink()
+        path.mkdir()
+        (path / "x").write_text("x")
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "zeroed", "swapped", "unreplaceable"])
+def test_a_damaged_prompt_cache_entry_is_encoded_again_or_refused_at_set_up(tiny_flux, tmp_path,
+                                                                            how):
+    from image_flow.prompts import CacheError, DiskStore, encode_up_front
+
+    pipe = loading.load_pipeline(tiny_flux)
+    fresh = PromptEncoder(pipe, 16)(["a cat", "a dog"])
+    store = DiskStore(tmp_path / "cache", {"model": "tiny"})
+    enc = PromptEncoder(pipe, 16, store=store)
+    assert encode_up_front(enc, ["a cat", "a dog"], progress=False) == 2
+    damage(store.path("a cat"), how, other=store.path("a dog"))
+    said = []
+    if how == "unreplaceable":  # a set-up error naming the file, the prompt and the remedy
+        with pytest.raises(CacheError, match=re.escape(
+                f"entry {str(store.path('a cat'))!r} for 'a cat' cannot be read") + ".*and cannot "
+                "be replaced .*delete it or fix its permissions, or give another --prompt-cache"):
+            encode_up_front(enc, ["a cat", "a dog"], progress=False, log=said.append)
+        return
+    reason = {"truncated": "cannot be read", "empty": "cannot be read",
+              "zeroed": "does not match its SHA-256", "swapped": "holds the prompt 'a dog'"}[how]
+    assert reason in store.problem("a cat")
+    with pytest.raises(CacheError, match=reason):  # read directly: refused, never wrong rows
+        store["a cat"]
+    assert encode_up_front(enc, ["a cat", "a dog"], progress=False, log=said.append) == 1
+    assert len(said) == 1 and "'a cat'" in said[0] and reason in said[0]
+    assert "removed and encoded again" in said[0]
+    rows = enc(["a cat", "a dog"])
+    for a, b in zip(rows, fresh):
+        assert torch.equal(a, b)
+
+
+def test_prompt_cache_entries_are_synced_take_the_umask_and_are_keyed_by_content(
+        tiny_flux, tmp_path, monkeypatch):
+    import shutil
+
+    import diffusers
+
+    from image_flow.prompts import DiskStore, encode_up_front, library_versions, \
+        text_encoder_identity
+
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd)))
+    pipe = loading.load_pipeline(tiny_flux)
+
+    def store_for(folder):
+        return DiskStore(tmp_path / "cache", {"text_encoders": text_encoder_identity(folder),
+                                              **library_versions()})
+
+    umask = os.umask(0o022)
+    try:
+        enc = PromptEncoder(pipe, 16, store=store_for(tiny_flux))
+        assert encode_up_front(enc, ["a cat"], progress=False) == 1
+    finally:
+        os.umask(umask)
+    entry = enc.store.path("a cat")
+    assert entry.stat().st_mode & 0o777 == 0o644  # readable by the other accounts sharing it
+    assert len(synced) >= 2  # the file before its rename, and its folder after
+    # The same checkpoint copied elsewhere finds the same entries; a library upgrade does not.
+    moved = shutil.copytree(tiny_flux, tmp_path / "elsewhere" / "flux")
+    assert store_for(moved).folder == enc.store.folder
+    assert encode_up_front(PromptEncoder(pipe, 16, store=store_for(moved)), ["a cat"],
+                           progress=False) == 0
+    monkeypatch.setattr(diffusers, "__version__", "99.0.0")
+    upgraded = store_for(moved)
+    assert upgraded.folder != enc.store.folder and "a cat" not in upgraded
+    # Another text encoder (its weights differ, same names and sizes) is another folder.
+    weights = next((Path(moved) / "text_encoder_2").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert store_for(moved).folder != upgraded.folder
+
+
+def test_the_prompt_cache_is_listed_pruned_and_checked_for_room(tiny_flux, tmp_path, capsys,
+                                                                monkeypatch):
+    import shutil as sh
+
+    from image_flow import prompts
+
+    pipe = loading.load_pipeline(tiny_flux)
+    old = prompts.DiskStore(tmp_path / "cache", {"model": "old"}, checkpoint="/models/old")
+    new = prompts.DiskStore(tmp_path / "cache", {"model": "new"}, checkpoint="/models/new")
+    for store in (old, new):
+        prompts.encode_up_front(PromptEncoder(pipe, 16, store=store), ["a cat", "a dog"],
+                                progress=False)
+    month = time.time() - 31 * 86400
+    os.utime(old.folder / prompts.IDENTITY, (month, month))
+    prompts.main(["--prompt-cache", str(tmp_path / "cache")])
+    out = capsys.readouterr().out
+    assert out.count("2 prompts") == 2 and "/models/old" in out and "last used 31.0 days" in out
+    prompts.main(["--prompt-cache", str(tmp_path / "cache"), "--prune", "30"])
+    assert "(pruned)" in capsys.readouterr().out
+    assert not old.folder.exists() and "a cat" in new
+    # Too little room for the prompts to encode: refused before encoding them, with the figures.
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9, 1000))
+    store = prompts.DiskStore(tmp_path / "cache", {"model": "third"})
+    with pytest.raises(OSError, match=r"3 of 3 prompts to encode need about .* GB more .* and the "
+                                      r"disk has 0.00 GB free; free some \(python -m "
+                                      r"image_flow.prompts --prune DAYS\)"):
+        prompts.encode_up_front(PromptEncoder(pipe, 16, store=store), ["a", "b", "c"],
+                                progress=False)
+
+
+def test_ranks_that_do_not_share_a_cache_folder_each_encode_what_they_lack(tiny_flux, tiny_clip,
+                                                                          tmp_path):
+    # Two processes, each with its own cache folder (node-local caches): after the split each
+    # lacks the other's half, encodes it before the text encoders go, and training runs.
+    script = tmp_path / "own_cache.py"
+    args = train_args(tiny_flux, tiny_clip, tmp_path / "run", "--iterations", "1",
+                      "--lora-rank", "4")
+    script.write_text(f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+os.environ["G2RPO_PROMPT_CACHE"] = os.path.join({str(tmp_path)!r}, "cache" + os.environ["RANK"])
+from image_flow import trainer
+sys.argv = ["image_flow", *{args!r}]
+trainer.cli()
+""")
+    stdout = two_processes(str(script), tmp_path)
+    assert "rank 0: 10 of the 20 prompts were not in this process's view" in stdout
+    assert "rank 1: 10 of the 20 prompts were not in this process's view" in stdout
+    for rank in (0, 1):
+        assert len(list((tmp_path / f"cache{rank}").rglob("*.safetensors"))) == 20
+    sums = json.loads((tmp_path / "run" / "rank_checksums.json").read_text())
+    assert len(sums) == 2 and sums[0] == sums[1]
 
 
 def test_prompts_are_encoded_up_front_and_freeing_the_text_encoders_changes_no_weight(
@@ -183,6 +353,20 @@ def test_the_memory_plan_is_what_training_holds(tiny_flux, tiny_clip, tmp_path, 
         assert planned[f"{name} (while encoding)"] == held(module.parameters())
     assert planned["reward clip"] == held(r.rewards["clip"].model.parameters())
     assert prompts.text_encoders(r.pipe) == {}
+    # One prompt's rows as the cache holds them; the cache's total for the 20 prompts.
+    row = r.encoder.store.read_checked(r.prompts[0])
+    assert planned["prompt embeddings (host)"] == held(row) * r.args.batch_size
+    assert planned["prompt cache (disk)"] == held(row) * 20  # 16 prompts, 4 held out
+    # The VAE decode's peak, measured on the meta device, is what a real decode's tensors reach.
+    x = torch.randn(r.args.decode_batch, *trainer.latent_shape(r.pipe, H, W))
+    with torch.no_grad(), planning.LiveBytes() as real:
+        r.family.decode(r.pipe, x, H, W)
+    assert planned["VAE decode (activations)"] == real.peak > 0
+    # Loading holds about one tensor at a time on the host: the largest of the models'.
+    largest = max(w.numel() * w.element_size() for m in (r.pipe.transformer, r.pipe.vae,
+                                                        *encoders.values())
+                  for w in m.parameters())
+    assert planned["loading (host)"] == largest
 
 
 def test_clip_reward_is_clip_models_cosine(tiny_clip):
@@ -314,7 +498,7 @@ def test_baseline_method_on_the_pipeline_schedule_with_one_step_per_iteration(ti
         tiny_flux, tiny_clip, tmp_path, "--iterations", "1", "--lora-rank", "4", "--method",
         "full_sde", "--schedule", "pipeline", "--step-per-iteration"), "--granularities"))
     m = history[0]
-    assert m["nfe"] == g2rpo.count_model_evals(4, (0, 1), (1, 2), 3, "full_sde")
+    assert m["nfe"] == g2rpo.count_model_evals(5, (0, 1), (1, 2), 3, "full_sde")
     assert m["ratio_dev_first"] < 1e-5 and m["approx_kl"] < 1e-10  # one step: plain PG
     assert torch.isfinite(torch.tensor(m["loss"]))
 
@@ -322,8 +506,8 @@ def test_baseline_method_on_the_pipeline_schedule_with_one_step_per_iteration(ti
 def test_mixgrpo_trains_the_steps_of_its_sliding_window(tiny_flux, tiny_clip, tmp_path):
     argv = without(train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "3", "--lora-rank",
                               "4", "--method", "mixgrpo", "--window-size", "1", "--window-every",
-                              "1", "--report-to", "tensorboard"), "--branch-steps",
-                   "--granularities")
+                              "1", "--report-to", "tensorboard", "--steps", "4"),
+                   "--branch-steps", "--granularities")
     history, _ = trainer.main(argv)
     # T = 4: a 1-step window lies within steps 0..1; it moves every iteration, then rolls back.
     assert [m["window"] for m in history] == [[0], [1], [0]]
@@ -991,7 +1175,7 @@ def parse_error(argv, capsys):
     (["--guidance", "nan"], "--guidance must be finite, got nan"),
     (["--eta", "inf"], "--eta: eta must be finite, got inf"),
     (["--shift", "-3"], "--shift: shift must be > 0, got -3"),
-    (["--branch-steps", "0,15"], "--branch-steps: branch step 15 is outside 0..2"),
+    (["--branch-steps", "0,15"], "--branch-steps: branch step 15 is outside 0..3"),
     (["--rewards", "clip,aesthetic"], "unknown reward 'aesthetic'"),
     (["--attention-backends", "flash,cudnn2"], "unknown attention backend 'cudnn2'"),
     (["--resume", "nope"], "--resume: checkpoint 'nope' does not exist"),
@@ -1050,7 +1234,9 @@ def test_help_shows_the_defaults(capsys):
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: 0.7)" in out and "(default: runs/<family>: runs/flux," in out and "(default: 50)" in out
     # Each default once, in the form the flag takes.
-    assert "0,1,2,3,4,5,6,7 for T = 16, 0,1 for T = 4)" in out and "(default: 1,2,3)" in out
+    assert "0,1,2,3,4,5,6,7 for T = 16, 0,1 for T = 4)" in out
+    assert "(default: 1,2,3, less those whose completion repeats another's at some branch step: " \
+        "1 at T = 4)" in out
     assert "(default: None)" not in out and "(default: False)" not in out
     options = out.split(" options: ")[1]
     for flag in ("--prompts", "--lora-alpha", "--lr", "--dtype", "--step-per-iteration"):
@@ -1119,9 +1305,30 @@ def test_model_loading_errors_name_what_is_missing_and_rewards_load_first(
     assert "is neither a folder nor a Hub id (org/name)" in parse_error(
         base + ["--model", str(tmp_path / "no_flux_here")], capsys)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert ("model_index.json of 'no-such/checkpoint' is neither in the Hugging Face cache nor on "
-            "the Hub (offline, or no such checkpoint); fetch it first with `hf download "
-            "no-such/checkpoint`") in parse_error(base + ["--model", "no-such/checkpoint"], capsys)
+    assert ("model_index.json of 'no-such/checkpoint' is not in the Hugging Face cache and "
+            "HF_HUB_OFFLINE is set; fetch it first with `hf download no-such/checkpoint`") in \
+        parse_error(base + ["--model", "no-such/checkpoint"], capsys)
+    # Online, the Hub's own answers: a gated repository, one that does not exist (or is private).
+    import httpx2
+    from huggingface_hub import errors
+
+    response = httpx2.Response(401, request=httpx2.Request("GET", "https://huggingface.co"))
+
+    def refusing(error):
+        def hf_hub_download(*a, **k):
+            raise error("refused", response=response)
+        return hf_hub_download
+
+    for error, said in ((errors.GatedRepoError, "'org/gated' is gated on the Hub: accept its "
+                         "conditions at https://huggingface.co/org/gated, then log in"),
+                        (errors.RepositoryNotFoundError, "the Hub has no repository 'org/gated' "
+                         "that this account can see"),
+                        (errors.RemoteEntryNotFoundError, "model_index.json of 'org/gated' is "
+                         "neither in the Hugging Face cache nor in the Hub repository")):
+        with monkeypatch.context() as online:
+            online.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+            online.setattr("huggingface_hub.hf_hub_download", refusing(error))
+            assert said in parse_error(base + ["--model", "org/gated"], capsys)
     # A missing HPS checkpoint is a bad flag (exit 2), for an evaluation-only reward too; the
     # default HPS-v2.1 file is not in this machine's cache.
     assert "--hps-checkpoint: no file " + str(tmp_path / "missing.pt") in parse_error(
@@ -1484,6 +1691,19 @@ def test_a_second_ctrl_c_stops_at_once_and_handlers_are_restored():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_loading_benchmark_reports_each_process_against_what_it_loaded(tmp_path):
+    env = {**os.environ, **SUBPROCESS_ENV}
+    r = subprocess.run([sys.executable, "-m", "benchmarks.loading", "--procs", "1", "--layers",
+                        "1,1"], capture_output=True, text=True, timeout=300, env=env,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("    1 ")]
+    assert [row[1] for row in rows] == ["0"]  # one row per process
+    loaded, before, peak, extra, ratio = (float(x) for x in rows[0][2:3] + rows[0][4:8])
+    # Onto the CPU the weights stay memory-mapped until used: loading adds well under one copy.
+    assert loaded > 10 and peak >= before and abs(extra - (peak - before)) <= 1 and extra < loaded
 
 
 def test_checkpoint_memory_benchmark_runs_and_reports_each_process(tmp_path):

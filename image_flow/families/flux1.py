@@ -46,11 +46,20 @@ class Flux1(Family):
                                      "FLUX.1-schnell has none), one transformer row per sample "
                                      "(--true-cfg adds a second)")
 
-    def distilled(self, index, transformer_config):
-        if transformer_config.get("guidance_embeds"):
-            return False, "transformer/config.json: guidance_embeds true, as FLUX.1-dev"
-        return True, ("transformer/config.json: guidance_embeds false, as the timestep-distilled "
-                      "FLUX.1-schnell")
+    distilled_max_sequence_length = 256  # FLUX.1-schnell's reference code and model card
+
+    def distilled(self, index, transformer_config, scheduler_config):
+        """What the scheduler config says: FLUX.1-dev's shifts its grid with the image size
+        (use_dynamic_shifting true); the timestep-distilled FLUX.1-schnell's samples its few steps
+        unshifted (use_dynamic_shifting false, shift 1.0). Anything else declares nothing."""
+        dynamic, shift = scheduler_config.get("use_dynamic_shifting"), scheduler_config.get("shift")
+        where = (f"scheduler/scheduler_config.json: use_dynamic_shifting "
+                 f"{str(dynamic).lower()}, shift {shift:g}")
+        if dynamic:
+            return False, where + ", as FLUX.1-dev"
+        if dynamic is False and shift == 1.0:
+            return True, where + ", as the timestep-distilled FLUX.1-schnell"
+        return None, where + ", neither FLUX.1-dev's grid nor FLUX.1-schnell's"
 
     def encode(self, pipe, prompts, max_sequence_length):
         embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None,

@@ -44,7 +44,7 @@ class Flux2Klein(Family):
                                         "distilled checkpoints take none (default 1 for them)")
     inference_steps = 50  # Flux2KleinPipeline's num_inference_steps (base checkpoints)
 
-    def distilled(self, index, transformer_config):
+    def distilled(self, index, transformer_config, scheduler_config):
         if "is_distilled" not in index:
             return False, "model_index.json has no is_distilled (the pipeline's default: false)"
         return bool(index["is_distilled"]), (f"model_index.json: is_distilled "

@@ -33,6 +33,7 @@ class QwenImage(Family):
                                      "rows per sample; w <= 1 turns it off")
     # QwenImagePipeline's num_inference_steps; Qwen-Image-Lightning's 8 steps when distilled.
     inference_steps, distilled_steps = 50, 8
+    own_text_length = True  # rows keep each prompt's own tokens
     # 20 B parameters: 41 GB of bf16 weights leave an 80 GB GPU too little for 60 blocks of
     # activations at 512² and above, so they are recomputed in backward by default.
     gradient_checkpointing = True

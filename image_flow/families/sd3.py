@@ -15,12 +15,16 @@ from .seam import Family, Guidance
 
 class SD3(Family):
     name, pipeline, slug = "SD3", "StableDiffusion3Pipeline", "sd3"
+    distilled_example = "SD3.5 Large Turbo"
     # Flow-GRPO trains SD3.5-M with CFG 4.5 (and offers a faster no-CFG variant): the default.
     guidance = Guidance(4.5, "classifier-free guidance w: v_u + w·(v_c − v_u) against "
                              "--negative-prompt, two transformer rows per sample; w <= 1 turns "
                              "it off (one row)")
     max_sequence_length = 256  # StableDiffusion3Pipeline's default T5 length
     packed = False
+
+    def text_tokens(self, max_sequence_length):
+        return 77 + max_sequence_length  # CLIP's 77 tokens, then T5's
 
     def encode(self, pipe, prompts, max_sequence_length):
         embeds, _, pooled, _ = pipe.encode_prompt(

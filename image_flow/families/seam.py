@@ -12,6 +12,9 @@ pipelines share; a family overrides only what its pipeline does differently.
     collate                 rows of several prompts → one batch (default: stacked; pad_text for
                             text of unequal lengths)
     max_sequence_length     the pipeline's default text length
+    text_tokens, own_text_length
+                            text tokens in one prompt's rows at a text length (SD3: CLIP's 77
+                            before T5's), and whether rows keep each prompt's own length
     packed, latent_shape    the state the sampler moves: FLUX-style packed 2×2 patches (S, 4·C)
                             (default) or the VAE's own layout (C, H/f, W/f)
     image_multiple, check_image_size
@@ -31,10 +34,12 @@ pipelines share; a family overrides only what its pipeline does differently.
     unused_parameters       True when some trainable weights never get a gradient (DDP must know)
     gradient_checkpointing  whether activations are recomputed by default (the largest models)
     distilled               whether a checkpoint declares itself step-distilled (True / False /
-                            None: it does not say), and where it says so
-    inference_steps, distilled_steps
+                            None: it does not say), and where it says so; distilled_example: a
+                            released distilled checkpoint that declares nothing (for the
+                            console's hint)
+    inference_steps, distilled_steps, distilled_max_sequence_length
                             the pipeline's default number of steps, and a step-distilled
-                            checkpoint's (its model card's)
+                            checkpoint's (its model card's); its text length where it has its own
 
 A Guidance answers:
 
@@ -106,8 +111,15 @@ class Family:
     noise_dtype = None
     inference_steps = 28  # FluxPipeline's and StableDiffusion3Pipeline's num_inference_steps
     distilled_steps = 4  # FLUX.1-schnell's, FLUX.2 [klein] 4B / 9B's, SD3.5 Large Turbo's
+    distilled_max_sequence_length = None  # a step-distilled checkpoint's text length, if its own
+    own_text_length = False  # True: each prompt's rows keep its own length (pad_text)
 
-    def distilled(self, index, transformer_config):
+    def text_tokens(self, max_sequence_length):
+        """Text tokens in one prompt's rows at this text length (at most, own_text_length)."""
+        return max_sequence_length
+    distilled_example = None  # a released step-distilled checkpoint that declares nothing
+
+    def distilled(self, index, transformer_config, scheduler_config):
         """(True / False / None, where the checkpoint says so): whether it is step-distilled.
         index: its model_index.json; None: nothing in its files declares it."""
         return None, (f"nothing in a {self.pipeline} checkpoint declares whether it is "

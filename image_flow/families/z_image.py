@@ -48,6 +48,7 @@ class ExtrapolatedGuidance(Guidance):
 
 class ZImage(Family):
     name, pipeline, slug = "Z-Image", "ZImagePipeline", "z-image"
+    distilled_example = "Z-Image-Turbo"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # single-stream attention
     # ZImagePipeline's default guidance_scale, for the base model; Z-Image-Turbo, which nothing
     # in its files tells apart, samples without guidance (its model card: 0, ~8 steps).
@@ -55,6 +56,7 @@ class ZImage(Family):
                                          "transformer rows per sample; w <= 0 turns it off, w = 1 "
                                          "is the usual scale 2")
     inference_steps, distilled_steps = 50, 8
+    own_text_length = True  # rows keep each prompt's own tokens
     packed = False
     noise_dtype = torch.float32  # ZImagePipeline draws its noise in float32 whatever the model's
 
