@@ -1023,6 +1023,7 @@ def check_config(cfg):
         except ValueError as e:
             raise ConfigError(field, str(e)) from None
     if "granularities" not in UNUSED_FIELDS[cfg.method]:
+        # Differs from the official code, which would add one completion's advantage twice.
         repeated = repeated_granularity(cfg.num_steps, cfg.branch_steps, cfg.granularities)
         if repeated is not None:
             k, lam, mu, path = repeated
