@@ -123,9 +123,8 @@ def load_pipeline(path, device="cpu", dtype=torch.float32):
                         and spec[0] in ("diffusers", "transformers")):
                     continue
                 model = getattr(importlib.import_module(spec[0]), spec[1])
-                if issubclass(model, torch.nn.Module):
-                    kw = {"torch_dtype" if spec[0] == "diffusers" else "dtype": dtype}
-                    models[name] = model.from_pretrained(path, subfolder=name, **kw,
+                if issubclass(model, torch.nn.Module):  # device_map: accelerate, peft's own
+                    models[name] = model.from_pretrained(path, subfolder=name, torch_dtype=dtype,
                                                          device_map={"": torch.device(device)})
             pipe = cls.from_pretrained(path, torch_dtype=dtype, **models)
     except (OSError, ValueError) as e:

@@ -882,8 +882,11 @@ def test_evaluation_export_and_checkpoints_never_change_training(tiny_flux, tiny
     # trained weights and every logged metric equal those of a run that does none of it.
     def run(name, *extra):
         out = tmp_path / name
+        # Batches of 3 (training and evaluation) and decodes of 3: evaluation's 4 prompts take
+        # two transformer calls and two decodes.
         two_processes(train_args(tiny_flux, tiny_clip, out, "--iterations", "2", "--lora-rank",
-                                 lora_rank, *extra), tmp_path)
+                                 lora_rank, "--batch-size", "3", "--decode-batch", "3", *extra),
+                      tmp_path)
         return training_record(out)
 
     weights, rows = run("plain")
@@ -1691,6 +1694,26 @@ def test_a_second_ctrl_c_stops_at_once_and_handlers_are_restored():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loading_model_by_model_gives_what_the_pipelines_own_loading_gives(tiny_flux, dtype):
+    # Each component read onto the device on its own: the same classes, weights and dtypes
+    # (T5's float32 layers included) as FluxPipeline.from_pretrained, frozen and in eval mode.
+    from diffusers import FluxPipeline
+
+    ours = loading.load_pipeline(tiny_flux, dtype=dtype)
+    theirs = FluxPipeline.from_pretrained(tiny_flux, torch_dtype=dtype)
+    assert ours.components.keys() == theirs.components.keys()
+    for name, module in theirs.components.items():
+        assert type(ours.components[name]) is type(module), name
+        if isinstance(module, torch.nn.Module):
+            mine, want = ours.components[name].state_dict(), module.state_dict()
+            assert mine.keys() == want.keys(), name
+            for k, v in want.items():
+                assert mine[k].dtype == v.dtype and torch.equal(mine[k], v), (name, k)
+            assert not ours.components[name].training
+            assert not any(p.requires_grad for p in ours.components[name].parameters())
 
 
 def test_loading_benchmark_reports_each_process_against_what_it_loaded(tmp_path):
