@@ -6,7 +6,7 @@ Official code: github.com/bcmi/Granular-GRPO. Imports torch and the standard lib
 knows no model: the caller brings a velocity function, a reward function and prompts (toy_flow.py,
 worlds/digits_flow.py, image_flow/).
 
-Part 1 (to line ~290) is the algorithm for ONE prompt's group in the paper's order, the reference
+Part 1 (to line ~300) is the algorithm for ONE prompt's group in the paper's order, the reference
 the rest is tested against; each function runs pasted alone with the helpers it names, torch only
 (docs/algorithm.md, "Copy one function"). Then 2 the Config, 3 the batched machinery (a whole
 iteration in few model calls), 4 the trainer, 5 the baselines, 6 the guard rails, 7 input checks.
@@ -26,6 +26,8 @@ Conventions (rectified flow, as FLUX / SD3 / diffusers)
     indices up (step k goes σ_k → σ_{k+1}): k_paper = T − k, so at T = 16 branch_steps (0, …, 7)
     is M.
     log π is the Gaussian log-density AVERAGED over the D elements of a sample (float32).
+    The SDE step is a choice (Config.sde_kind): the paper's (Eqs. 2–3), or Coefficients-Preserving
+    Sampling (arXiv 2509.05952, not in the paper), both Gaussian policies scored by their density.
     Group advantages use the unbiased (n − 1) std plus 1e-8; equal rewards give exactly 0.
 
 Equation map (the paper's numbers; Alg. 1 is its Algorithm 1, "G²RPO Training Process")
@@ -101,33 +103,44 @@ def gaussian_log_prob(x, mean, std):
     return lp.flatten(1).mean(dim=1)  # (N,)
 
 
-def sde_step(x, v, sigma, sigma_next, eta, generator=None, prev_sample=None, noise=None):
+def sde_step(x, v, sigma, sigma_next, eta, generator=None, prev_sample=None, noise=None,
+             kind="flow_grpo"):
     """One Euler–Maruyama step (Eq. 3) of the reverse SDE that keeps the flow's marginals (Eq. 2):
 
         Eq. 2   dx = [v + σ_t²/(2σ)·(x + (1 − σ)·v)] dσ + σ_t dw,   σ_t = η·sqrt(σ / (1 − σ))
         Eq. 3   x' = x + drift·Δ + σ_t·sqrt(−Δ)·ε,  Δ = σ' − σ < 0,  ε ~ N(0, I)
 
     so the policy is the Gaussian π(x' | x) = N(mean, std²), mean = x + drift·Δ, std = σ_t·sqrt(−Δ).
+    kind="cps": Coefficients-Preserving Sampling (arXiv 2509.05952) instead, not the paper's: with
+    x̂0 = x − σ·v and x̂1 = x + (1 − σ)·v, std = σ'·sin(η·π/2), mean = (1 − σ')·x̂0 + σ'·cos(η·π/2)·x̂1
+    (= sqrt(σ'² − std²)·x̂1): the noise takes a share of x̂1's σ', η ∈ (0, 1].
     x, v: (N, *D); sigma, sigma_next: floats or (N,) tensors; eta > 0. ε is drawn from generator,
     or given as noise (N, *D); with prev_sample, that sample is scored instead (the training pass).
     Returns (x' (N, *D), log π (N,) float32, mean (N, *D) float32, std broadcastable to x).
     """
-    if not 0 < eta < float("inf"):
-        raise ValueError(f"eta must be > 0 and finite for an SDE step (eta = 0 is ode_step), "
-                         f"got {eta!r}")
+    if kind not in ("flow_grpo", "cps"):
+        raise ValueError(f"kind must be 'flow_grpo' or 'cps', got {kind!r}")
+    if not (0 < eta < float("inf") and (kind != "cps" or eta <= 1)):
+        raise ValueError(f"eta must be > 0 and finite for an SDE step (eta = 0 is ode_step)"
+                         f"{' and <= 1 for CPS' if kind == 'cps' else ''}, got {eta!r}")
     xf, vf = x.float(), v.float()
     s, s_next = _per_sample(sigma, xf), _per_sample(sigma_next, xf)
     if not ((s_next < s) & (s > 0) & (s <= 1) & (s_next >= 0)).all():
         raise ValueError(f"sde_step needs 1 >= sigma > sigma_next >= 0, got sigma "
                          f"{s.flatten()[:4].tolist()}, sigma_next {s_next.flatten()[:4].tolist()}")
     delta = s_next - s  # Δ < 0
-    # Eq. 2's σ_t. At σ = 1, 1 − σ is 0: the official code and Flow-GRPO use 1 − σ_next there.
-    one_minus = torch.where(s >= 1, 1 - s_next, 1 - s)
-    sigma_t = eta * torch.sqrt(s / one_minus)
-    # Eq. 3's mean, x + Δ·drift with Eq. 2's drift v + σ_t²/(2σ)·(x + (1 − σ)·v), gathered by x, v:
-    mean = (xf * (1 + sigma_t**2 * delta / (2 * s))
-            + vf * (1 + sigma_t**2 * (1 - s) / (2 * s)) * delta)
-    std = sigma_t * torch.sqrt(-delta)  # Eq. 3's σ_t·sqrt(−Δ)
+    if kind == "cps":  # x̂0's share as the ODE gives it; ε and x̂1 share σ' (cos² + sin² = 1)
+        angle = torch.tensor(eta * torch.pi / 2)
+        mean = (1 - s_next) * (xf - s * vf) + s_next * torch.cos(angle) * (xf + (1 - s) * vf)
+        std = s_next * torch.sin(angle)
+    else:
+        # Eq. 2's σ_t. At σ = 1, 1 − σ is 0: the official code and Flow-GRPO use 1 − σ_next there.
+        one_minus = torch.where(s >= 1, 1 - s_next, 1 - s)
+        sigma_t = eta * torch.sqrt(s / one_minus)
+        # Eq. 3's mean, x + Δ·drift with Eq. 2's drift v + σ_t²/(2σ)·(x + (1 − σ)·v), by x and v:
+        mean = (xf * (1 + sigma_t**2 * delta / (2 * s))
+                + vf * (1 + sigma_t**2 * (1 - s) / (2 * s)) * delta)
+        std = sigma_t * torch.sqrt(-delta)  # Eq. 3's σ_t·sqrt(−Δ)
     if prev_sample is None:
         if noise is None:
             noise = torch.randn(xf.shape, generator=generator, device=xf.device,
@@ -161,12 +174,12 @@ def granularity_schedule(num_steps, branch_step, granularity):
 
 @torch.no_grad()
 def group_rollout(velocity, x_T, sigmas, branch_steps, granularities, group_size, eta,
-                  generator=None, noise=None):
+                  generator=None, noise=None, sde_kind="flow_grpo"):
     """Singular Stochastic Sampling for one prompt's group of G (Alg. 1 lines 7–16).
 
     velocity(x (N, *D), sigma (N,)) → v (N, *D): the model, conditioned on this prompt.
     x_T (*D): the group's one initial noise (line 7); sigmas (T+1,) from 1 to 0; noise: the SDE
-    steps' ε (K, G, *D), else drawn from generator.
+    steps' ε (K, G, *D), else drawn from generator; sde_kind: sde_step's kind.
     Returns x (K, *D) the anchor states x_k; x_next (K, G, *D) the branch samples at σ_{k+1};
     old_log_prob (K, G); samples (K, L, G, *D) each branch finished at each λ; anchor (*D).
     """
@@ -181,7 +194,8 @@ def group_rollout(velocity, x_T, sigmas, branch_steps, granularities, group_size
         # Lines 12–13: G draws of ONE SDE step from the shared x_k (its v comes from the anchor).
         x_k, v_k = xs[k].expand(G, *x_T.shape), vs[k].expand(G, *x_T.shape)  # (G, *D)
         x_next, log_prob, _, _ = sde_step(x_k, v_k, sigmas[k], sigmas[k + 1], eta, generator,
-                                          noise=None if noise is None else noise[j])
+                                          noise=None if noise is None else noise[j],
+                                          kind=sde_kind)
         # Lines 14–16: finish every branch with the ODE, once per granularity λ.
         finals = []
         for lam in granularities:
@@ -263,7 +277,7 @@ def clipped_grpo_loss(log_prob, old_log_prob, advantages, clip_range):
 
 
 def group_update(velocity, optimizer, group, adv, sigmas, branch_steps, eta, clip_range,
-                 max_grad_norm=1.0, step_per_branch=True):
+                 max_grad_norm=1.0, step_per_branch=True, sde_kind="flow_grpo"):
     """The clipped objective on one group's rollout and the update (Alg. 1 lines 24–26).
 
     velocity(x, sigma) → v, with gradient; group: group_rollout's output; adv (K, G).
@@ -278,7 +292,7 @@ def group_update(velocity, optimizer, group, adv, sigmas, branch_steps, eta, cli
         x_k = group["x"][j][None]  # (1, *D): the model is evaluated once for all G members
         v = velocity(x_k, sigmas[k].view(1)).expand(G, *x_k.shape[1:])  # (G, *D)
         _, log_prob, _, _ = sde_step(x_k.expand_as(v), v, sigmas[k], sigmas[k + 1], eta,
-                                     prev_sample=group["x_next"][j])  # log π_θ (G,)
+                                     prev_sample=group["x_next"][j], kind=sde_kind)  # (G,)
         loss, s = clipped_grpo_loss(log_prob, group["old_log_prob"][j], adv[j], clip_range)
         (loss if step_per_branch else loss / K).backward()
         if step_per_branch or j == K - 1:
@@ -301,7 +315,11 @@ class Config:
     shift: float = 3.0
     """Static time shift of the σ grid (sigma_schedule). 1.0 is the plain linear grid."""
     eta: float = 0.7
-    """η, the SDE noise level in σ_t = η·sqrt(σ / (1 − σ))."""
+    """η, the SDE noise level in σ_t = η·sqrt(σ / (1 − σ)); with sde_kind "cps", the angle η·π/2
+    whose sine is the step's std as a fraction of σ' (in (0, 1]; flow_grpo samples CPS at 0.8)."""
+    sde_kind: str = "flow_grpo"
+    """The SDE step (sde_step's kind): "flow_grpo", the paper's Eqs. 2–3, or "cps",
+    Coefficients-Preserving Sampling (arXiv 2509.05952; not in the paper)."""
     branch_steps: tuple = (0, 1, 2, 3, 4, 5, 6, 7)
     """M, the grid indices k where a branch takes its one SDE step (official: 8 noisiest of 16)."""
     group_size: int = 12
@@ -363,6 +381,7 @@ class Config:
 
 
 METHODS = ("g2rpo", "full_sde", "mixgrpo")
+SDE_KINDS = ("flow_grpo", "cps")  # sde_step's kinds
 # The Config fields each method does not use: they are not checked against the grid for it,
 # and a command line refuses a flag given for one of them.
 UNUSED_FIELDS = {"g2rpo": ("window_size", "window_stride", "window_every"),
@@ -443,7 +462,7 @@ def _ode_completions(velocity, cond, starts, prompt_index, schedules, sigmas):
 
 @torch.no_grad()
 def singular_stochastic_sampling(velocity, cond, x_T, sigmas, branch_steps, granularities,
-                                 group_size, eta, generator=None):
+                                 group_size, eta, generator=None, sde_kind="flow_grpo"):
     """group_rollout for P prompts at once (Alg. 1 lines 7–16), in few model calls.
 
     velocity: a CountingVelocity; x_T: (P, *D), one shared initial noise per prompt.
@@ -469,7 +488,8 @@ def singular_stochastic_sampling(velocity, cond, x_T, sigmas, branch_steps, gran
     expand = lambda t: t.unsqueeze(2).expand(K, P, G, *D).reshape(K * P * G, *D)
     s = sigmas[ks].repeat_interleave(P * G)  # (K·P·G,)
     s_next = sigmas[[k + 1 for k in ks]].repeat_interleave(P * G)
-    x_next, log_prob, _, _ = sde_step(expand(x_k), expand(v_k), s, s_next, eta, generator)
+    x_next, log_prob, _, _ = sde_step(expand(x_k), expand(v_k), s, s_next, eta, generator,
+                                      kind=sde_kind)
     x_next = x_next.view(K, P, G, *D)
     # Alg. 1 lines 14–16: finish every branch at every granularity.
     schedules = {(k, lam): granularity_schedule(T, k, lam) for k in ks for lam in granularities}
@@ -530,17 +550,18 @@ def score(reward_fn, samples, prompts, batch_size):
     return torch.cat(out)
 
 
-def policy_log_prob(velocity_fn, cond, x, x_next, sigma, sigma_next, eta):
+def policy_log_prob(velocity_fn, cond, x, x_next, sigma, sigma_next, eta, sde_kind="flow_grpo"):
     """log π_θ(x_next | x) with gradient: x (P, S, *D), S = 1 (shared) or G; x_next (P, G, *D).
 
     The model is evaluated on the P·S distinct states only (once per prompt for G²RPO).
     cond holds P rows. Returns (P, G).
     """
-    return policy_log_prob_and_kl(velocity_fn, cond, x, x_next, sigma, sigma_next, eta)[0]
+    return policy_log_prob_and_kl(velocity_fn, cond, x, x_next, sigma, sigma_next, eta,
+                                  sde_kind=sde_kind)[0]
 
 
 def policy_log_prob_and_kl(velocity_fn, cond, x, x_next, sigma, sigma_next, eta,
-                           ref_velocity_fn=None):
+                           ref_velocity_fn=None, sde_kind="flow_grpo"):
     """policy_log_prob, and with ref_velocity_fn (evaluated without gradient) the KL divergence
     of the policy's SDE step from the reference's at each of the P·S states (gaussian_kl: the
     same x and std, means from v_θ and v_ref). Returns (log π (P, G), KL (P, S) or None)."""
@@ -550,13 +571,15 @@ def policy_log_prob_and_kl(velocity_fn, cond, x, x_next, sigma, sigma_next, eta,
     v = check_velocity(velocity_fn(x_flat, s, cond_rows), x_flat, sigma)  # (P·S, *D)
     _, log_prob, _, _ = sde_step(
         x.expand(P, G, *D).reshape(P * G, *D), v.view(P, S, *D).expand(P, G, *D).reshape(P * G, *D),
-        sigma, sigma_next, eta, prev_sample=x_next.reshape(P * G, *D))
+        sigma, sigma_next, eta, prev_sample=x_next.reshape(P * G, *D), kind=sde_kind)
     if ref_velocity_fn is None:
         return log_prob.view(P, G), None
     with torch.no_grad():
         v_ref = check_velocity(ref_velocity_fn(x_flat, s, cond_rows), x_flat, sigma)
-        _, _, ref_mean, _ = sde_step(x_flat, v_ref, sigma, sigma_next, eta, prev_sample=x_flat)
-    _, _, mean, std = sde_step(x_flat, v, sigma, sigma_next, eta, prev_sample=x_flat)
+        _, _, ref_mean, _ = sde_step(x_flat, v_ref, sigma, sigma_next, eta, prev_sample=x_flat,
+                                     kind=sde_kind)
+    _, _, mean, std = sde_step(x_flat, v, sigma, sigma_next, eta, prev_sample=x_flat,
+                               kind=sde_kind)
     return log_prob.view(P, G), gaussian_kl(mean, ref_mean, std).view(P, S)
 
 
@@ -613,7 +636,7 @@ def policy_update(params, optimizer, velocity_fn, rollout, sigmas, cfg, ref_velo
     for j, k in enumerate(ks):
         log_prob, kl = policy_log_prob_and_kl(velocity_fn, rollout["cond"], rollout["x"][j],
                                               rollout["x_next"][j], sigmas[k], sigmas[k + 1],
-                                              cfg.eta, reference)
+                                              cfg.eta, reference, cfg.sde_kind)
         loss, s = clipped_grpo_loss(log_prob, rollout["old_log_prob"][j], rollout["adv"][j],
                                     cfg.clip_range)
         if kl is not None:  # an addition to the clipped objective (Config.kl_beta)
@@ -656,7 +679,7 @@ def rollout(velocity_fn, reward_fn, prompts, cond, cfg, sigmas, latent_shape, ge
     member_prompts = [p for p in prompts for _ in range(G)]
     if cfg.method == "g2rpo":
         out = singular_stochastic_sampling(velocity, cond, x_T, sigmas, ks, cfg.granularities,
-                                           G, cfg.eta, generator)
+                                           G, cfg.eta, generator, cfg.sde_kind)
         K, L = len(ks), len(cfg.granularities)
         r = score(reward_fn, out["samples"].flatten(0, 3), member_prompts * (K * L),
                   cfg.batch_size)  # (K·L·P·G, R)
@@ -674,7 +697,8 @@ def rollout(velocity_fn, reward_fn, prompts, cond, cfg, sigmas, latent_shape, ge
         if cfg.method == "mixgrpo":  # SDE inside the window, ODE elsewhere
             ks = list(mixgrpo_window(iteration, len(sigmas) - 1, cfg.window_size,
                                      cfg.window_stride, cfg.window_every))
-        out = full_sde_sampling(velocity, cond, x_T, sigmas, ks, G, cfg.eta, generator)
+        out = full_sde_sampling(velocity, cond, x_T, sigmas, ks, G, cfg.eta, generator,
+                                cfg.sde_kind)
         r = score(reward_fn, out["samples"].flatten(0, 1), member_prompts, cfg.batch_size)
         rewards = r.view(P, G, -1).transpose(1, 2)  # (P, R, G)
         adv = multi_granularity_advantages(rewards, cfg.adv_clip, scale=cfg.adv_scale)
@@ -797,7 +821,8 @@ def train(model, velocity_fn, reward_fn, prompts, cfg, latent_shape, encode_prom
 
 
 @torch.no_grad()
-def full_sde_sampling(velocity, cond, x_T, sigmas, sde_steps, group_size, eta, generator=None):
+def full_sde_sampling(velocity, cond, x_T, sigmas, sde_steps, group_size, eta, generator=None,
+                      sde_kind="flow_grpo"):
     """Baseline: every member follows its own trajectory with an SDE step at every k in sde_steps.
 
     Returns x (K, P, G, *D), x_next (K, P, G, *D), old_log_prob (K, P, G), samples (P, G, *D).
@@ -809,7 +834,8 @@ def full_sde_sampling(velocity, cond, x_T, sigmas, sde_steps, group_size, eta, g
     for i in range(T):
         v = velocity(x, sigmas[i].expand(P * G), cond, member_rows)
         if i in sde_steps:
-            x_new, lp, _, _ = sde_step(x, v, sigmas[i], sigmas[i + 1], eta, generator)
+            x_new, lp, _, _ = sde_step(x, v, sigmas[i], sigmas[i + 1], eta, generator,
+                                       kind=sde_kind)
             steps[i] = (x, x_new, lp)
             x = x_new
         else:
@@ -1005,6 +1031,12 @@ def check_config(cfg):
     if cfg.clip_range >= 1:
         raise ConfigError("clip_range", f"clip_range must be < 1 (the ratio is clipped to "
                                         f"[1 − ε, 1 + ε]), got {cfg.clip_range!r}")
+    if cfg.sde_kind not in SDE_KINDS:
+        raise ConfigError("sde_kind", f"sde_kind must be one of {', '.join(map(repr, SDE_KINDS))}"
+                                      f", got {cfg.sde_kind!r}")
+    if cfg.sde_kind == "cps" and cfg.eta > 1:
+        raise ConfigError("eta", f"eta must be <= 1 with sde_kind 'cps' (the step's std is "
+                                 f"σ'·sin(η·π/2)), got {cfg.eta!r}")
     if cfg.method not in METHODS:
         raise ConfigError("method", f"method must be one of {', '.join(map(repr, METHODS))}, "
                                     f"got {cfg.method!r}")

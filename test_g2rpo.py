@@ -69,15 +69,49 @@ def test_sde_step_mean_is_euler_maruyama_of_the_sde():
     torch.testing.assert_close(std, torch.tensor(sigma_t * math.sqrt(sigma - sigma_next)))
 
 
-def test_sde_log_prob_is_normal_log_prob_of_the_sample():
+def test_cps_step_is_the_formula_of_its_source():
+    # flow_grpo's sde_type "cps" (flow_grpo/diffusers_patch/sd3_sde_with_logprob.py), written out:
+    # std = σ'·sin(η·π/2), mean = (1 − σ')·x̂0 + sqrt(σ'² − std²)·x̂1, x̂0 = x − σ·v, x̂1 = x + (1 − σ)·v.
+    g = torch.Generator().manual_seed(4)
+    x, v = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
+    for sigma, sigma_next, eta in ((1.0, 0.9, 0.8), (0.6, 0.5, 0.7), (0.3, 0.1, 1.0)):
+        _, _, mean, std = g2rpo.sde_step(x, v, sigma, sigma_next, eta, generator=g, kind="cps")
+        s = sigma_next * math.sin(eta * math.pi / 2)
+        x0, x1 = x - sigma * v, x + (1 - sigma) * v
+        torch.testing.assert_close(std, torch.tensor(s))
+        torch.testing.assert_close(mean, (1 - sigma_next) * x0
+                                   + math.sqrt(max(sigma_next**2 - s**2, 0.0)) * x1)
+    with pytest.raises(ValueError, match="and <= 1 for CPS, got 1.5"):
+        g2rpo.sde_step(x, v, 0.6, 0.5, 1.5, kind="cps")
+    with pytest.raises(ValueError, match="kind must be 'flow_grpo' or 'cps', got 'ddim'"):
+        g2rpo.sde_step(x, v, 0.6, 0.5, 0.7, kind="ddim")
+
+
+def test_cps_log_prob_is_the_density_not_flow_grpos_squared_distance():
+    # flow_grpo scores a CPS step by −mean((x' − μ)²): its log-ratio between two policies is the
+    # density's times 2·std². Here it is the density, so the ratio and the clip range mean what
+    # they mean for the paper's SDE; with theirs, ε acts as ε / (2·std²) (std = 0.57 at σ' = 0.6,
+    # η = 0.8: 1.5× the log-ratio; 0.14 at σ' = 0.15: 0.04×).
+    g = torch.Generator().manual_seed(5)
+    x, v_old, v_new = (torch.randn(4, 8, generator=g) for _ in range(3))
+    x_next, old, mean_old, std = g2rpo.sde_step(x, v_old, 0.7, 0.6, 0.8, generator=g, kind="cps")
+    _, new, mean_new, _ = g2rpo.sde_step(x, v_new, 0.7, 0.6, 0.8, prev_sample=x_next, kind="cps")
+    expected = torch.distributions.Normal(mean_new, std).log_prob(x_next).flatten(1).mean(1)
+    torch.testing.assert_close(new, expected)
+    theirs = lambda mean: -((x_next - mean) ** 2).mean(1)
+    torch.testing.assert_close(new - old, (theirs(mean_new) - theirs(mean_old)) / (2 * std**2))
+
+
+@pytest.mark.parametrize("kind", ["flow_grpo", "cps"])
+def test_sde_log_prob_is_normal_log_prob_of_the_sample(kind):
     g = torch.Generator().manual_seed(3)
     x, v = torch.randn(4, 2, 3, generator=g), torch.randn(4, 2, 3, generator=g)
-    x_next, log_prob, mean, std = g2rpo.sde_step(x, v, 0.8, 0.7, 0.7, generator=g)
+    x_next, log_prob, mean, std = g2rpo.sde_step(x, v, 0.8, 0.7, 0.7, generator=g, kind=kind)
     expected = torch.distributions.Normal(mean, std).log_prob(x_next).flatten(1).mean(1)
     assert log_prob.shape == (4,) and log_prob.dtype == torch.float32
     torch.testing.assert_close(log_prob, expected)
     # Scoring the same sample again (the training pass) gives the same number.
-    _, again, _, _ = g2rpo.sde_step(x, v, 0.8, 0.7, 0.7, prev_sample=x_next)
+    _, again, _, _ = g2rpo.sde_step(x, v, 0.8, 0.7, 0.7, prev_sample=x_next, kind=kind)
     torch.testing.assert_close(again, log_prob)
 
 
@@ -124,7 +158,7 @@ def test_per_sample_sigmas_equal_scalar_calls():
                                g2rpo.ode_step(x[1], v[1], 0.6, 0.5))
 
 
-def test_sde_sampling_preserves_the_marginals_of_gaussian_data():
+def test_sde_sampling_preserves_the_marginals_of_gaussian_data(kind="flow_grpo"):
     # For x0 ~ N(m, c²) the exact velocity is known: E[ε − x0 | x_σ] in closed form.
     m, c = 1.5, 0.5
 
@@ -142,12 +176,36 @@ def test_sde_sampling_preserves_the_marginals_of_gaussian_data():
         s, s_next = sigmas[i].item(), sigmas[i + 1].item()
         x_ode = g2rpo.ode_step(x_ode, v_exact(x_ode, s), s, s_next)
         if s_next > 0:
-            x_sde = g2rpo.sde_step(x_sde, v_exact(x_sde, s), s, s_next, 0.7, generator=g)[0]
+            x_sde = g2rpo.sde_step(x_sde, v_exact(x_sde, s), s, s_next, 0.7, generator=g,
+                                   kind=kind)[0]
         else:  # the last step has σ_t ~ 0 / 0 at σ = 0: finish with the ODE
             x_sde = g2rpo.ode_step(x_sde, v_exact(x_sde, s), s, s_next)
     for x in (x_ode, x_sde):
         assert abs(x.mean().item() - m) < 0.02
         assert abs(x.std().item() - c) < 0.02
+
+
+def test_one_cps_step_keeps_the_coefficients_but_not_the_variance_of_gaussian_data():
+    # CPS keeps x0's and ε's coefficients, (1 − σ') and σ', for the TRUE x0 and ε; it is handed
+    # their posterior means x̂0 = E[x0 | x], x̂1 = E[ε | x], which vary less. For x0 ~ N(m, c²) and
+    # the exact velocity, one step from the exact marginal at σ gives, in closed form,
+    # mean (1 − σ')·m and variance (α·a·c² + β·b)² / V + γ² (a = 1 − σ, b = σ, V = a²c² + b²,
+    # α = 1 − σ', β = σ'·cos(η·π/2), γ = σ'·sin(η·π/2)) instead of the marginal's α²c² + σ'²;
+    # the paper's SDE step is off only by its Euler–Maruyama error, a fifth of that here.
+    m, c, sigma, sigma_next, eta = 1.5, 0.5, 0.6, 0.5, 0.8  # variance 0.277 instead of 0.3125
+    a, b, V = 1 - sigma, sigma, (1 - sigma) ** 2 * c**2 + sigma**2
+    g = torch.Generator().manual_seed(8)
+    x = a * m + math.sqrt(V) * torch.randn(400_000, 1, generator=g)  # exactly the σ marginal
+    v = (b / V * (x - a * m)) - (m + a * c**2 / V * (x - a * m))  # E[ε − x0 | x]
+    alpha = 1 - sigma_next
+    beta, gamma = sigma_next * math.cos(eta * math.pi / 2), sigma_next * math.sin(eta * math.pi / 2)
+    cps = g2rpo.sde_step(x, v, sigma, sigma_next, eta, generator=g, kind="cps")[0]
+    cps_var = (alpha * a * c**2 + beta * b) ** 2 / V + gamma**2
+    marginal_var = alpha**2 * c**2 + sigma_next**2
+    assert abs(cps.mean().item() - alpha * m) < 0.005
+    assert abs(cps.var().item() - cps_var) < 0.003 and marginal_var - cps_var > 0.03
+    sde = g2rpo.sde_step(x, v, sigma, sigma_next, 0.7, generator=g)[0]
+    assert abs(sde.var().item() - marginal_var) < (marginal_var - cps_var) / 4  # 0.007 vs 0.035
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,8 +312,8 @@ def conditioned(model, prompt):
     return lambda x, sigma: model(x, sigma, torch.full((len(x),), int(prompt)))
 
 
-@pytest.mark.parametrize("P,ks", [(3, (0, 2, 5, 7)), (2, (1, 4))])
-def test_batched_sampling_equals_the_reference_per_prompt(P, ks):
+@pytest.mark.parametrize("P,ks,kind", [(3, (0, 2, 5, 7), "flow_grpo"), (2, (1, 4), "cps")])
+def test_batched_sampling_equals_the_reference_per_prompt(P, ks, kind):
     model = LinearVelocity()
     T, G, lams, eta = 10, 5, (1, 2, 3), 0.7  # K ≠ P ≠ G in the first case
     sigmas = g2rpo.sigma_schedule(T, 3.0)
@@ -263,12 +321,12 @@ def test_batched_sampling_equals_the_reference_per_prompt(P, ks):
     x_T = torch.randn(P, 3, generator=torch.Generator().manual_seed(11))
     velocity = g2rpo.CountingVelocity(model, batch_size=7)  # odd chunks on purpose
     out = g2rpo.singular_stochastic_sampling(velocity, cond, x_T, sigmas, ks, lams, G, eta,
-                                             torch.Generator().manual_seed(12))
+                                             torch.Generator().manual_seed(12), kind)
     noise = torch.randn(len(ks) * P * G, 3, generator=torch.Generator().manual_seed(12))
     noise = noise.view(len(ks), P, G, 3)  # the batched rollout's one draw, (K, P, G, D)
     for p in range(P):
         ref = g2rpo.group_rollout(conditioned(model, cond[p]), x_T[p], sigmas, ks, lams, G, eta,
-                                  noise=noise[:, p])
+                                  noise=noise[:, p], sde_kind=kind)
         torch.testing.assert_close(out["x"][:, p, 0], ref["x"])
         torch.testing.assert_close(out["x_next"][:, p], ref["x_next"])
         torch.testing.assert_close(out["old_log_prob"][:, p], ref["old_log_prob"])
@@ -1032,6 +1090,27 @@ def test_toy_cli_has_one_flag_per_config_field_and_uses_them(tmp_path, capsys):
     assert all(len(r["adv_abs_k"]) == 2 and len(r["adv_abs_lambda"]) == 2 for r in rows)
     assert all(r["ratio_dev_first"] < 1e-6 and r["approx_kl"] < 1e-10 for r in rows)  # one step
     assert out.is_file()
+
+
+def test_the_sde_kind_is_a_flag_and_a_cps_run_trains(tmp_path, capsys):
+    import json
+
+    import toy_flow
+
+    argv = ["--pretrain-steps", "50", "--cache-dir", str(tmp_path / "cache"), "--iterations", "2",
+            "--group-size", "4", "--granularities", "1,2", "--branch-steps", "0,3", "--seeds", "1"]
+    out = tmp_path / "cps.png"
+    toy_flow.main(argv + ["--sde-kind", "cps", "--eta", "0.8", "--out", str(out)])
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["ratio_dev_first"] < 1e-6 for r in rows)  # π_old = π_θ
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    for bad, said in ((["--sde-kind", "ddim"], "--sde-kind: sde_kind must be one of 'flow_grpo', "
+                       "'cps', got 'ddim'"),
+                      (["--sde-kind", "cps", "--eta", "1.5"], "--eta: eta must be <= 1 with "
+                       "sde_kind 'cps'")):
+        with pytest.raises(SystemExit):
+            toy_flow.main(argv + bad + ["--out", str(tmp_path / "bad.png")])
+        assert said in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------

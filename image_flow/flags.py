@@ -74,6 +74,7 @@ def guidance_flags():
 def make_config(args, rank=0):
     """The g2rpo.Config of these arguments; each rank draws its own prompts and noise."""
     return g2rpo.Config(num_steps=args.steps, shift=args.shift, eta=args.eta,
+                        sde_kind=args.sde_kind,
                         branch_steps=args.branch_steps, group_size=args.group_size,
                         granularities=args.granularities, clip_range=args.clip_range,
                         adv_clip=args.adv_clip, lr=args.lr, weight_decay=args.weight_decay,
@@ -102,6 +103,7 @@ def settings(args):
             "max_sequence_length": args.max_sequence_length,
             # Only when on: checkpoints from before these settings existed resume unchanged.
             **{k: getattr(args, k) for k in ("kl_beta", "ema_decay") if getattr(args, k) > 0},
+            **({"sde_kind": args.sde_kind} if args.sde_kind != g2rpo.Config.sde_kind else {}),
             **({"lora_targets": None if args.lora_targets is None else list(args.lora_targets)}
                if args.lora_rank and tuple(args.lora_targets or ()) != Family.lora_targets
                else {}),
@@ -181,7 +183,11 @@ def _algorithm_flags(a, d):
     a("--method", choices=g2rpo.METHODS, default=d.method,
       help="G²RPO, or a baseline: full-SDE GRPO (SDE at every branch step) or MixGRPO (SDE in "
            "a window of steps that slides as training goes on)")
-    a("--eta", type=float, default=d.eta, help="η, SDE noise level")
+    a("--eta", type=float, default=d.eta,
+      help="η, SDE noise level (with --sde-kind cps: the step's std is σ'·sin(η·π/2), η <= 1)")
+    a("--sde-kind", choices=g2rpo.SDE_KINDS, default=d.sde_kind,
+      help="the SDE step: flow_grpo (the paper's) or cps (Coefficients-Preserving Sampling, "
+           "arXiv 2509.05952; docs/algorithm.md)")
     a("--group-size", type=int, default=d.group_size, help="G, members per prompt")
     a("--branch-steps", type=int_list, default=None,
       help=f"comma-separated k, the steps that branch (g2rpo) or take an SDE step (full_sde) "

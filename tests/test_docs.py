@@ -385,6 +385,7 @@ TEXTS = sorted(p for p in ROOT.rglob("*") if p.suffix in (".py", ".md", ".ipynb"
                and not any(part.startswith(".") for part in p.relative_to(ROOT).parts))
 # Files of other repositories the pages cite, each named beside its repository.
 ELSEWHERE = {"fastvideo/train_grpo_flux.py": "MixGRPO", "config/grpo.py": "Flow-GRPO",
+             "flow_grpo/diffusers_patch/sd3_sde_with_logprob.py": "flow_grpo",
              "src/open_clip/transform.py": "hpsv2"}
 # Algorithm 1's lines as the paper numbers them: 7–16 sampling (one x_T per group, the anchor, the
 # SDE step, the completions), 20–22 the advantages, 24–26 the update.

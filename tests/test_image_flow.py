@@ -491,6 +491,20 @@ def without(argv, *flags):
     return out
 
 
+def test_the_sde_kind_trains_and_belongs_to_the_fingerprint(tiny_flux, tiny_clip, tmp_path,
+                                                             capsys):
+    args = train_args(tiny_flux, tiny_clip, tmp_path, "--iterations", "1", "--lora-rank", "4",
+                      "--sde-kind", "cps", "--eta", "0.8")
+    assert flags.make_config(flags.parse_args(args)).sde_kind == "cps"
+    history, _ = trainer.main(args)
+    assert history[0]["ratio_dev_first"] < 1e-5 and math.isfinite(history[0]["loss"])
+    assert checkpoint(tmp_path / "checkpoint")["fingerprint"]["sde_kind"] == "cps"
+    # Resumed with the paper's step instead: refused before any model loads.
+    resume = without(args, "--sde-kind") + ["--iterations", "2", "--resume",
+                                            str(tmp_path / "checkpoint")]
+    assert "differs in: sde_kind" in parse_error(resume, capsys)
+
+
 def test_baseline_method_on_the_pipeline_schedule_with_one_step_per_iteration(tiny_flux,
                                                                               tiny_clip,
                                                                               tmp_path):
