@@ -126,8 +126,8 @@ def plan(args, world=1, dtype_bytes=2):
         rows.append(("KL reference", total * dtype_bytes / shard,
                      "a frozen copy in the compute dtype" + (", sharded" if shard > 1 else "")))
     rows.append(("VAE", n_params(shell.vae) * dtype_bytes, "the compute dtype"))
-    encoders = text_encoders_on_meta(args.model)
-    for name, enc in encoders.items():
+    text_models = text_encoders_on_meta(args.model)
+    for name, enc in text_models.items():
         rows.append((f"{name} (while encoding)",
                      None if enc is None else n_params(enc) * dtype_bytes,
                      "config not on this machine" if enc is None else
@@ -148,12 +148,12 @@ def plan(args, world=1, dtype_bytes=2):
     rows.append(("prompt embeddings (host)", per_prompt * args.batch_size,
                  f"{each} ({tokens} × {text_dim}{f' + {pooled} pooled' if pooled else ''}), a "
                  f"batch at a time"))
-    prompts = len(prompt_set(args))
+    prompts = len(prompt_set(args, family))
     rows.append(("prompt cache (disk)", per_prompt * prompts,
                  f"{prompts} prompts × {each}, in {args.prompt_cache} "
                  f"({size(free_space(args.prompt_cache))} free there)"))
     dtype = {2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
-    models = (t, shell.vae, *[e for e in encoders.values() if e is not None])
+    models = (t, shell.vae, *[e for e in text_models.values() if e is not None])
     largest = max(w.numel() for m in models for w in m.parameters()) * dtype_bytes
     rows.append(("loading (host)", largest,
                  "each model read straight onto the device, one after another, its tensors "
@@ -232,12 +232,11 @@ def decode_bytes(shell, family, args, dtype):
     return meter.peak
 
 
-def prompt_set(args):
-    """Every prompt a run encodes: training, evaluation and the negative one if guidance needs
-    it, each once."""
+def prompt_set(args, family):
+    """Every prompt a run encodes: training, evaluation and the negative one if `family`'s
+    guidance needs it, each once."""
     from .flags import guidance_options
 
-    family = family_for(model_index(args.model)["_class_name"])
     negative = ([args.negative_prompt] if family.guidance.needs_uncond(
         args.guidance, **guidance_options(args)) else [])
     return dict.fromkeys(read_prompts(args.prompts) + read_prompts(

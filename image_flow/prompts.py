@@ -201,7 +201,10 @@ class DiskStore:
         """identity.json: what this folder's entries were encoded by; its time: the last use."""
         path = self.folder / IDENTITY
         if path.is_file():
-            os.utime(path)
+            try:
+                os.utime(path)
+            except OSError:  # a cache this account may read but not write
+                pass
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"checkpoint": self.checkpoint, **self.identity}, indent=1,
@@ -334,6 +337,8 @@ def encode_up_front(encoder, prompts, rank=0, world=1, progress=True, log=print)
         if problem is not None:  # written but not readable back: the folder itself is bad
             raise CacheError(f"the prompt cache's entry {str(store.path(p))!r} for {p!r} was "
                              f"written and {problem}: give another --prompt-cache")
+    if rank == 0:
+        store.record_identity()  # this run used the folder: --prune keeps it
     if lacked:
         log(f"rank {rank}: {len(lacked)} of the {len(needed)} prompts were not in this process's "
             f"view of {str(store.root)!r} (a folder not shared with the other processes?): "
