@@ -112,8 +112,9 @@ def sde_step(x, v, sigma, sigma_next, eta, generator=None, prev_sample=None, noi
 
     so the policy is the Gaussian π(x' | x) = N(mean, std²), mean = x + drift·Δ, std = σ_t·sqrt(−Δ).
     kind="cps": Coefficients-Preserving Sampling (arXiv 2509.05952) instead, not the paper's: with
-    x̂0 = x − σ·v and x̂1 = x + (1 − σ)·v, std = σ'·sin(η·π/2), mean = (1 − σ')·x̂0 + σ'·cos(η·π/2)·x̂1
-    (= sqrt(σ'² − std²)·x̂1): the noise takes a share of x̂1's σ', η ∈ (0, 1].
+    x̂0 = x − σ·v and x̂1 = x + (1 − σ)·v, std = σ'·sin(η·π/2) and
+    mean = (1 − σ')·x̂0 + σ'·cos(η·π/2)·x̂1 (= sqrt(σ'² − std²)·x̂1): the noise takes a share of
+    x̂1's σ', η ∈ (0, 1].
     x, v: (N, *D); sigma, sigma_next: floats or (N,) tensors; eta > 0. ε is drawn from generator,
     or given as noise (N, *D); with prev_sample, that sample is scored instead (the training pass).
     Returns (x' (N, *D), log π (N,) float32, mean (N, *D) float32, std broadcastable to x).
@@ -128,12 +129,12 @@ def sde_step(x, v, sigma, sigma_next, eta, generator=None, prev_sample=None, noi
     if not ((s_next < s) & (s > 0) & (s <= 1) & (s_next >= 0)).all():
         raise ValueError(f"sde_step needs 1 >= sigma > sigma_next >= 0, got sigma "
                          f"{s.flatten()[:4].tolist()}, sigma_next {s_next.flatten()[:4].tolist()}")
-    delta = s_next - s  # Δ < 0
     if kind == "cps":  # x̂0's share as the ODE gives it; ε and x̂1 share σ' (cos² + sin² = 1)
         angle = torch.tensor(eta * torch.pi / 2)
         mean = (1 - s_next) * (xf - s * vf) + s_next * torch.cos(angle) * (xf + (1 - s) * vf)
         std = s_next * torch.sin(angle)
     else:
+        delta = s_next - s  # Δ < 0
         # Eq. 2's σ_t. At σ = 1, 1 − σ is 0: the official code and Flow-GRPO use 1 − σ_next there.
         one_minus = torch.where(s >= 1, 1 - s_next, 1 - s)
         sigma_t = eta * torch.sqrt(s / one_minus)

@@ -71,7 +71,8 @@ def test_sde_step_mean_is_euler_maruyama_of_the_sde():
 
 def test_cps_step_is_the_formula_of_its_source():
     # flow_grpo's sde_type "cps" (flow_grpo/diffusers_patch/sd3_sde_with_logprob.py), written out:
-    # std = σ'·sin(η·π/2), mean = (1 − σ')·x̂0 + sqrt(σ'² − std²)·x̂1, x̂0 = x − σ·v, x̂1 = x + (1 − σ)·v.
+    # std = σ'·sin(η·π/2), mean = (1 − σ')·x̂0 + sqrt(σ'² − std²)·x̂1,
+    # x̂0 = x − σ·v, x̂1 = x + (1 − σ)·v.
     g = torch.Generator().manual_seed(4)
     x, v = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
     for sigma, sigma_next, eta in ((1.0, 0.9, 0.8), (0.6, 0.5, 0.7), (0.3, 0.1, 1.0)):

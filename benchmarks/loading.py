@@ -55,13 +55,9 @@ def worker(args):
     torch.set_num_threads(1)
     rank, world, device = parallel.init_distributed()
     # Every class the pipeline names, imported before the measurement: code is not weights.
-    import importlib
-
     import diffusers
 
-    for spec in loading.model_index(args.path).values():
-        if isinstance(spec, list) and len(spec) == 2 and spec[1]:
-            getattr(importlib.import_module(spec[0]), spec[1])
+    loading.model_classes(args.path)
     getattr(diffusers, loading.check_pipeline_class(args.path).pipeline)
     if args.device == "cpu":
         device = torch.device("cpu")

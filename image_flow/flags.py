@@ -408,6 +408,13 @@ def _check_resume(args):
         raise ValueError(f"--resume: {e}") from None
 
 
+def unconditional_prompt(args, family):
+    """--negative-prompt when `family`'s guidance needs an unconditional row at these flags, else
+    None: what the prompt cache holds besides the prompts."""
+    return args.negative_prompt if family.guidance.needs_uncond(
+        args.guidance, **guidance_options(args)) else None
+
+
 def guidance_options(args):
     """The family-specific guidance flags that were given, by name (e.g. FLUX.1's true_cfg)."""
     return {k: getattr(args, k) for k in guidance_flags() if getattr(args, k, None) is not None}

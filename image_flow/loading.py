@@ -100,6 +100,21 @@ def check_pipeline_class(path):
         raise ValueError(f"--model {path}: {e}") from None
 
 
+def model_classes(path):
+    """{component: its class} for the checkpoint's models (diffusers' and transformers' modules,
+    as model_index.json names them; tokenizers and the scheduler left out)."""
+    import importlib
+
+    classes = {}
+    for name, spec in model_index(path).items():
+        if (isinstance(spec, list) and len(spec) == 2 and spec[1]
+                and spec[0] in ("diffusers", "transformers")):
+            cls = getattr(importlib.import_module(spec[0]), spec[1])
+            if issubclass(cls, torch.nn.Module):
+                classes[name] = cls
+    return classes
+
+
 def load_pipeline(path, device="cpu", dtype=torch.float32):
     """The family's pipeline class .from_pretrained(path), every model in it frozen and in eval
     mode (the trainer never switches modes: sampling == training).
@@ -108,24 +123,17 @@ def load_pipeline(path, device="cpu", dtype=torch.float32):
     after another: a process never holds the whole pipeline in host memory on its way to a GPU,
     so neither do the ranks of one node together. The tokenizers and the scheduler come with
     the pipeline's own from_pretrained."""
-    import importlib
-
     import diffusers
 
     family = check_pipeline_class(path)
     cls, what = getattr(diffusers, family.pipeline), family.pipeline
-    models = {}
     try:
         with warnings.catch_warnings():  # newer diffusers renames torch_dtype to dtype
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            for name, spec in model_index(path).items():
-                if not (isinstance(spec, list) and len(spec) == 2 and spec[1]
-                        and spec[0] in ("diffusers", "transformers")):
-                    continue
-                model = getattr(importlib.import_module(spec[0]), spec[1])
-                if issubclass(model, torch.nn.Module):  # device_map: accelerate, peft's own
-                    models[name] = model.from_pretrained(path, subfolder=name, torch_dtype=dtype,
-                                                         device_map={"": torch.device(device)})
+            # device_map needs accelerate, which peft requires.
+            models = {name: model.from_pretrained(path, subfolder=name, torch_dtype=dtype,
+                                                  device_map={"": torch.device(device)})
+                      for name, model in model_classes(path).items()}
             pipe = cls.from_pretrained(path, torch_dtype=dtype, **models)
     except (OSError, ValueError) as e:
         raise OSError(f"could not load {what} from {path!r}: {e}. Pass a local folder "

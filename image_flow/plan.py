@@ -18,9 +18,8 @@ import logging
 
 import torch
 
-from .families import family_for
-from .loading import (BUILTIN_EVAL_PROMPTS, check_lora_targets, checkpoint_file, matches,
-                      model_index, pipeline_on_meta, read_prompts)
+from .loading import (BUILTIN_EVAL_PROMPTS, check_lora_targets, check_pipeline_class,
+                      checkpoint_file, matches, model_classes, pipeline_on_meta, read_prompts)
 
 
 def count(n, units=(("B", 1e9), ("M", 1e6), ("k", 1e3))):
@@ -50,17 +49,14 @@ def lora_params(transformer, targets, rank):
 
 def text_encoders_on_meta(path):
     """{name: module} of the checkpoint's text encoders, built from their configs on meta."""
-    import transformers
-
     encoders = {}
-    for name, spec in model_index(path).items():
-        if not name.startswith("text_encoder") or not isinstance(spec, list) or not spec[1]:
+    for name, cls in model_classes(path).items():
+        if not name.startswith("text_encoder"):
             continue
         config = checkpoint_file(path, f"{name}/config.json")
         if config is None:
             encoders[name] = None
             continue
-        cls = getattr(transformers, spec[1])
         config = cls.config_class.from_dict(json.loads(config.read_text()))
         with torch.device("meta"):
             encoders[name] = cls._from_config(config)
@@ -139,7 +135,7 @@ def plan(args, world=1, dtype_bytes=2):
         rows.append((f"reward {name}", None if n is None else 4 * n,
                      "config not on this machine" if n is None else
                      f"{count(n)} parameters, float32"))
-    family = family_for(model_index(args.model)["_class_name"])
+    family = check_pipeline_class(args.model)
     text_dim = t.config.get("joint_attention_dim") or t.config.get("cap_feat_dim")
     tokens = family.text_tokens(args.max_sequence_length)
     pooled = t.config.get("pooled_projection_dim") or 0
@@ -235,12 +231,11 @@ def decode_bytes(shell, family, args, dtype):
 def prompt_set(args, family):
     """Every prompt a run encodes: training, evaluation and the negative one if `family`'s
     guidance needs it, each once."""
-    from .flags import guidance_options
+    from .flags import unconditional_prompt
 
-    negative = ([args.negative_prompt] if family.guidance.needs_uncond(
-        args.guidance, **guidance_options(args)) else [])
+    negative = unconditional_prompt(args, family)
     return dict.fromkeys(read_prompts(args.prompts) + read_prompts(
-        args.eval_prompts, BUILTIN_EVAL_PROMPTS) + negative)
+        args.eval_prompts, BUILTIN_EVAL_PROMPTS) + ([] if negative is None else [negative]))
 
 
 def free_space(folder):

@@ -173,7 +173,8 @@ class DiskStore:
 
         path = self.path(prompt)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.record_identity()
+        if not (self.folder / IDENTITY).is_file():
+            self.record_identity()
         tensors = {str(i): t.contiguous() for i, t in enumerate(row)}
         meta = {"prompt": prompt, "format": str(FORMAT), "sha256": tensors_digest(tensors),
                 "layout": json.dumps([[str(t.dtype), list(t.shape)] for t in row])}

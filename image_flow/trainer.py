@@ -23,7 +23,8 @@ from . import checkpoints, rewards as reward_models, runs
 from .attention import checkpoint_keeping_attention
 from .families import family_of
 from .families.seam import Family
-from .flags import guidance_options, make_config, parse_args, settings
+from .flags import (guidance_options, make_config, parse_args, settings,
+                    unconditional_prompt)
 from .loading import (BUILTIN_EVAL_PROMPTS, check_lora_targets, checkpoint_file, load_pipeline,
                       read_prompts)
 from .parallel import (adapters_disabled, all_reduce_metrics, check_ranks_in_sync,
@@ -285,13 +286,11 @@ def encode_prompts(r):
     already is read back), the negative prompt only when guidance needs an unconditional row;
     then the text encoders are freed."""
     args, pipe = r.args, r.pipe
-    uncond = r.family.guidance.needs_uncond(args.guidance, **guidance_options(args))
     identity = {"text_encoders": text_encoder_identity(
         checkpoint_file(args.model, "model_index.json").parent), "family": r.family.name,
         "max_sequence_length": args.max_sequence_length, "dtype": str(r.dtype),
         **library_versions()}
-    encoder = PromptEncoder(pipe, args.max_sequence_length,
-                            args.negative_prompt if uncond else None,
+    encoder = PromptEncoder(pipe, args.max_sequence_length, unconditional_prompt(args, r.family),
                             DiskStore(args.prompt_cache, identity, checkpoint=args.model))
     n = encode_up_front(encoder, r.prompts + r.eval_prompts, r.rank, r.world, r.is_main)
     release_text_encoders(pipe)  # every rank has checked every entry it will read
